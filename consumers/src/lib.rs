@@ -1,0 +1,344 @@
+//! The Kafka side of quota-engine: subscribe as a consumer group, cut the
+//! stream into batches bounded by count and time, and hand each batch to a
+//! [`BatchSink`] that applies it and stores the next offsets in the same
+//! transaction. This crate knows nothing of the domain and never decides
+//! what an event means.
+//!
+//! The sink's store is the source of truth for offsets: on every partition
+//! assignment the consumer asks the sink where to start, and the broker's
+//! committed offsets are only written afterwards, for lag tooling. A batch in
+//! flight when a rebalance happens is discarded whole (the next assignment
+//! seeks back to the stored offsets), so a partition's records are applied
+//! by exactly one transaction.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+/// A boxed future, so that sinks can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One Kafka record, copied out of librdkafka's buffers.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// Why a sink could not apply a batch.
+#[derive(Debug)]
+pub enum SinkError {
+    /// Worth retrying the same batch (database unreachable, serialization
+    /// failure, a concurrent writer won a race).
+    Transient(String),
+    /// A broken invariant or a bug: the consumer stops and the process must
+    /// not carry on with wrong money.
+    Fatal(String),
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkError::Transient(m) => write!(f, "transient: {m}"),
+            SinkError::Fatal(m) => write!(f, "fatal: {m}"),
+        }
+    }
+}
+
+/// Where batches go. Implemented by the root package with the fold and the
+/// store.
+pub trait BatchSink: Send + Sync + 'static {
+    /// The next offset to read for each partition, `None` where nothing was
+    /// ever stored (start from the beginning).
+    fn stored_offsets<'a>(
+        &'a self,
+        partitions: &'a [(String, i32)],
+    ) -> BoxFuture<'a, Result<Vec<Option<i64>>, SinkError>>;
+
+    /// Apply the records atomically together with their next offsets. The
+    /// sink must skip records below the offset it has stored (they were
+    /// applied before), so a redelivered batch is harmless.
+    fn apply<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), SinkError>>;
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Most records in one batch.
+    pub batch_max_records: usize,
+    /// Longest time a batch stays open after its first record.
+    pub batch_linger: Duration,
+}
+
+struct SeekingContext {
+    sink: Arc<dyn BatchSink>,
+    runtime: tokio::runtime::Handle,
+    /// Bumped on every rebalance: a batch that saw a bump is discarded.
+    generation: AtomicU64,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for SeekingContext {}
+
+impl ConsumerContext for SeekingContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let parts: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                let offsets = self.stored_offsets_blocking(&parts);
+                for ((topic, partition), next) in parts.iter().zip(offsets) {
+                    let offset = match next {
+                        Some(n) => Offset::Offset(n),
+                        None => Offset::Beginning,
+                    };
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                        tracing::error!(%topic, partition, error = %e, "cannot set start offset");
+                    }
+                }
+                tracing::info!(partitions = ?parts, "assigned; starting at stored offsets");
+                if let Err(e) = base_consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            _ => {
+                tracing::info!(?err, "partitions revoked");
+                if let Err(e) = base_consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+        }
+    }
+}
+
+impl SeekingContext {
+    /// Runs inside librdkafka's rebalance callback, on the consumer task:
+    /// the store is asked synchronously, retrying until it answers, because
+    /// starting anywhere but the stored offset would lose or repeat records.
+    fn stored_offsets_blocking(&self, parts: &[(String, i32)]) -> Vec<Option<i64>> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let result = tokio::task::block_in_place(|| {
+                self.runtime.block_on(self.sink.stored_offsets(parts))
+            });
+            match result {
+                Ok(v) => return v,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read stored offsets; retrying");
+                    if self.shutting_down.load(Ordering::SeqCst) {
+                        // Starting from the beginning is safe: the sink skips
+                        // what it has applied. We are stopping anyway.
+                        return vec![None; parts.len()];
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Consume until `shutdown` turns true. Returns an error only for a fatal
+/// sink error or a consumer that cannot be created. Must run on a
+/// multi-threaded tokio runtime (the rebalance callback blocks in place).
+pub async fn run(
+    config: ConsumerConfig,
+    sink: Arc<dyn BatchSink>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let context = SeekingContext {
+        sink: sink.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        generation: AtomicU64::new(0),
+        shutting_down: shutting_down.clone(),
+    };
+    let consumer: StreamConsumer<SeekingContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("partition.assignment.strategy", "range")
+        .set("fetch.wait.max.ms", "50")
+        .create_with_context(context)
+        .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| format!("cannot subscribe to {topics:?}: {e}"))?;
+
+    let mut batch: Vec<Record> = Vec::with_capacity(config.batch_max_records);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Open a batch with its first record. Records received under an
+        // older assignment generation are dropped: the rebalance that bumped
+        // it seeks every assigned partition back to its stored offset, so
+        // they come again.
+        batch.clear();
+        let mut generation;
+        let first = tokio::select! {
+            _ = shutdown.changed() => break,
+            m = consumer.recv() => m,
+        };
+        match first {
+            Ok(m) => {
+                generation = consumer.context().generation.load(Ordering::SeqCst);
+                batch.push(copy_record(&m));
+            }
+            Err(e) => {
+                log_kafka_error(&e);
+                continue;
+            }
+        }
+        let deadline = Instant::now() + config.batch_linger;
+        while batch.len() < config.batch_max_records {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                r = tokio::time::timeout(left, consumer.recv()) => match r {
+                    Err(_) => break,
+                    Ok(Ok(m)) => {
+                        let now_gen = consumer.context().generation.load(Ordering::SeqCst);
+                        if now_gen != generation {
+                            tracing::info!(records = batch.len(), "rebalance during batch; discarded what came before it");
+                            batch.clear();
+                            generation = now_gen;
+                        }
+                        batch.push(copy_record(&m));
+                    }
+                    Ok(Err(e)) => log_kafka_error(&e),
+                },
+            }
+        }
+        if *shutdown.borrow() {
+            // Abandon the batch: nothing of it was written.
+            break;
+        }
+        if consumer.context().generation.load(Ordering::SeqCst) != generation {
+            tracing::info!(records = batch.len(), "rebalance during batch; discarded");
+            continue;
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match sink.apply(&batch).await {
+                Ok(()) => break,
+                Err(SinkError::Fatal(m)) => {
+                    shutting_down.store(true, Ordering::SeqCst);
+                    return Err(m);
+                }
+                Err(SinkError::Transient(m)) => {
+                    tracing::warn!(error = %m, records = batch.len(), "batch not applied; retrying");
+                    tokio::select! {
+                        _ = shutdown.changed() => { shutting_down.store(true, Ordering::SeqCst); return Ok(()); }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        commit_informational(&consumer, &batch);
+    }
+    shutting_down.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Tell the broker how far we are, for lag tools. Not the source of truth.
+fn commit_informational(consumer: &StreamConsumer<SeekingContext>, batch: &[Record]) {
+    let mut next: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
+    for r in batch {
+        let e = next.entry((r.topic.as_str(), r.partition)).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in next {
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::debug!(error = %e, "informational offset commit failed");
+    }
+}
+
+fn copy_record<M: Message>(m: &M) -> Record {
+    Record {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
+fn log_kafka_error(e: &KafkaError) {
+    tracing::warn!(error = %e, "kafka consumer error");
+}
+
+/// Create the topics that do not exist yet. Topics that exist are left as
+/// they are.
+pub async fn ensure_topics(brokers: &str, topics: &[(String, i32)]) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| format!("cannot create Kafka admin client: {e}"))?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(|e| format!("cannot create topics on {brokers}: {e}"))?;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("cannot create topic {name}: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// Read the string value of a header, for tests and tools.
+pub fn header_value<H: Headers>(headers: &H, name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

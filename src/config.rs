@@ -1,0 +1,61 @@
+//! Configuration: flags, with the contract's environment variable names.
+
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Postgres connection string.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/quota_engine")]
+    pub database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Consumer group.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "quota-engine")]
+    pub kafka_group_id: String,
+    /// Listen address of the HTTP API.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    /// How long after a credit block's `expires_at` its expiry is finalized.
+    #[arg(long, env = "ALLOWED_LATENESS_SECS", default_value_t = 300)]
+    pub allowed_lateness_secs: u64,
+    #[command(flatten)]
+    pub topics: Topics,
+    /// Partitions of the topics `serve` creates when they are missing.
+    #[arg(long, env = "QUOTA_TOPIC_PARTITIONS", default_value_t = 4)]
+    pub topic_partitions: i32,
+    /// Most records applied in one transaction.
+    #[arg(long, env = "QUOTA_BATCH_MAX", default_value_t = 2000)]
+    pub batch_max_records: usize,
+    /// Longest a batch stays open, in milliseconds.
+    #[arg(long, env = "QUOTA_BATCH_LINGER_MS", default_value_t = 20)]
+    pub batch_linger_ms: u64,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Topics {
+    #[arg(long = "topic-usage", env = "QUOTA_TOPIC_USAGE", default_value = "quota.usage")]
+    pub usage: String,
+    #[arg(long = "topic-errors", env = "QUOTA_TOPIC_ERRORS", default_value = "quota.errors")]
+    pub errors: String,
+    #[arg(long = "topic-control", env = "QUOTA_TOPIC_CONTROL", default_value = "quota.control")]
+    pub control: String,
+    #[arg(long = "topic-dlq", env = "QUOTA_TOPIC_DLQ", default_value = "quota.dlq")]
+    pub dlq: String,
+}
+
+impl Topics {
+    /// The topics the consumers read.
+    pub fn consumed(&self) -> Vec<String> {
+        vec![self.control.clone(), self.usage.clone(), self.errors.clone()]
+    }
+    pub fn all(&self) -> Vec<String> {
+        vec![self.control.clone(), self.usage.clone(), self.errors.clone(), self.dlq.clone()]
+    }
+}
+
+impl Config {
+    pub fn batch_linger(&self) -> Duration {
+        Duration::from_millis(self.batch_linger_ms)
+    }
+}

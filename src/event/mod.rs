@@ -1,0 +1,404 @@
+//! Events as the rest of the crate sees them: domain types, and `decode`,
+//! which turns one Kafka message value into an [`Event`] or a [`Rejection`]
+//! with its dead-letter reason. Nothing outside this module touches wire
+//! JSON. Pure: no IO, no clock.
+
+mod decode;
+pub mod ip;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+pub use decode::{canonical_hash, decode, parse_decimal, parse_time};
+pub use ip::IpRule;
+
+/// The five scopes that have ledgers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountKind {
+    Key,
+    App,
+    User,
+    Group,
+    Reseller,
+}
+
+impl AccountKind {
+    pub const ALL: [AccountKind; 5] = [
+        AccountKind::Key,
+        AccountKind::App,
+        AccountKind::User,
+        AccountKind::Group,
+        AccountKind::Reseller,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::Key => "key",
+            AccountKind::App => "app",
+            AccountKind::User => "user",
+            AccountKind::Group => "group",
+            AccountKind::Reseller => "reseller",
+        }
+    }
+    pub fn parse(s: &str) -> Option<AccountKind> {
+        AccountKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+    /// `user` and `reseller` ledgers hold money; the others are limits.
+    pub fn holds_money(self) -> bool {
+        matches!(self, AccountKind::User | AccountKind::Reseller)
+    }
+}
+
+/// One ledger: a kind and an id. Ordered, so locks are taken in one order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AccountRef {
+    pub kind: AccountKind,
+    pub id: String,
+}
+
+impl AccountRef {
+    pub fn new(kind: AccountKind, id: impl Into<String>) -> Self {
+        AccountRef { kind, id: id.into() }
+    }
+}
+
+impl std::fmt::Display for AccountRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind.as_str(), self.id)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Enabled,
+    Disabled,
+    Deleted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Enabled => "enabled",
+            Status::Disabled => "disabled",
+            Status::Deleted => "deleted",
+        }
+    }
+}
+
+/// Registry entity kinds: the five account kinds, models, and the service
+/// switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EntityKind {
+    Account(AccountKind),
+    Model,
+    Service,
+}
+
+impl EntityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::Account(k) => k.as_str(),
+            EntityKind::Model => "model",
+            EntityKind::Service => "service",
+        }
+    }
+    pub fn parse(s: &str) -> Option<EntityKind> {
+        match s {
+            "model" => Some(EntityKind::Model),
+            "service" => Some(EntityKind::Service),
+            other => AccountKind::parse(other).map(EntityKind::Account),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageStatus {
+    Success,
+    Aborted,
+    Failed,
+}
+
+/// Token counts as the gateway normalised them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub calls: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageEvent {
+    pub trace_id: Option<String>,
+    pub key_id: String,
+    pub app_id: String,
+    pub user_id: String,
+    pub reseller_id: Option<String>,
+    pub group_id: Option<String>,
+    pub model: String,
+    pub path: String,
+    pub status: UsageStatus,
+    pub usage: Usage,
+}
+
+impl UsageEvent {
+    /// The ledgers this event debits: exactly those it names.
+    pub fn accounts(&self) -> Vec<AccountRef> {
+        let mut v = vec![
+            AccountRef::new(AccountKind::Key, &self.key_id),
+            AccountRef::new(AccountKind::App, &self.app_id),
+            AccountRef::new(AccountKind::User, &self.user_id),
+        ];
+        if let Some(g) = &self.group_id {
+            v.push(AccountRef::new(AccountKind::Group, g));
+        }
+        if let Some(r) = &self.reseller_id {
+            v.push(AccountRef::new(AccountKind::Reseller, r));
+        }
+        v
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ErrorEvent {
+    pub code: String,
+    pub message: String,
+    pub http_status: u16,
+    pub key_id: Option<String>,
+    pub user_id: Option<String>,
+    pub model: Option<String>,
+    pub model_agent_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupMembership {
+    pub group_id: String,
+    pub weight: i64,
+    pub default: bool,
+}
+
+/// The quota settings every account kind shares.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuotaSettings {
+    pub status: Status,
+    pub quota_limited: bool,
+    pub quota_expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Entity {
+    Reseller {
+        quota: QuotaSettings,
+    },
+    User {
+        reseller_id: Option<String>,
+        quota: QuotaSettings,
+        groups: Vec<GroupMembership>,
+    },
+    App {
+        user_id: String,
+        quota: QuotaSettings,
+        models: Vec<String>,
+        group_id: Option<String>,
+        ip_allow: Vec<IpRule>,
+        ip_deny: Vec<IpRule>,
+    },
+    Key {
+        app_id: String,
+        key_hash: String,
+        quota: QuotaSettings,
+        models: Vec<String>,
+        group_id: Option<String>,
+        ip_allow: Vec<IpRule>,
+        ip_deny: Vec<IpRule>,
+    },
+    Group {
+        quota: QuotaSettings,
+        discount: Decimal,
+        models: Vec<String>,
+    },
+    Model {
+        status: Status,
+        prices: Vec<PriceEntry>,
+    },
+    Service {
+        paused: bool,
+        ip_whitelist: Vec<IpRule>,
+    },
+}
+
+impl Entity {
+    pub fn quota(&self) -> Option<&QuotaSettings> {
+        match self {
+            Entity::Reseller { quota }
+            | Entity::User { quota, .. }
+            | Entity::App { quota, .. }
+            | Entity::Key { quota, .. }
+            | Entity::Group { quota, .. } => Some(quota),
+            _ => None,
+        }
+    }
+}
+
+/// One price-list entry, in quota units per token or per call.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PriceEntry {
+    pub path: String,
+    pub input: Option<Decimal>,
+    pub output: Option<Decimal>,
+    pub cache_read: Option<Decimal>,
+    pub cache_write: Option<Decimal>,
+    pub per_call: Option<Decimal>,
+}
+
+/// A registry change: the whole new state of one entity, in force from
+/// `effective_from`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upsert {
+    pub kind: EntityKind,
+    pub id: String,
+    pub effective_from: DateTime<Utc>,
+    pub entity: Entity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantCategory {
+    Paid,
+    Promotional,
+    Refund,
+}
+
+impl GrantCategory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantCategory::Paid => "paid",
+            GrantCategory::Promotional => "promotional",
+            GrantCategory::Refund => "refund",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grant {
+    pub grant_id: String,
+    pub account: AccountRef,
+    pub amount: Decimal,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub category: GrantCategory,
+    pub reference: Option<String>,
+    pub actor: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrantVoid {
+    pub grant_id: String,
+    pub reason: String,
+    pub actor: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adjustment {
+    pub adjustment_id: String,
+    pub account: AccountRef,
+    pub amount: Decimal,
+    pub reason: String,
+    pub actor: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reversal {
+    pub reversal_id: String,
+    pub usage_event_id: String,
+    pub reason: String,
+    pub actor: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventBody {
+    Usage(UsageEvent),
+    Error(ErrorEvent),
+    Upsert(Upsert),
+    Granted(Grant),
+    GrantVoided(GrantVoid),
+    Adjusted(Adjustment),
+    Reversed(Reversal),
+}
+
+/// A decoded, valid event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub event_id: String,
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    /// SHA-256 of the canonical JSON (sorted keys, no whitespace): two
+    /// copies with the same hash are the same content.
+    pub content_hash: [u8; 32],
+    /// The canonical JSON itself, kept in the applied-event store.
+    pub canonical: String,
+    pub body: EventBody,
+}
+
+impl Event {
+    /// A second idempotency key besides `event_id`, where the type has one.
+    pub fn idempotency_key(&self) -> Option<String> {
+        match &self.body {
+            EventBody::Granted(g) => Some(format!("grant:{}", g.grant_id)),
+            EventBody::Adjusted(a) => Some(format!("adjustment:{}", a.adjustment_id)),
+            EventBody::Reversed(r) => Some(format!("reversal:{}", r.reversal_id)),
+            EventBody::GrantVoided(v) => Some(format!("void:{}", v.grant_id)),
+            _ => None,
+        }
+    }
+}
+
+/// Why a message went to the dead-letter topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    InvalidJson,
+    Schema,
+    UnknownType,
+    UnsupportedVersion,
+    Overflow,
+    UnknownUsage,
+    Conflict,
+    /// Waits in quarantine: no price, model or group discount yet.
+    Unpriced,
+    /// Waits in quarantine: the reversed usage or voided grant is not here yet.
+    UnknownTarget,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidJson => "invalid_json",
+            Reason::Schema => "schema",
+            Reason::UnknownType => "unknown_type",
+            Reason::UnsupportedVersion => "unsupported_version",
+            Reason::Overflow => "overflow",
+            Reason::UnknownUsage => "unknown_usage",
+            Reason::Conflict => "conflict",
+            Reason::Unpriced => "unpriced",
+            Reason::UnknownTarget => "unknown_target",
+        }
+    }
+    /// Waiting reasons are retried when their cause arrives.
+    pub fn waits(self) -> bool {
+        matches!(self, Reason::Unpriced | Reason::UnknownTarget)
+    }
+}
+
+/// A message that could not be decoded into an event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub detail: String,
+    /// The event id, where the message had a readable one.
+    pub event_id: Option<String>,
+}

@@ -1,0 +1,682 @@
+//! The fold: given the state a batch needs (loaded and locked by the store)
+//! and the batch's messages in order, decide what happens to each message
+//! and return the facts to write: ledger entries, applied events, registry
+//! versions, quarantine rows, dead letters and counts. Pure: no IO, no
+//! clock (the batch time is passed in); the store writes what it returns
+//! and nothing else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::pricing::{self, PriceError};
+use super::registry::{Registry, Version};
+use crate::event::*;
+
+/// Where a message came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One message of the batch, decoded or not.
+#[derive(Clone, Debug)]
+pub struct Input {
+    pub source: Source,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub decoded: Result<Event, Rejection>,
+    /// Set when this is a quarantined event being retried (its row id).
+    pub retry_of: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryType {
+    Grant,
+    Usage,
+    Adjustment,
+    Expiry,
+    Reversal,
+    GrantVoid,
+}
+
+impl EntryType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryType::Grant => "grant",
+            EntryType::Usage => "usage",
+            EntryType::Adjustment => "adjustment",
+            EntryType::Expiry => "expiry",
+            EntryType::Reversal => "reversal",
+            EntryType::GrantVoid => "grant_void",
+        }
+    }
+}
+
+/// A credit block: what one grant (or credit-back) left to spend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub block_id: String,
+    pub account: AccountRef,
+    /// `grant`, `adjustment` or `reversal`.
+    pub source: &'static str,
+    pub category: Option<GrantCategory>,
+    pub effective_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub amount: Decimal,
+    pub remaining: Decimal,
+    pub voided: bool,
+    pub dirty: bool,
+}
+
+impl Block {
+    fn open_at(&self, t: DateTime<Utc>) -> bool {
+        !self.voided && self.effective_at <= t && self.expires_at.is_none_or(|e| t < e)
+    }
+}
+
+/// A ledger account as the fold sees it (locked by the store).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountState {
+    pub account: AccountRef,
+    pub registered: bool,
+    pub balance: Decimal,
+    pub debt: Decimal,
+    /// Entries so far (the next entry's seq is `seq + 1`).
+    pub seq: i64,
+    pub last_hash: [u8; 32],
+    /// Blocks with credit left (exhausted ones need not be loaded).
+    pub blocks: Vec<Block>,
+    pub dirty: bool,
+}
+
+impl AccountState {
+    pub fn new(account: AccountRef) -> Self {
+        AccountState {
+            account,
+            registered: false,
+            balance: Decimal::ZERO,
+            debt: Decimal::ZERO,
+            seq: 0,
+            last_hash: [0; 32],
+            blocks: Vec::new(),
+            dirty: false,
+        }
+    }
+
+    /// `balance` must equal what the blocks hold minus the debt. A mismatch
+    /// is a bug: the caller stops.
+    pub fn check(&self) -> Result<(), String> {
+        let held: Decimal = self.blocks.iter().map(|b| b.remaining).sum();
+        if held - self.debt != self.balance {
+            return Err(format!(
+                "account {}: balance {} != blocks {} - debt {}",
+                self.account, self.balance, held, self.debt
+            ));
+        }
+        Ok(())
+    }
+
+    /// What can be spent at `t`: credit in open blocks minus debt.
+    pub fn available_at(&self, t: DateTime<Utc>) -> Decimal {
+        let open: Decimal = self.blocks.iter().filter(|b| b.open_at(t)).map(|b| b.remaining).sum();
+        open - self.debt
+    }
+
+    /// Burn `amount` from the blocks open at `t`, earliest expiry first,
+    /// non-expiring last, ties by effective_at then id; the rest is debt.
+    fn burn(&mut self, amount: Decimal, t: DateTime<Utc>) -> Vec<(String, Decimal)> {
+        let mut order: Vec<usize> = (0..self.blocks.len()).filter(|&i| self.blocks[i].open_at(t) && self.blocks[i].remaining > Decimal::ZERO).collect();
+        order.sort_by(|&a, &b| {
+            let (x, y) = (&self.blocks[a], &self.blocks[b]);
+            (x.expires_at.is_none(), x.expires_at, x.effective_at, &x.block_id).cmp(&(y.expires_at.is_none(), y.expires_at, y.effective_at, &y.block_id))
+        });
+        let mut left = amount;
+        let mut taken = Vec::new();
+        for i in order {
+            if left.is_zero() {
+                break;
+            }
+            let b = &mut self.blocks[i];
+            let take = left.min(b.remaining);
+            b.remaining -= take;
+            b.dirty = true;
+            left -= take;
+            taken.push((b.block_id.clone(), take));
+        }
+        self.debt += left;
+        self.balance -= amount;
+        self.dirty = true;
+        taken
+    }
+
+    /// Add a block; it repays outstanding debt first.
+    fn credit(&mut self, mut block: Block) -> Decimal {
+        let repay = self.debt.min(block.remaining);
+        self.debt -= repay;
+        block.remaining -= repay;
+        block.dirty = true;
+        self.balance += block.amount;
+        self.blocks.push(block);
+        self.dirty = true;
+        repay
+    }
+}
+
+/// What one usage event moved on one ledger (for reversals).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Posting {
+    pub account: AccountRef,
+    pub amount: Decimal,
+    pub charge: Decimal,
+}
+
+/// Everything the fold needs besides the messages; the store loads it.
+#[derive(Default)]
+pub struct FoldState {
+    pub registry: Registry,
+    pub accounts: BTreeMap<AccountRef, AccountState>,
+    /// Applied events among the batch's ids: id -> content hash.
+    pub applied: HashMap<String, [u8; 32]>,
+    /// Waiting (quarantined) events among the batch's ids.
+    pub waiting: HashMap<String, [u8; 32]>,
+    /// Idempotency keys (grant/adjustment/reversal/void) already used.
+    pub idem_keys: HashMap<String, [u8; 32]>,
+    /// Postings of usage events that reversals in the batch name.
+    pub postings: HashMap<String, Vec<Posting>>,
+    /// Usage events already reversed.
+    pub reversed: HashSet<String>,
+    /// grant id -> account, for voids.
+    pub grant_accounts: HashMap<String, AccountRef>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub account: AccountRef,
+    pub seq: i64,
+    pub event_id: String,
+    pub entry_type: EntryType,
+    pub amount: Decimal,
+    pub balance_after: Decimal,
+    pub charge: Option<Decimal>,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub source: Option<Source>,
+    pub detail: serde_json::Value,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// The entry hash covers the previous hash and every field finance reads.
+pub fn entry_hash(prev: &[u8; 32], e: &Entry) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    let fields = [
+        e.account.kind.as_str().to_string(),
+        e.account.id.clone(),
+        e.seq.to_string(),
+        e.event_id.clone(),
+        e.entry_type.as_str().to_string(),
+        e.amount.normalize().to_string(),
+        e.balance_after.normalize().to_string(),
+        e.charge.map(|c| c.normalize().to_string()).unwrap_or_default(),
+        e.occurred_at.timestamp_micros().to_string(),
+        e.recorded_at.timestamp_micros().to_string(),
+    ];
+    for f in fields {
+        h.update((f.len() as u64).to_le_bytes());
+        h.update(f.as_bytes());
+    }
+    h.finalize().into()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub content_hash: [u8; 32],
+    pub idem_key: Option<String>,
+    pub idem_hash: Option<[u8; 32]>,
+    pub canonical: String,
+    pub occurred_at: DateTime<Utc>,
+    pub source: Source,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewVersion {
+    pub kind: EntityKind,
+    pub id: String,
+    pub effective_from: DateTime<Utc>,
+    pub event_id: String,
+    pub canonical: String,
+}
+
+/// A message set aside: waiting for its cause, or rejected for good.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quarantined {
+    pub event_id: Option<String>,
+    pub reason: Reason,
+    pub detail: String,
+    /// What it waits for (`model:X`, `group:Y`, `event:Z`, `grant:G`).
+    pub waiting_on: Option<String>,
+    pub content_hash: Option<[u8; 32]>,
+    pub source: Source,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub consumed: i64,
+    pub applied: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+    pub waiting: i64,
+}
+
+/// The outcome of one retried quarantine row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Resolution {
+    Applied,
+    Rejected(Reason, String),
+    StillWaiting,
+}
+
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub entries: Vec<Entry>,
+    pub applied: Vec<AppliedEvent>,
+    pub versions: Vec<NewVersion>,
+    pub quarantined: Vec<Quarantined>,
+    pub resolved: Vec<(i64, Resolution)>,
+    /// Count changes per (topic, partition).
+    pub counts: BTreeMap<(String, i32), Counts>,
+    /// (usage event id, reversal id) of each applied reversal.
+    pub reversals: Vec<(String, String)>,
+    /// Causes this batch provided (`model:X`, `group:Y`, `event:Z`,
+    /// `grant:G`): waiting events on them are worth retrying now.
+    pub provided: Vec<String>,
+}
+
+enum Outcome {
+    Applied,
+    Duplicate,
+    Reject(Reason, String),
+    Wait(Reason, String, String),
+}
+
+/// Fold a batch. `now` is the batch's recorded time. Returns an error only
+/// for a broken invariant.
+pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -> Result<Effects, String> {
+    // Control and usage topics race; within a batch, registry changes go
+    // first (a stable sort), so usage does not wait for a price that is in
+    // the same batch. The applied-event store records the order used.
+    inputs.sort_by_key(|i| !matches!(&i.decoded, Ok(Event { body: EventBody::Upsert(_), .. })));
+    let mut fx = Effects::default();
+    let mut seen_in_batch: HashMap<String, [u8; 32]> = HashMap::new();
+    let mut next_seq = state.registry.max_seq() + 1_000_000_000;
+    for input in inputs {
+        let outcome = match &input.decoded {
+            Err(rej) => Outcome::Reject(rej.reason, rej.detail.clone()),
+            Ok(ev) => {
+                let dup = if input.retry_of.is_some() { None } else { state.applied.get(&ev.event_id).or(state.waiting.get(&ev.event_id)) }
+                    .or(seen_in_batch.get(&ev.event_id));
+                match dup {
+                    Some(h) if *h == ev.content_hash => Outcome::Duplicate,
+                    Some(_) => Outcome::Reject(Reason::Conflict, format!("event id `{}` was used before with other content", ev.event_id)),
+                    None => apply_event(state, ev, &input.source, now, &mut fx, &mut next_seq),
+                }
+            }
+        };
+        let c = fx.counts.entry((input.source.topic.clone(), input.source.partition)).or_default();
+        if let Some(qid) = input.retry_of {
+            // A retried quarantine row: it was counted as waiting already.
+            match outcome {
+                Outcome::Applied => {
+                    c.waiting -= 1;
+                    c.applied += 1;
+                    fx.resolved.push((qid, Resolution::Applied));
+                }
+                Outcome::Duplicate => {
+                    // Its content was applied by another copy meanwhile.
+                    c.waiting -= 1;
+                    c.duplicates += 1;
+                    fx.resolved.push((qid, Resolution::Applied));
+                }
+                Outcome::Reject(reason, detail) => {
+                    c.waiting -= 1;
+                    c.rejected += 1;
+                    fx.resolved.push((qid, Resolution::Rejected(reason, detail)));
+                }
+                Outcome::Wait(..) => fx.resolved.push((qid, Resolution::StillWaiting)),
+            }
+            if let Ok(ev) = &input.decoded {
+                seen_in_batch.insert(ev.event_id.clone(), ev.content_hash);
+            }
+            continue;
+        }
+        c.consumed += 1;
+        let event_id = input.decoded.as_ref().ok().map(|e| e.event_id.clone()).or_else(|| input.decoded.as_ref().err().and_then(|r| r.event_id.clone()));
+        let content_hash = input.decoded.as_ref().ok().map(|e| e.content_hash);
+        match outcome {
+            Outcome::Applied => c.applied += 1,
+            Outcome::Duplicate => c.duplicates += 1,
+            Outcome::Reject(reason, detail) => {
+                c.rejected += 1;
+                fx.quarantined.push(Quarantined { event_id, reason, detail, waiting_on: None, content_hash, source: input.source.clone(), key: input.key.clone(), payload: input.payload.clone() });
+            }
+            Outcome::Wait(reason, detail, on) => {
+                c.waiting += 1;
+                fx.quarantined.push(Quarantined { event_id, reason, detail, waiting_on: Some(on), content_hash, source: input.source.clone(), key: input.key.clone(), payload: input.payload.clone() });
+            }
+        }
+        if let Ok(ev) = &input.decoded {
+            seen_in_batch.entry(ev.event_id.clone()).or_insert(ev.content_hash);
+        }
+    }
+    for a in state.accounts.values() {
+        if a.dirty {
+            a.check()?;
+        }
+    }
+    Ok(fx)
+}
+
+fn idem_hash(ev: &Event) -> [u8; 32] {
+    // The idempotency key's content is the event without its envelope id.
+    let mut v: serde_json::Value = serde_json::from_str(&ev.canonical).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("event_id");
+    }
+    canonical_hash(&v).0
+}
+
+fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Utc>, fx: &mut Effects, next_seq: &mut i64) -> Outcome {
+    let idem = ev.idempotency_key().map(|k| (k, idem_hash(ev)));
+    if let Some((k, h)) = &idem {
+        match state.idem_keys.get(k) {
+            Some(prev) if prev == h => return Outcome::Duplicate,
+            Some(_) => return Outcome::Reject(Reason::Conflict, format!("`{k}` was used before with other content")),
+            None => {}
+        }
+    }
+    let outcome = match &ev.body {
+        EventBody::Usage(u) => apply_usage(state, ev, u, src, now, fx),
+        EventBody::Error(_) => Outcome::Applied,
+        EventBody::Upsert(up) => {
+            *next_seq += 1;
+            state.registry.insert(up.kind, &up.id, Version { effective_from: up.effective_from, seq: *next_seq, event_id: ev.event_id.clone(), entity: up.entity.clone() });
+            if let EntityKind::Account(kind) = up.kind {
+                let acct = state.accounts.entry(AccountRef::new(kind, &up.id)).or_insert_with(|| AccountState::new(AccountRef::new(kind, &up.id)));
+                if !acct.registered {
+                    acct.registered = true;
+                    acct.dirty = true;
+                }
+            }
+            fx.versions.push(NewVersion { kind: up.kind, id: up.id.clone(), effective_from: up.effective_from, event_id: ev.event_id.clone(), canonical: ev.canonical.clone() });
+            Outcome::Applied
+        }
+        EventBody::Granted(g) => {
+            let acct = account(state, &g.account);
+            let block = Block {
+                block_id: g.grant_id.clone(),
+                account: g.account.clone(),
+                source: "grant",
+                category: Some(g.category),
+                effective_at: g.effective_at,
+                expires_at: g.expires_at,
+                amount: g.amount,
+                remaining: g.amount,
+                voided: false,
+                dirty: true,
+            };
+            let repaid = acct.credit(block);
+            state.grant_accounts.insert(g.grant_id.clone(), g.account.clone());
+            let detail = json!({"grant_id": g.grant_id, "category": g.category.as_str(), "effective_at": g.effective_at, "expires_at": g.expires_at, "reference": g.reference, "actor": g.actor, "debt_repaid": repaid.normalize().to_string()});
+            push_entry(state, fx, &g.account, ev, EntryType::Grant, g.amount, None, src, now, detail);
+            Outcome::Applied
+        }
+        EventBody::Adjusted(a) => {
+            let acct = account(state, &a.account);
+            let detail = if a.amount > Decimal::ZERO {
+                acct.credit(credit_block(format!("adjustment:{}", a.adjustment_id), &a.account, "adjustment", a.amount, ev.occurred_at));
+                json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor})
+            } else {
+                let burned = acct.burn(-a.amount, ev.occurred_at);
+                json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor, "blocks": blocks_json(&burned)})
+            };
+            push_entry(state, fx, &a.account, ev, EntryType::Adjustment, a.amount, None, src, now, detail);
+            Outcome::Applied
+        }
+        EventBody::Reversed(r) => {
+            if state.reversed.contains(&r.usage_event_id) {
+                return Outcome::Duplicate;
+            }
+            let Some(postings) = state.postings.get(&r.usage_event_id).cloned() else {
+                return Outcome::Wait(Reason::UnknownTarget, format!("usage event `{}` has not been applied yet", r.usage_event_id), format!("event:{}", r.usage_event_id));
+            };
+            for p in &postings {
+                let credit = -p.amount;
+                if credit > Decimal::ZERO {
+                    account(state, &p.account).credit(credit_block(format!("reversal:{}", r.reversal_id), &p.account, "reversal", credit, ev.occurred_at));
+                }
+                let detail = json!({"reversal_id": r.reversal_id, "usage_event_id": r.usage_event_id, "reason": r.reason, "actor": r.actor});
+                push_entry(state, fx, &p.account, ev, EntryType::Reversal, credit, Some(p.charge), src, now, detail);
+            }
+            state.reversed.insert(r.usage_event_id.clone());
+            fx.reversals.push((r.usage_event_id.clone(), r.reversal_id.clone()));
+            Outcome::Applied
+        }
+        EventBody::GrantVoided(v) => {
+            let Some(acct_ref) = state.grant_accounts.get(&v.grant_id).cloned() else {
+                return Outcome::Wait(Reason::UnknownTarget, format!("grant `{}` has not been applied yet", v.grant_id), format!("grant:{}", v.grant_id));
+            };
+            let acct = account(state, &acct_ref);
+            let mut left = Decimal::ZERO;
+            if let Some(b) = acct.blocks.iter_mut().find(|b| b.block_id == v.grant_id && b.source == "grant") {
+                left = b.remaining;
+                b.remaining = Decimal::ZERO;
+                b.voided = true;
+                b.dirty = true;
+            }
+            acct.balance -= left;
+            acct.dirty = true;
+            let detail = json!({"grant_id": v.grant_id, "reason": v.reason, "actor": v.actor});
+            push_entry(state, fx, &acct_ref, ev, EntryType::GrantVoid, -left, None, src, now, detail);
+            Outcome::Applied
+        }
+    };
+    if let Outcome::Applied = outcome {
+        match &ev.body {
+            EventBody::Usage(_) => fx.provided.push(format!("event:{}", ev.event_id)),
+            EventBody::Granted(g) => fx.provided.push(format!("grant:{}", g.grant_id)),
+            EventBody::Upsert(up) if up.kind == EntityKind::Model => fx.provided.push(format!("model:{}", up.id)),
+            EventBody::Upsert(up) if up.kind == EntityKind::Account(AccountKind::Group) => fx.provided.push(format!("group:{}", up.id)),
+            _ => {}
+        }
+        if let Some((k, h)) = idem.clone() {
+            state.idem_keys.insert(k, h);
+        }
+        fx.applied.push(AppliedEvent {
+            event_id: ev.event_id.clone(),
+            event_type: ev.event_type.clone(),
+            content_hash: ev.content_hash,
+            idem_key: idem.as_ref().map(|(k, _)| k.clone()),
+            idem_hash: idem.map(|(_, h)| h),
+            canonical: ev.canonical.clone(),
+            occurred_at: ev.occurred_at,
+            source: src.clone(),
+        });
+    }
+    outcome
+}
+
+fn apply_usage(state: &mut FoldState, ev: &Event, u: &UsageEvent, src: &Source, now: DateTime<Utc>, fx: &mut Effects) -> Outcome {
+    let t = ev.occurred_at;
+    let Some(model) = state.registry.at(EntityKind::Model, &u.model, t) else {
+        return Outcome::Wait(Reason::Unpriced, format!("model `{}` has no price version in force at {}", u.model, t.to_rfc3339()), format!("model:{}", u.model));
+    };
+    let Entity::Model { prices, .. } = &model.entity else { unreachable!("model versions hold models") };
+    let (discount, group_version) = match &u.group_id {
+        None => (Decimal::ONE, None),
+        Some(g) => match state.registry.at(EntityKind::Account(AccountKind::Group), g, t) {
+            Some(Version { entity: Entity::Group { discount, .. }, event_id, .. }) => (*discount, Some(event_id.clone())),
+            _ => return Outcome::Wait(Reason::Unpriced, format!("group `{g}` has no version (discount) in force at {}", t.to_rfc3339()), format!("group:{g}")),
+        },
+    };
+    let priced = match pricing::price(&u.usage, u.status, prices, &u.path, discount) {
+        Ok(p) => p,
+        Err(PriceError::NoPrice) => {
+            return Outcome::Wait(Reason::Unpriced, format!("model `{}` has no price for path `{}` (nor `*`) at {}", u.model, u.path, t.to_rfc3339()), format!("model:{}", u.model))
+        }
+        Err(PriceError::Overflow) => return Outcome::Reject(Reason::Overflow, "the charge does not fit exact decimal arithmetic".into()),
+    };
+    let price_version = json!({"model_version": model.event_id, "effective_from": model.effective_from, "group_version": group_version});
+    let mut postings = Vec::new();
+    for acct_ref in u.accounts() {
+        let limited = state.registry.limited_at(acct_ref.kind, &acct_ref.id, t);
+        let amount = if limited && !priced.charge.is_zero() { -priced.charge } else { Decimal::ZERO };
+        let burned = if limited && !priced.charge.is_zero() { account(state, &acct_ref).burn(priced.charge, t) } else { Vec::new() };
+        let detail = json!({
+            "price": price_version,
+            "prices": priced.entry,
+            "discount": priced.discount.normalize().to_string(),
+            "raw": priced.raw.normalize().to_string(),
+            "usage": {"input_tokens": u.usage.input_tokens, "output_tokens": u.usage.output_tokens, "cache_read_tokens": u.usage.cache_read_tokens, "cache_write_tokens": u.usage.cache_write_tokens, "reasoning_tokens": u.usage.reasoning_tokens, "calls": u.usage.calls},
+            "status": match u.status { UsageStatus::Success => "success", UsageStatus::Aborted => "aborted", UsageStatus::Failed => "failed" },
+            "limited": limited,
+            "blocks": blocks_json(&burned),
+        });
+        push_entry(state, fx, &acct_ref, ev, EntryType::Usage, amount, Some(priced.charge), src, now, detail);
+        postings.push(Posting { account: acct_ref, amount, charge: priced.charge });
+    }
+    state.postings.insert(ev.event_id.clone(), postings);
+    Outcome::Applied
+}
+
+fn account<'a>(state: &'a mut FoldState, r: &AccountRef) -> &'a mut AccountState {
+    state.accounts.entry(r.clone()).or_insert_with(|| AccountState::new(r.clone()))
+}
+
+fn credit_block(id: String, account: &AccountRef, source: &'static str, amount: Decimal, at: DateTime<Utc>) -> Block {
+    Block { block_id: id, account: account.clone(), source, category: None, effective_at: at, expires_at: None, amount, remaining: amount, voided: false, dirty: true }
+}
+
+fn blocks_json(burned: &[(String, Decimal)]) -> serde_json::Value {
+    burned.iter().map(|(id, amt)| json!({"block": id, "amount": amt.normalize().to_string()})).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_entry(state: &mut FoldState, fx: &mut Effects, r: &AccountRef, ev: &Event, entry_type: EntryType, amount: Decimal, charge: Option<Decimal>, src: &Source, now: DateTime<Utc>, detail: serde_json::Value) {
+    let acct = account(state, r);
+    acct.seq += 1;
+    acct.dirty = true;
+    // The balance already moved (burn, credit or void); the entry records
+    // the signed amount and the balance after it.
+    let mut e = Entry {
+        account: r.clone(),
+        seq: acct.seq,
+        event_id: ev.event_id.clone(),
+        entry_type,
+        amount,
+        balance_after: acct.balance,
+        charge,
+        occurred_at: ev.occurred_at,
+        recorded_at: now,
+        source: Some(src.clone()),
+        detail,
+        prev_hash: acct.last_hash,
+        hash: [0; 32],
+    };
+    e.hash = entry_hash(&acct.last_hash, &e);
+    acct.last_hash = e.hash;
+    fx.entries.push(e);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn input(offset: i64, json: &str) -> Input {
+        let bytes = json.as_bytes().to_vec();
+        Input {
+            source: Source { topic: "t".into(), partition: 0, offset },
+            key: None,
+            decoded: decode(Some(&bytes)),
+            payload: Some(bytes),
+            retry_of: None,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
+    }
+
+    const MODEL: &str = r#"{"event_id":"c-m","type":"model.upserted","schema_version":1,"occurred_at":"2026-11-27T09:00:00Z","id":"gpt-4o","status":"enabled","prices":[{"path":"*","input":"2.5","output":"10"}]}"#;
+    const GROUP: &str = r#"{"event_id":"c-g","type":"group.upserted","schema_version":1,"occurred_at":"2026-11-27T09:00:00Z","id":"g_1","status":"enabled","quota_limited":false,"quota_expires_at":null,"discount":"0.8","models":[]}"#;
+    const GRANT: &str = r#"{"event_id":"c-gr","type":"quota.granted","schema_version":1,"occurred_at":"2026-11-27T09:00:01Z","grant_id":"gr-1","account":{"kind":"user","id":"u_1"},"amount":"10000","expires_at":null}"#;
+    const USAGE: &str = r#"{"event_id":"u-1","type":"usage","schema_version":1,"occurred_at":"2026-11-27T10:00:00Z","key_id":"k_1","app_id":"a_1","user_id":"u_1","reseller_id":null,"group_id":"g_1","model":"gpt-4o","path":"/v1/chat/completions","status":"success","usage":{"input_tokens":1200,"output_tokens":350}}"#;
+
+    #[test]
+    fn given_prices_and_credit_when_usage_then_every_named_ledger_is_debited() {
+        let mut st = FoldState::default();
+        let fx = fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, GRANT), input(3, USAGE), input(4, USAGE)], now()).unwrap();
+        let c = fx.counts[&("t".to_string(), 0)];
+        assert_eq!((c.consumed, c.applied, c.duplicates), (5, 4, 1));
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        // 6500 × 0.8 = 5200 off a 10000 grant.
+        assert_eq!(user.balance, d("4800"));
+        assert_eq!(user.available_at(now()), d("4800"));
+        // The group is unlimited: its entry records the charge and moves nothing.
+        let g = &st.accounts[&AccountRef::new(AccountKind::Group, "g_1")];
+        assert_eq!(g.balance, Decimal::ZERO);
+        let ge = fx.entries.iter().find(|e| e.account.kind == AccountKind::Group).unwrap();
+        assert_eq!((ge.amount, ge.charge), (Decimal::ZERO, Some(d("5200"))));
+        // Unregistered key and app count as limited: they go into debt.
+        let k = &st.accounts[&AccountRef::new(AccountKind::Key, "k_1")];
+        assert_eq!((k.balance, k.debt, k.registered), (d("-5200"), d("5200"), false));
+    }
+
+    #[test]
+    fn usage_before_its_price_waits_and_a_conflict_is_rejected() {
+        let mut st = FoldState::default();
+        let changed = USAGE.replace("1200", "1300");
+        let fx = fold(&mut st, vec![input(0, USAGE), input(1, &changed)], now()).unwrap();
+        assert_eq!(fx.quarantined[0].reason, Reason::Unpriced);
+        assert_eq!(fx.quarantined[0].waiting_on.as_deref(), Some("model:gpt-4o"));
+        assert_eq!(fx.quarantined[1].reason, Reason::Conflict);
+        let c = fx.counts[&("t".to_string(), 0)];
+        assert_eq!((c.consumed, c.waiting, c.rejected, c.applied), (2, 1, 1, 0));
+    }
+
+    #[test]
+    fn debt_is_repaid_by_the_next_grant_and_a_reversal_credits_back_exactly() {
+        let mut st = FoldState::default();
+        let rev = r#"{"event_id":"c-r","type":"usage.reversed","schema_version":1,"occurred_at":"2026-11-27T11:00:00Z","reversal_id":"rv-1","usage_event_id":"u-1","reason":"bad stream"}"#;
+        fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, USAGE), input(3, GRANT), input(4, rev), input(5, rev)], now()).unwrap();
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        assert_eq!(user.debt, Decimal::ZERO);
+        assert_eq!(user.balance, d("10000"));
+        user.check().unwrap();
+    }
+
+    #[test]
+    fn hash_chain_links_entries() {
+        let mut st = FoldState::default();
+        let fx = fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, GRANT), input(3, USAGE)], now()).unwrap();
+        let user: Vec<&Entry> = fx.entries.iter().filter(|e| e.account.kind == AccountKind::User).collect();
+        assert_eq!(user[1].prev_hash, user[0].hash);
+        assert_eq!(user[1].hash, entry_hash(&user[0].hash, user[1]));
+    }
+}

@@ -1,0 +1,28 @@
+//! quota-engine: an event-sourced quota and billing engine for LLM API
+//! gateways.
+//!
+//! The path of one usage event, module by module:
+//!
+//! ```text
+//! Kafka message ─ consumers/ (quota-consumers: subscribe, batch, seek to stored offsets)
+//!   └ store::apply::LedgerSink (one Postgres transaction per batch, offsets included)
+//!       ├ event::decode        wire JSON → domain Event, or a Rejection with its reason
+//!       ├ ledger::fold         decide: registry versions, entries, quarantine, counts (pure)
+//!       │   ├ ledger::pricing  usage → charge (pure)
+//!       │   └ ledger::registry effective-dated versions (pure)
+//!       └ write effects, dead-letter, move offsets, commit
+//! api (axum) ─ store::read ─ balances, metrics
+//! codes ─ the documented error codes, one enum
+//! ```
+//!
+//! `event`, `ledger` and `codes` never do IO; `store` is the only module
+//! with SQL.
+
+pub mod api;
+pub mod codes;
+pub mod config;
+pub mod event;
+pub mod ledger;
+pub mod serve;
+pub mod sim;
+pub mod store;

@@ -1,0 +1,76 @@
+//! `quota-engine serve`: migrations, topics, the consumers, the quarantine
+//! sweeper and the HTTP API in one process, stopped cleanly by `shutdown`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::store::{self, apply::{self, DeadLetters, LedgerSink}};
+
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let pool = store::connect(&cfg.database_url, 16).await?;
+    store::migrate(&pool).await?;
+    let topics: Vec<(String, i32)> = cfg.topics.all().into_iter().map(|t| (t, cfg.topic_partitions)).collect();
+    quota_consumers::ensure_topics(&cfg.kafka_brokers, &topics).await.map_err(anyhow::Error::msg)?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let clock = apply::system_clock();
+    let sink = LedgerSink { pool: pool.clone(), dead_letters: Some(DeadLetters { producer, topic: cfg.topics.dlq.clone() }), clock: clock.clone() };
+    let consuming = Arc::new(AtomicBool::new(true));
+
+    let consumer_cfg = quota_consumers::ConsumerConfig {
+        brokers: cfg.kafka_brokers.clone(),
+        group_id: cfg.kafka_group_id.clone(),
+        topics: cfg.topics.consumed(),
+        batch_max_records: cfg.batch_max_records,
+        batch_linger: cfg.batch_linger(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let consumer = {
+        let sink: Arc<dyn quota_consumers::BatchSink> = Arc::new(sink.clone());
+        let consuming = consuming.clone();
+        let stop_tx = stop_tx.clone();
+        let rx = shutdown.clone();
+        tokio::spawn(async move {
+            let r = quota_consumers::run(consumer_cfg, sink, rx).await;
+            consuming.store(false, Ordering::SeqCst);
+            if r.is_err() {
+                // A fatal error stops the whole process: no wrong money.
+                let _ = stop_tx.send(true);
+            }
+            r
+        })
+    };
+    let sweeper = tokio::spawn(apply::run_quarantine_sweeper(sink.clone(), shutdown.clone()));
+
+    let listener = tokio::net::TcpListener::bind(&cfg.http_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let router = api::app(AppState { pool, clock, consuming });
+    let mut sd1 = shutdown.clone();
+    let mut sd2 = stop_rx.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = sd1.wait_for(|s| *s) => {}
+                _ = sd2.wait_for(|s| *s) => {}
+            }
+        })
+        .await?;
+    let consumer_result = consumer.await?;
+    sweeper.abort();
+    match consumer_result {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Err(m) => Err(anyhow::anyhow!("consumer stopped: {m}")),
+    }
+}

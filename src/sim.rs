@@ -1,0 +1,264 @@
+//! `quota-engine simulate`: a gateway traffic generator. Registers
+//! resellers, users, apps, keys, groups and priced models, grants credit,
+//! then produces usage with skewed popularity at a chosen rate, through an
+//! idempotent producer. It prices every event itself (with the same rule
+//! the contract fixes) so it can print what each balance should be, and,
+//! given the API's address, checks the service against that.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::event::{PriceEntry, Usage, UsageStatus};
+use crate::ledger::pricing;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SimArgs {
+    /// Users to register (each with one app and one key).
+    #[arg(long, default_value_t = 20)]
+    pub users: usize,
+    /// Usage events to produce.
+    #[arg(long, default_value_t = 2000)]
+    pub events: usize,
+    /// Usage events per second (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seed of the traffic.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Prefix of every id, so runs do not collide (default: a fresh one).
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Check the balances against this HTTP API (e.g. 127.0.0.1:8080) and
+    /// print the summary.
+    #[arg(long)]
+    pub check: Option<String>,
+    /// How long to wait for the service to catch up, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub check_timeout_secs: u64,
+}
+
+/// A small deterministic PRNG (xorshift64*): reproducible traffic without a
+/// dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// Skewed pick: low indexes are much more popular.
+    fn skewed(&mut self, n: usize) -> usize {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((n as f64) * u * u * u) as usize % n.max(1)
+    }
+}
+
+struct Model {
+    id: &'static str,
+    prices: Vec<PriceEntry>,
+}
+
+fn d(s: &str) -> Decimal {
+    s.parse().expect("literal decimal")
+}
+
+fn models() -> Vec<Model> {
+    let p = |path: &str, i: Option<&str>, o: Option<&str>, cr: Option<&str>, cw: Option<&str>, pc: Option<&str>| PriceEntry {
+        path: path.into(),
+        input: i.map(d),
+        output: o.map(d),
+        cache_read: cr.map(d),
+        cache_write: cw.map(d),
+        per_call: pc.map(d),
+    };
+    vec![
+        Model { id: "gpt-4o", prices: vec![p("*", Some("2.5"), Some("10"), Some("1.25"), None, None), p("/v1/embeddings", Some("0.02"), None, None, None, None)] },
+        Model { id: "claude-sonnet", prices: vec![p("*", Some("3"), Some("15"), Some("0.3"), Some("3.75"), None)] },
+        Model { id: "image-gen", prices: vec![p("*", None, None, None, None, Some("40000"))] },
+    ]
+}
+
+fn price_json(p: &PriceEntry) -> Value {
+    let s = |x: &Option<Decimal>| x.map(|v| v.to_string());
+    json!({"path": p.path, "input": s(&p.input), "output": s(&p.output), "cache_read": s(&p.cache_read), "cache_write": s(&p.cache_write), "per_call": s(&p.per_call)})
+}
+
+pub struct Expected {
+    pub run_id: String,
+    /// user id -> (granted, charged)
+    pub users: BTreeMap<String, (Decimal, Decimal)>,
+    /// reseller id -> (granted, charged)
+    pub resellers: BTreeMap<String, (Decimal, Decimal)>,
+}
+
+pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) -> anyhow::Result<Expected> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let run_id = args.run_id.clone().unwrap_or_else(|| format!("r{}", Utc::now().timestamp()));
+    let mut rng = Rng(args.seed.max(1) ^ 0x9E37_79B9_7F4A_7C15);
+    let setup_at = (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339();
+    let mut n = 0u64;
+    let mut next_id = |kind: &str| {
+        n += 1;
+        format!("{run_id}-{kind}-{n}")
+    };
+    let mut control: Vec<(String, Value)> = Vec::new();
+    let models = models();
+    for m in &models {
+        control.push((m.id.into(), json!({"event_id": next_id("c"), "type": "model.upserted", "schema_version": 1, "occurred_at": setup_at, "id": m.id, "status": "enabled", "prices": m.prices.iter().map(price_json).collect::<Vec<_>>()})));
+    }
+    let groups = [(format!("{run_id}-default"), "1"), (format!("{run_id}-vip"), "0.8")];
+    for (g, discount) in &groups {
+        control.push((g.clone(), json!({"event_id": next_id("c"), "type": "group.upserted", "schema_version": 1, "occurred_at": setup_at, "id": g, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "discount": discount, "models": []})));
+    }
+    let resellers: Vec<String> = (0..2).map(|i| format!("{run_id}-reseller-{i}")).collect();
+    let mut expected = Expected { run_id: run_id.clone(), users: BTreeMap::new(), resellers: BTreeMap::new() };
+    for r in &resellers {
+        control.push((r.clone(), json!({"event_id": next_id("c"), "type": "reseller.upserted", "schema_version": 1, "occurred_at": setup_at, "id": r, "status": "enabled", "quota_limited": true, "quota_expires_at": null})));
+        let amount = d("100000000");
+        control.push((r.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "reseller", "id": r}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
+        expected.resellers.insert(r.clone(), (amount, Decimal::ZERO));
+    }
+    struct User {
+        id: String,
+        app: String,
+        key: String,
+        reseller: Option<String>,
+        group: String,
+    }
+    let mut users = Vec::new();
+    for i in 0..args.users {
+        let id = format!("{run_id}-user-{i}");
+        let reseller = if i % 4 == 3 { None } else { Some(resellers[i % 2].clone()) };
+        let group = groups[i % 2].0.clone();
+        let app = format!("{run_id}-app-{i}");
+        let key = format!("{run_id}-key-{i}");
+        let key_hash = hex::encode(Sha256::digest(format!("sk-{run_id}-{i}").as_bytes()));
+        control.push((id.clone(), json!({"event_id": next_id("c"), "type": "user.upserted", "schema_version": 1, "occurred_at": setup_at, "id": id, "reseller_id": reseller, "status": "enabled", "quota_expires_at": null, "groups": [{"group_id": group, "weight": 10, "default": true}]})));
+        control.push((app.clone(), json!({"event_id": next_id("c"), "type": "app.upserted", "schema_version": 1, "occurred_at": setup_at, "id": app, "user_id": id, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
+        control.push((key.clone(), json!({"event_id": next_id("c"), "type": "key.upserted", "schema_version": 1, "occurred_at": setup_at, "id": key, "app_id": app, "key_hash": key_hash, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
+        let amount = d("5000000");
+        control.push((id.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "user", "id": id}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
+        expected.users.insert(id.clone(), (amount, Decimal::ZERO));
+        users.push(User { id, app, key, reseller, group });
+    }
+    for (key, v) in &control {
+        send(&producer, &topics.control, key, v).await?;
+    }
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..args.events {
+        let u = &users[rng.skewed(users.len())];
+        let m = &models[rng.below(models.len() as u64) as usize];
+        let path = if m.id == "gpt-4o" && rng.below(5) == 0 { "/v1/embeddings" } else if m.id == "image-gen" { "/v1/images/generations" } else { "/v1/chat/completions" };
+        let usage = Usage {
+            input_tokens: rng.below(4000),
+            output_tokens: if path == "/v1/embeddings" { 0 } else { rng.below(1500) },
+            cache_read_tokens: if rng.below(3) == 0 { rng.below(2000) } else { 0 },
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            calls: 1,
+        };
+        let roll = rng.below(100);
+        let status = if roll < 1 { UsageStatus::Failed } else if roll < 3 { UsageStatus::Aborted } else { UsageStatus::Success };
+        let discount = if u.group.ends_with("-vip") { d("0.8") } else { Decimal::ONE };
+        let charge = pricing::price(&usage, status, &m.prices, path, discount).map(|p| p.charge).unwrap_or_default();
+        if let Some(e) = expected.users.get_mut(&u.id) {
+            e.1 += charge;
+        }
+        if let Some(r) = &u.reseller {
+            if let Some(e) = expected.resellers.get_mut(r) {
+                e.1 += charge;
+            }
+        }
+        let v = json!({"event_id": format!("{run_id}-u-{i}"), "type": "usage", "schema_version": 1, "occurred_at": Utc::now().to_rfc3339(),
+            "trace_id": format!("{run_id}-t-{i}"), "key_id": u.key, "app_id": u.app, "user_id": u.id, "reseller_id": u.reseller, "group_id": u.group,
+            "model": m.id, "path": path, "status": match status { UsageStatus::Success => "success", UsageStatus::Aborted => "aborted", UsageStatus::Failed => "failed" },
+            "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens}, "attempts": 1});
+        let payload = v.to_string();
+        let user_id = u.id.clone();
+        let topic = topics.usage.clone();
+        let p = producer.clone();
+        pending.push(tokio::spawn(async move { p.send(FutureRecord::to(&topic).key(&user_id).payload(&payload), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e) }));
+        if pending.len() >= 5000 {
+            for f in pending.drain(..) {
+                f.await??;
+            }
+        }
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64((i + 1) as f64 / args.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    for f in pending {
+        f.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("produced {} control events and {} usage events in {:.2} s (run {run_id})", control.len(), args.events, secs);
+    Ok(expected)
+}
+
+async fn send(producer: &FutureProducer, topic: &str, key: &str, v: &Value) -> anyhow::Result<()> {
+    let payload = v.to_string();
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
+    Ok(())
+}
+
+/// Poll the balance API until every balance is what the simulator
+/// computed, then print the table. Returns whether all matched.
+pub async fn check(addr: &str, expected: &Expected, timeout: Duration) -> anyhow::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut rows = Vec::new();
+        let mut all_ok = true;
+        for (kind, map) in [("reseller", &expected.resellers), ("user", &expected.users)] {
+            for (id, (granted, charged)) in map {
+                let want = *granted - *charged;
+                let got = http_get_json(addr, &format!("/v1/balances/{kind}/{id}")).await.ok().and_then(|v| v["balance"].as_str().and_then(|s| s.parse::<Decimal>().ok()));
+                let ok = got == Some(want);
+                all_ok &= ok;
+                rows.push((kind, id.clone(), *granted, *charged, want, got, ok));
+            }
+        }
+        if all_ok || Instant::now() >= deadline {
+            println!("{:<9} {:<28} {:>14} {:>16} {:>16} {:>16}  ok", "kind", "id", "granted", "charged", "expected", "balance (API)");
+            for (kind, id, granted, charged, want, got, ok) in rows {
+                let got = got.map(|g| g.normalize().to_string()).unwrap_or_else(|| "-".into());
+                println!("{:<9} {:<28} {:>14} {:>16} {:>16} {:>16}  {}", kind, id, granted.normalize(), charged.normalize(), want.normalize(), got, if ok { "yes" } else { "NO" });
+            }
+            return Ok(all_ok);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback, so the binary needs no HTTP client.
+pub async fn http_get_json(addr: &str, path: &str) -> anyhow::Result<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok(serde_json::from_str(body)?)
+}

@@ -1,0 +1,559 @@
+//! The batch sink: one Postgres transaction per batch that locks the
+//! partitions' offset rows, skips what was applied before, loads and locks
+//! the state the fold needs, runs the fold, writes its facts in bulk, moves
+//! the offsets and counts, dead-letters what was set aside, and commits.
+//! Locks are always taken in one order (offset rows, then accounts sorted by
+//! kind and id, byte order) so concurrent consumers never deadlock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use deadpool_postgres::{Pool, Transaction};
+use quota_consumers::{BatchSink, BoxFuture, Record, SinkError};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+
+use crate::event::{self, AccountKind, AccountRef, EntityKind, EventBody, GrantCategory};
+use crate::ledger::fold::{self, AccountState, Block, Effects, FoldState, Input, Posting, Resolution, Source};
+use crate::ledger::registry::Version;
+
+/// Where dead letters go.
+#[derive(Clone)]
+pub struct DeadLetters {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+/// The time source; injected so tests control it.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+#[derive(Clone)]
+pub struct LedgerSink {
+    pub pool: Pool,
+    pub dead_letters: Option<DeadLetters>,
+    pub clock: Clock,
+}
+
+#[derive(Debug)]
+pub enum ApplyError {
+    Db(tokio_postgres::Error),
+    Pool(String),
+    Dlq(String),
+    Invariant(String),
+}
+
+impl From<tokio_postgres::Error> for ApplyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApplyError::Db(e)
+    }
+}
+
+impl From<ApplyError> for SinkError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Invariant(m) => SinkError::Fatal(format!("broken ledger invariant: {m}")),
+            ApplyError::Db(e) => {
+                let code = e.as_db_error().map(|d| d.code().code().to_string());
+                match code.as_deref() {
+                    // Integrity and data errors other than a lost race on a
+                    // unique key mean the ledger would be wrong: stop.
+                    Some(c) if (c.starts_with("23") && c != "23505") || c.starts_with("22") => SinkError::Fatal(format!("database refused a ledger write: {e:?}")),
+                    _ => SinkError::Transient(format!("database: {e}")),
+                }
+            }
+            ApplyError::Pool(m) => SinkError::Transient(format!("database pool: {m}")),
+            ApplyError::Dlq(m) => SinkError::Transient(format!("dead-letter topic: {m}")),
+        }
+    }
+}
+
+impl BatchSink for LedgerSink {
+    fn stored_offsets<'a>(&'a self, partitions: &'a [(String, i32)]) -> BoxFuture<'a, Result<Vec<Option<i64>>, SinkError>> {
+        Box::pin(async move {
+            let client = self.pool.get().await.map_err(|e| SinkError::Transient(e.to_string()))?;
+            let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+            let parts: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+            let rows = client
+                .query("SELECT c.topic, c.partition, c.next_offset FROM consumer_partitions c JOIN unnest($1::text[], $2::int[]) u(t, p) ON c.topic = u.t AND c.partition = u.p", &[&topics, &parts])
+                .await
+                .map_err(|e| SinkError::Transient(e.to_string()))?;
+            let stored: HashMap<(String, i32), Option<i64>> = rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect();
+            Ok(partitions.iter().map(|p| stored.get(p).copied().flatten()).collect())
+        })
+    }
+
+    fn apply<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move { self.apply_records(batch).await.map_err(SinkError::from) })
+    }
+}
+
+impl LedgerSink {
+    fn now(&self) -> DateTime<Utc> {
+        // Postgres keeps microseconds: hash what it will give back.
+        (self.clock)().trunc_subsecs(6)
+    }
+
+    pub async fn apply_records(&self, batch: &[Record]) -> Result<(), ApplyError> {
+        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        // 1. Lock the offset rows of the batch's partitions.
+        let parts: BTreeSet<(String, i32)> = batch.iter().map(|r| (r.topic.clone(), r.partition)).collect();
+        let next = lock_partitions(&tx, &parts).await?;
+        // 2. Skip what an earlier transaction applied.
+        let fresh: Vec<&Record> = batch.iter().filter(|r| next.get(&(r.topic.clone(), r.partition)).copied().flatten().is_none_or(|n| r.offset >= n)).collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let inputs: Vec<Input> = fresh
+            .iter()
+            .map(|r| Input {
+                source: Source { topic: r.topic.clone(), partition: r.partition, offset: r.offset },
+                key: r.key.clone(),
+                payload: r.payload.clone(),
+                decoded: event::decode(r.payload.as_deref()),
+                retry_of: None,
+            })
+            .collect();
+        let mut new_next: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for r in &fresh {
+            let e = new_next.entry((r.topic.clone(), r.partition)).or_insert(r.offset + 1);
+            *e = (*e).max(r.offset + 1);
+        }
+        let now = self.now();
+        let fx = fold_and_write(&tx, inputs, now).await?;
+        for ((topic, partition), next_offset) in &new_next {
+            tx.execute("UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2", &[topic, partition, next_offset]).await?;
+        }
+        self.dead_letter(&fx).await?;
+        tx.commit().await?;
+        tracing::debug!(records = batch.len(), entries = fx.entries.len(), "batch committed");
+        Ok(())
+    }
+
+    /// Retry quarantined events whose cause may have arrived. Returns how
+    /// many rows were looked at.
+    pub async fn retry_waiting(&self, limit: i64) -> Result<usize, ApplyError> {
+        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let now = self.now();
+        // Lock order: offset rows first, like the consumers.
+        let candidates = tx
+            .query("SELECT quarantine_id, topic, partition FROM quarantine WHERE status = 'waiting' AND retry_after <= $1 ORDER BY quarantine_id LIMIT $2", &[&now, &limit])
+            .await?;
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let parts: BTreeSet<(String, i32)> = candidates.iter().map(|r| (r.get(1), r.get(2))).collect();
+        lock_partitions(&tx, &parts).await?;
+        let ids: Vec<i64> = candidates.iter().map(|r| r.get(0)).collect();
+        let rows = tx
+            .query("SELECT quarantine_id, topic, partition, kafka_offset, msg_key, payload FROM quarantine WHERE quarantine_id = ANY($1) AND status = 'waiting' ORDER BY quarantine_id FOR UPDATE SKIP LOCKED", &[&ids])
+            .await?;
+        let inputs: Vec<Input> = rows
+            .iter()
+            .map(|r| {
+                let payload: Option<Vec<u8>> = r.get(5);
+                Input {
+                    source: Source { topic: r.get(1), partition: r.get(2), offset: r.get(3) },
+                    key: r.get(4),
+                    decoded: event::decode(payload.as_deref()),
+                    payload,
+                    retry_of: Some(r.get(0)),
+                }
+            })
+            .collect();
+        let n = inputs.len();
+        let fx = fold_and_write(&tx, inputs, now).await?;
+        self.dead_letter(&fx).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Dead letters are produced, and acknowledged by the broker, before the
+    /// transaction commits: a crash in between repeats a dead letter, never
+    /// loses one. The quarantine table is the exact record.
+    async fn dead_letter(&self, fx: &Effects) -> Result<(), ApplyError> {
+        let Some(dl) = &self.dead_letters else { return Ok(()) };
+        let mut sends = Vec::new();
+        for q in &fx.quarantined {
+            sends.push((q.reason.as_str().to_string(), q.detail.clone(), q.source.clone(), q.key.clone(), q.payload.clone()));
+        }
+        let mut futures = Vec::with_capacity(sends.len());
+        for (reason, detail, src, key, payload) in &sends {
+            let partition = src.partition.to_string();
+            let offset = src.offset.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "reason", value: Some(reason.as_str()) })
+                .insert(Header { key: "detail", value: Some(detail.as_str()) })
+                .insert(Header { key: "original_topic", value: Some(src.topic.as_str()) })
+                .insert(Header { key: "original_partition", value: Some(partition.as_str()) })
+                .insert(Header { key: "original_offset", value: Some(offset.as_str()) });
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&dl.topic).headers(headers);
+            if let Some(k) = key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(p) = payload {
+                rec = rec.payload(p.as_slice());
+            }
+            futures.push(dl.producer.send(rec, Duration::from_secs(10)));
+        }
+        for f in futures {
+            f.await.map_err(|(e, _)| ApplyError::Dlq(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+async fn lock_partitions(tx: &Transaction<'_>, parts: &BTreeSet<(String, i32)>) -> Result<HashMap<(String, i32), Option<i64>>, ApplyError> {
+    let topics: Vec<&str> = parts.iter().map(|(t, _)| t.as_str()).collect();
+    let ps: Vec<i32> = parts.iter().map(|(_, p)| *p).collect();
+    tx.execute("INSERT INTO consumer_partitions (topic, partition) SELECT * FROM unnest($1::text[], $2::int[]) ON CONFLICT DO NOTHING", &[&topics, &ps]).await?;
+    let rows = tx
+        .query("SELECT c.topic, c.partition, c.next_offset FROM consumer_partitions c JOIN unnest($1::text[], $2::int[]) u(t, p) ON c.topic = u.t AND c.partition = u.p ORDER BY c.topic COLLATE \"C\", c.partition FOR UPDATE OF c", &[&topics, &ps])
+        .await?;
+    Ok(rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
+}
+
+/// Load what the inputs need, fold, write the effects. The caller holds the
+/// offset-row locks and commits.
+async fn fold_and_write(tx: &Transaction<'_>, inputs: Vec<Input>, now: DateTime<Utc>) -> Result<Effects, ApplyError> {
+    let mut state = load_state(tx, &inputs).await?;
+    let fx = fold::fold(&mut state, inputs, now).map_err(ApplyError::Invariant)?;
+    write_effects(tx, &state, &fx, now).await?;
+    Ok(fx)
+}
+
+async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState, ApplyError> {
+    let mut st = FoldState::default();
+    let events: Vec<&event::Event> = inputs.iter().filter_map(|i| i.decoded.as_ref().ok()).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    for r in tx.query("SELECT event_id, content_hash FROM applied_events WHERE event_id = ANY($1)", &[&ids]).await? {
+        st.applied.insert(r.get(0), hash32(r.get(1)));
+    }
+    for r in tx.query("SELECT event_id, content_hash FROM quarantine WHERE status = 'waiting' AND event_id = ANY($1)", &[&ids]).await? {
+        let h: Option<Vec<u8>> = r.get(1);
+        if let Some(h) = h {
+            st.waiting.insert(r.get(0), hash32(h));
+        }
+    }
+    let idem: Vec<String> = events.iter().filter_map(|e| e.idempotency_key()).collect();
+    if !idem.is_empty() {
+        for r in tx.query("SELECT idem_key, idem_hash FROM applied_events WHERE idem_key = ANY($1)", &[&idem]).await? {
+            st.idem_keys.insert(r.get(0), hash32(r.get(1)));
+        }
+    }
+    // Registry entities the batch reads.
+    let mut entities: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut accounts: BTreeSet<AccountRef> = BTreeSet::new();
+    let mut reversal_targets = Vec::new();
+    let mut void_targets = Vec::new();
+    for e in &events {
+        match &e.body {
+            EventBody::Usage(u) => {
+                entities.insert(("model".into(), u.model.clone()));
+                for a in u.accounts() {
+                    entities.insert((a.kind.as_str().into(), a.id.clone()));
+                    accounts.insert(a);
+                }
+            }
+            EventBody::Upsert(up) => {
+                if let EntityKind::Account(k) = up.kind {
+                    accounts.insert(AccountRef::new(k, &up.id));
+                }
+            }
+            EventBody::Granted(g) => {
+                accounts.insert(g.account.clone());
+            }
+            EventBody::Adjusted(a) => {
+                accounts.insert(a.account.clone());
+            }
+            EventBody::Reversed(r) => reversal_targets.push(r.usage_event_id.clone()),
+            EventBody::GrantVoided(v) => void_targets.push(v.grant_id.clone()),
+            EventBody::Error(_) => {}
+        }
+    }
+    if !entities.is_empty() {
+        let kinds: Vec<&str> = entities.iter().map(|(k, _)| k.as_str()).collect();
+        let eids: Vec<&str> = entities.iter().map(|(_, i)| i.as_str()).collect();
+        let rows = tx
+            .query("SELECT r.kind, r.id, r.effective_from, r.version_seq, r.event_id, r.payload::text FROM registry_versions r JOIN unnest($1::text[], $2::text[]) u(k, i) ON r.kind = u.k AND r.id = u.i", &[&kinds, &eids])
+            .await?;
+        for r in rows {
+            let payload: String = r.get(5);
+            let kind = EntityKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant(format!("unknown registry kind {}", r.get::<_, String>(0))))?;
+            let ev = event::decode(Some(payload.as_bytes())).map_err(|e| ApplyError::Invariant(format!("stored registry version does not decode: {}", e.detail)))?;
+            let EventBody::Upsert(up) = ev.body else { return Err(ApplyError::Invariant("stored registry version is not an upsert".into())) };
+            let id: String = r.get(1);
+            st.registry.insert(kind, &id, Version { effective_from: r.get(2), seq: r.get(3), event_id: r.get(4), entity: up.entity });
+        }
+    }
+    if !reversal_targets.is_empty() {
+        for r in tx.query("SELECT event_id, kind, id, amount, charge FROM ledger_entries WHERE event_id = ANY($1) AND entry_type = 'usage' ORDER BY entry_id", &[&reversal_targets]).await? {
+            let kind = AccountKind::parse(r.get(1)).ok_or_else(|| ApplyError::Invariant("bad account kind in ledger".into()))?;
+            let account = AccountRef::new(kind, r.get::<_, String>(2));
+            let charge: Option<Decimal> = r.get(4);
+            st.postings.entry(r.get(0)).or_default().push(Posting { account: account.clone(), amount: r.get(3), charge: charge.unwrap_or_default() });
+            accounts.insert(account);
+        }
+        for r in tx.query("SELECT usage_event_id FROM reversals WHERE usage_event_id = ANY($1)", &[&reversal_targets]).await? {
+            st.reversed.insert(r.get(0));
+        }
+    }
+    if !void_targets.is_empty() {
+        for r in tx.query("SELECT block_id, kind, id FROM credit_blocks WHERE source = 'grant' AND block_id = ANY($1)", &[&void_targets]).await? {
+            let kind = AccountKind::parse(r.get(1)).ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
+            let account = AccountRef::new(kind, r.get::<_, String>(2));
+            st.grant_accounts.insert(r.get(0), account.clone());
+            accounts.insert(account);
+        }
+    }
+    // Grants in the batch may be voided in the same batch: their accounts
+    // are already in the set.
+    lock_accounts(tx, &accounts, &mut st).await?;
+    Ok(st)
+}
+
+fn sorted_accounts(accounts: &BTreeSet<AccountRef>) -> Vec<(&'static str, &str)> {
+    let mut v: Vec<(&'static str, &str)> = accounts.iter().map(|a| (a.kind.as_str(), a.id.as_str())).collect();
+    v.sort();
+    v
+}
+
+async fn lock_accounts(tx: &Transaction<'_>, accounts: &BTreeSet<AccountRef>, st: &mut FoldState) -> Result<(), ApplyError> {
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let sorted = sorted_accounts(accounts);
+    let kinds: Vec<&str> = sorted.iter().map(|(k, _)| *k).collect();
+    let ids: Vec<&str> = sorted.iter().map(|(_, i)| *i).collect();
+    tx.execute("INSERT INTO accounts (kind, id) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING", &[&kinds, &ids]).await?;
+    let rows = tx
+        .query("SELECT a.kind, a.id, a.registered, a.balance, a.debt, a.entry_count, a.last_hash FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i ORDER BY a.kind, a.id FOR UPDATE OF a", &[&kinds, &ids])
+        .await?;
+    for r in rows {
+        let kind = AccountKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
+        let account = AccountRef::new(kind, r.get::<_, String>(1));
+        let mut a = AccountState::new(account.clone());
+        a.registered = r.get(2);
+        a.balance = r.get(3);
+        a.debt = r.get(4);
+        a.seq = r.get(5);
+        a.last_hash = hash32(r.get(6));
+        st.accounts.insert(account, a);
+    }
+    let rows = tx
+        .query("SELECT b.kind, b.id, b.block_id, b.source, b.category, b.effective_at, b.expires_at, b.amount, b.remaining, b.voided FROM credit_blocks b JOIN unnest($1::text[], $2::text[]) u(k, i) ON b.kind = u.k AND b.id = u.i WHERE b.remaining > 0", &[&kinds, &ids])
+        .await?;
+    for r in rows {
+        let kind = AccountKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
+        let account = AccountRef::new(kind, r.get::<_, String>(1));
+        let source: &str = r.get(3);
+        let category: Option<&str> = r.get(4);
+        let block = Block {
+            block_id: r.get(2),
+            account: account.clone(),
+            source: match source {
+                "grant" => "grant",
+                "adjustment" => "adjustment",
+                _ => "reversal",
+            },
+            category: category.map(|c| match c {
+                "promotional" => GrantCategory::Promotional,
+                "refund" => GrantCategory::Refund,
+                _ => GrantCategory::Paid,
+            }),
+            effective_at: r.get(5),
+            expires_at: r.get(6),
+            amount: r.get(7),
+            remaining: r.get(8),
+            voided: r.get(9),
+            dirty: false,
+        };
+        if let Some(a) = st.accounts.get_mut(&account) {
+            a.blocks.push(block);
+        }
+    }
+    for a in st.accounts.values() {
+        a.check().map_err(|e| ApplyError::Invariant(format!("as loaded: {e}")))?;
+    }
+    Ok(())
+}
+
+fn hash32(v: Vec<u8>) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    if v.len() == 32 {
+        h.copy_from_slice(&v);
+    }
+    h
+}
+
+async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: DateTime<Utc>) -> Result<(), ApplyError> {
+    if !fx.versions.is_empty() {
+        let kinds: Vec<&str> = fx.versions.iter().map(|v| v.kind.as_str()).collect();
+        let ids: Vec<&str> = fx.versions.iter().map(|v| v.id.as_str()).collect();
+        let from: Vec<DateTime<Utc>> = fx.versions.iter().map(|v| v.effective_from).collect();
+        let eids: Vec<&str> = fx.versions.iter().map(|v| v.event_id.as_str()).collect();
+        let payloads: Vec<&str> = fx.versions.iter().map(|v| v.canonical.as_str()).collect();
+        tx.execute(
+            "INSERT INTO registry_versions (kind, id, effective_from, event_id, payload, recorded_at) SELECT k, i, f, e, p::jsonb, $6 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) AS u(k, i, f, e, p)",
+            &[&kinds, &ids, &from, &eids, &payloads, &now],
+        )
+        .await?;
+    }
+    if !fx.applied.is_empty() {
+        let a = &fx.applied;
+        let eids: Vec<&str> = a.iter().map(|x| x.event_id.as_str()).collect();
+        let types: Vec<&str> = a.iter().map(|x| x.event_type.as_str()).collect();
+        let hashes: Vec<&[u8]> = a.iter().map(|x| x.content_hash.as_slice()).collect();
+        let idem: Vec<Option<&str>> = a.iter().map(|x| x.idem_key.as_deref()).collect();
+        let idem_h: Vec<Option<&[u8]>> = a.iter().map(|x| x.idem_hash.as_ref().map(|h| h.as_slice())).collect();
+        let payloads: Vec<&str> = a.iter().map(|x| x.canonical.as_str()).collect();
+        let occurred: Vec<DateTime<Utc>> = a.iter().map(|x| x.occurred_at).collect();
+        let topics: Vec<&str> = a.iter().map(|x| x.source.topic.as_str()).collect();
+        let parts: Vec<i32> = a.iter().map(|x| x.source.partition).collect();
+        let offsets: Vec<i64> = a.iter().map(|x| x.source.offset).collect();
+        tx.execute(
+            "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset)
+             SELECT e, t, h, k, kh, p::jsonb, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
+            &[&eids, &types, &hashes, &idem, &idem_h, &payloads, &occurred, &topics, &parts, &offsets, &now],
+        )
+        .await?;
+    }
+    if !fx.reversals.is_empty() {
+        let u: Vec<&str> = fx.reversals.iter().map(|(u, _)| u.as_str()).collect();
+        let r: Vec<&str> = fx.reversals.iter().map(|(_, r)| r.as_str()).collect();
+        tx.execute("INSERT INTO reversals (usage_event_id, reversal_id) SELECT * FROM unnest($1::text[], $2::text[])", &[&u, &r]).await?;
+    }
+    // Accounts and blocks before entries (foreign keys).
+    let dirty: Vec<&AccountState> = st.accounts.values().filter(|a| a.dirty).collect();
+    if !dirty.is_empty() {
+        let kinds: Vec<&str> = dirty.iter().map(|a| a.account.kind.as_str()).collect();
+        let ids: Vec<&str> = dirty.iter().map(|a| a.account.id.as_str()).collect();
+        let reg: Vec<bool> = dirty.iter().map(|a| a.registered).collect();
+        let bal: Vec<Decimal> = dirty.iter().map(|a| a.balance).collect();
+        let debt: Vec<Decimal> = dirty.iter().map(|a| a.debt).collect();
+        let cnt: Vec<i64> = dirty.iter().map(|a| a.seq).collect();
+        let hashes: Vec<&[u8]> = dirty.iter().map(|a| a.last_hash.as_slice()).collect();
+        tx.execute(
+            "UPDATE accounts a SET registered = u.r, balance = u.b, debt = u.d, entry_count = u.c, last_hash = u.h, updated_at = $8
+             FROM unnest($1::text[], $2::text[], $3::bool[], $4::numeric[], $5::numeric[], $6::bigint[], $7::bytea[]) AS u(k, i, r, b, d, c, h)
+             WHERE a.kind = u.k AND a.id = u.i",
+            &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &now],
+        )
+        .await?;
+        let blocks: Vec<&Block> = dirty.iter().flat_map(|a| a.blocks.iter()).filter(|b| b.dirty).collect();
+        if !blocks.is_empty() {
+            let kinds: Vec<&str> = blocks.iter().map(|b| b.account.kind.as_str()).collect();
+            let ids: Vec<&str> = blocks.iter().map(|b| b.account.id.as_str()).collect();
+            let bids: Vec<&str> = blocks.iter().map(|b| b.block_id.as_str()).collect();
+            let src: Vec<&str> = blocks.iter().map(|b| b.source).collect();
+            let cat: Vec<Option<&str>> = blocks.iter().map(|b| b.category.map(|c| c.as_str())).collect();
+            let eff: Vec<DateTime<Utc>> = blocks.iter().map(|b| b.effective_at).collect();
+            let exp: Vec<Option<DateTime<Utc>>> = blocks.iter().map(|b| b.expires_at).collect();
+            let amt: Vec<Decimal> = blocks.iter().map(|b| b.amount).collect();
+            let rem: Vec<Decimal> = blocks.iter().map(|b| b.remaining).collect();
+            let void: Vec<bool> = blocks.iter().map(|b| b.voided).collect();
+            tx.execute(
+                "INSERT INTO credit_blocks (kind, id, block_id, source, category, effective_at, expires_at, amount, remaining, voided)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::numeric[], $9::numeric[], $10::bool[])
+                 ON CONFLICT (kind, id, block_id) DO UPDATE SET remaining = excluded.remaining, voided = excluded.voided",
+                &[&kinds, &ids, &bids, &src, &cat, &eff, &exp, &amt, &rem, &void],
+            )
+            .await?;
+        }
+    }
+    if !fx.entries.is_empty() {
+        let e = &fx.entries;
+        let kinds: Vec<&str> = e.iter().map(|x| x.account.kind.as_str()).collect();
+        let ids: Vec<&str> = e.iter().map(|x| x.account.id.as_str()).collect();
+        let seqs: Vec<i64> = e.iter().map(|x| x.seq).collect();
+        let eids: Vec<&str> = e.iter().map(|x| x.event_id.as_str()).collect();
+        let types: Vec<&str> = e.iter().map(|x| x.entry_type.as_str()).collect();
+        let amounts: Vec<Decimal> = e.iter().map(|x| x.amount).collect();
+        let after: Vec<Decimal> = e.iter().map(|x| x.balance_after).collect();
+        let charges: Vec<Option<Decimal>> = e.iter().map(|x| x.charge).collect();
+        let occurred: Vec<DateTime<Utc>> = e.iter().map(|x| x.occurred_at).collect();
+        let topics: Vec<Option<&str>> = e.iter().map(|x| x.source.as_ref().map(|s| s.topic.as_str())).collect();
+        let parts: Vec<Option<i32>> = e.iter().map(|x| x.source.as_ref().map(|s| s.partition)).collect();
+        let offsets: Vec<Option<i64>> = e.iter().map(|x| x.source.as_ref().map(|s| s.offset)).collect();
+        let details: Vec<&serde_json::Value> = e.iter().map(|x| &x.detail).collect();
+        let prev: Vec<&[u8]> = e.iter().map(|x| x.prev_hash.as_slice()).collect();
+        let hashes: Vec<&[u8]> = e.iter().map(|x| x.hash.as_slice()).collect();
+        tx.execute(
+            "INSERT INTO ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, detail, prev_hash, hash)
+             SELECT k, i, s, e, t, a, b, c, o, $16, tp, pa, of, d, ph, h
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::text[], $11::int[], $12::bigint[], $13::jsonb[], $14::bytea[], $15::bytea[])
+                  WITH ORDINALITY AS u(k, i, s, e, t, a, b, c, o, tp, pa, of, d, ph, h, n) ORDER BY n",
+            &[&kinds, &ids, &seqs, &eids, &types, &amounts, &after, &charges, &occurred, &topics, &parts, &offsets, &details, &prev, &hashes, &now],
+        )
+        .await?;
+    }
+    for q in &fx.quarantined {
+        let status = if q.reason.waits() { "waiting" } else { "rejected" };
+        let retry_after = q.reason.waits().then(|| now + chrono::Duration::seconds(1));
+        tx.execute(
+            "INSERT INTO quarantine (event_id, reason, detail, waiting_on, content_hash, status, topic, partition, kafka_offset, msg_key, payload, received_at, retry_after)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            &[&q.event_id, &q.reason.as_str(), &q.detail, &q.waiting_on, &q.content_hash.as_ref().map(|h| h.as_slice()), &status, &q.source.topic, &q.source.partition, &q.source.offset, &q.key, &q.payload, &now, &retry_after],
+        )
+        .await?;
+    }
+    for (qid, res) in &fx.resolved {
+        match res {
+            Resolution::Applied => {
+                tx.execute("UPDATE quarantine SET status = 'applied', resolved_at = $2 WHERE quarantine_id = $1", &[qid, &now]).await?;
+            }
+            Resolution::Rejected(reason, detail) => {
+                tx.execute("UPDATE quarantine SET status = 'rejected', reason = $2, detail = $3, resolved_at = $4 WHERE quarantine_id = $1", &[qid, &reason.as_str(), detail, &now]).await?;
+            }
+            Resolution::StillWaiting => {
+                // Back off: 1 s doubling to a minute, unless its cause arrives.
+                tx.execute(
+                    "UPDATE quarantine SET attempts = attempts + 1, retry_after = $2::timestamptz + make_interval(secs => least(60, power(2, least(attempts, 6)))) WHERE quarantine_id = $1",
+                    &[qid, &now],
+                )
+                .await?;
+            }
+        }
+    }
+    if !fx.provided.is_empty() {
+        tx.execute("UPDATE quarantine SET retry_after = $2 WHERE status = 'waiting' AND waiting_on = ANY($1)", &[&fx.provided, &now]).await?;
+    }
+    for ((topic, partition), c) in &fx.counts {
+        tx.execute(
+            "UPDATE consumer_partitions SET consumed = consumed + $3, applied = applied + $4, duplicates = duplicates + $5, rejected = rejected + $6, waiting = waiting + $7, updated_at = $8 WHERE topic = $1 AND partition = $2",
+            &[topic, partition, &c.consumed, &c.applied, &c.duplicates, &c.rejected, &c.waiting, &now],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Keep retrying waiting events until `shutdown`.
+pub async fn run_quarantine_sweeper(sink: LedgerSink, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let pause = match sink.retry_waiting(500).await {
+            Ok(n) if n > 0 => Duration::from_millis(10),
+            Ok(_) => Duration::from_millis(200),
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while retrying quarantine; stopping the sweeper");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, "quarantine retry failed");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Reads behind the HTTP API and the CLI: balances and consumer counts.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::event::{self, AccountRef, EntityKind, EventBody};
+use crate::ledger::registry::{Registry, Version};
+
+#[derive(Debug, Serialize)]
+pub struct BalanceView {
+    pub kind: &'static str,
+    pub id: String,
+    pub balance: String,
+    /// Null for a balance in the past (`?at=`).
+    pub available: Option<String>,
+    pub limited: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Null while the account is unregistered.
+    pub status: Option<&'static str>,
+    pub registered: bool,
+    pub as_of: DateTime<Utc>,
+}
+
+/// The registry versions of one entity.
+pub async fn entity_versions(pool: &Pool, kind: EntityKind, id: &str) -> anyhow::Result<Registry> {
+    let client = pool.get().await?;
+    let rows = client
+        .query("SELECT effective_from, version_seq, event_id, payload::text FROM registry_versions WHERE kind = $1 AND id = $2", &[&kind.as_str(), &id])
+        .await?;
+    let mut reg = Registry::default();
+    for r in rows {
+        let payload: String = r.get(3);
+        let ev = event::decode(Some(payload.as_bytes())).map_err(|e| anyhow::anyhow!("stored registry version does not decode: {}", e.detail))?;
+        if let EventBody::Upsert(up) = ev.body {
+            reg.insert(kind, id, Version { effective_from: r.get(0), seq: r.get(1), event_id: r.get(2), entity: up.entity });
+        }
+    }
+    Ok(reg)
+}
+
+/// The balance of one account now, or as the ledger stood at `at`
+/// (entries recorded up to then). `None` when the ledger has never heard of
+/// the account.
+pub async fn balance(pool: &Pool, account: &AccountRef, now: DateTime<Utc>, at: Option<DateTime<Utc>>) -> anyhow::Result<Option<BalanceView>> {
+    let client = pool.get().await?;
+    let Some(row) = client
+        .query_opt("SELECT registered, balance, debt FROM accounts WHERE kind = $1 AND id = $2", &[&account.kind.as_str(), &account.id])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let registered: bool = row.get(0);
+    let moment = at.unwrap_or(now);
+    let reg = entity_versions(pool, EntityKind::Account(account.kind), &account.id).await?;
+    let version = reg.at(EntityKind::Account(account.kind), &account.id, moment);
+    let quota = version.and_then(|v| v.entity.quota());
+    let limited = reg.limited_at(account.kind, &account.id, moment);
+    let (balance, available) = match at {
+        None => {
+            let balance: Decimal = row.get(1);
+            let debt: Decimal = row.get(2);
+            let open: Decimal = client
+                .query_one(
+                    "SELECT coalesce(sum(remaining), 0) FROM credit_blocks WHERE kind = $1 AND id = $2 AND remaining > 0 AND NOT voided AND effective_at <= $3 AND (expires_at IS NULL OR expires_at > $3)",
+                    &[&account.kind.as_str(), &account.id, &now],
+                )
+                .await?
+                .get(0);
+            (balance, Some(open - debt))
+        }
+        Some(at) => {
+            let b: Option<Decimal> = client
+                .query_opt(
+                    "SELECT balance_after FROM ledger_entries WHERE kind = $1 AND id = $2 AND recorded_at <= $3 ORDER BY seq DESC LIMIT 1",
+                    &[&account.kind.as_str(), &account.id, &at],
+                )
+                .await?
+                .map(|r| r.get(0));
+            (b.unwrap_or_default(), None)
+        }
+    };
+    Ok(Some(BalanceView {
+        kind: account.kind.as_str(),
+        id: account.id.clone(),
+        balance: balance.normalize().to_string(),
+        available: available.map(|a| a.normalize().to_string()),
+        limited,
+        expires_at: quota.and_then(|q| q.quota_expires_at),
+        status: quota.map(|q| q.status.as_str()),
+        registered,
+        as_of: moment,
+    }))
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct PartitionCounts {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: Option<i64>,
+    pub consumed: i64,
+    pub applied: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+    pub waiting: i64,
+}
+
+pub async fn partition_counts(pool: &Pool) -> anyhow::Result<Vec<PartitionCounts>> {
+    let client = pool.get().await?;
+    let rows = client
+        .query("SELECT topic, partition, next_offset, consumed, applied, duplicates, rejected, waiting FROM consumer_partitions ORDER BY topic, partition", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PartitionCounts {
+            topic: r.get(0),
+            partition: r.get(1),
+            next_offset: r.get(2),
+            consumed: r.get(3),
+            applied: r.get(4),
+            duplicates: r.get(5),
+            rejected: r.get(6),
+            waiting: r.get(7),
+        })
+        .collect())
+}
