@@ -91,7 +91,10 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
                 a
             },
             effective_at: f.opt_time("effective_at")?.unwrap_or(occurred_at),
-            expires_at: f.opt_time("expires_at")?,
+            expires_at: {
+                f.get("expires_at")?;
+                f.opt_time("expires_at")?
+            },
             category: match f.opt_text("category")?.as_deref() {
                 None | Some("paid") => GrantCategory::Paid,
                 Some("promotional") => GrantCategory::Promotional,

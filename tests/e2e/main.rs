@@ -1,1 +1,7 @@
+//! End-to-end tests: one binary, a module per area. Tests that need the
+//! stack read DATABASE_URL and KAFKA_BROKERS (scripts/test.sh provides
+//! them); each test makes its own database, topics and consumer group.
 
+mod common;
+mod ingest;
+mod schemas;

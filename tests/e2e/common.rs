@@ -1,0 +1,211 @@
+//! Test helpers: a private database, topics and consumer group per test,
+//! a real `quota-engine serve` process, and a producer.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use quota_engine::config::Topics;
+use quota_engine::store::read::PartitionCounts;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// `url` with its database name replaced.
+fn with_dbname(url: &str, name: &str) -> String {
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let (head, tail) = url.split_at(scheme_end);
+    let (authority, rest) = tail.split_once('/').unwrap_or((tail, ""));
+    let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    format!("{head}{authority}/{name}{query}")
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh, which starts Postgres and the broker"))
+}
+
+pub struct TestCtx {
+    pub name: String,
+    pub db_url: String,
+    pub brokers: String,
+    pub topics: Topics,
+    pub group: String,
+    pub pool: Pool,
+    pub producer: FutureProducer,
+}
+
+impl TestCtx {
+    /// A fresh database (migrated), fresh topics and a fresh group.
+    pub async fn new(name: &str) -> TestCtx {
+        let base = required_env("DATABASE_URL");
+        let brokers = required_env("KAFKA_BROKERS");
+        let uniq = format!("{name}_{}_{}_{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst), chrono::Utc::now().timestamp_micros() % 1_000_000_000);
+        let db_url = with_dbname(&base, &format!("t_{uniq}"));
+        let pool = quota_engine::store::connect(&db_url, 4).await.expect("test database");
+        quota_engine::store::migrate(&pool).await.expect("migrations");
+        let topics = Topics {
+            usage: format!("{uniq}.usage"),
+            errors: format!("{uniq}.errors"),
+            control: format!("{uniq}.control"),
+            dlq: format!("{uniq}.dlq"),
+        };
+        let list: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, 3)).collect();
+        quota_consumers::ensure_topics(&brokers, &list).await.expect("topics");
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .create()
+            .expect("producer");
+        TestCtx { name: name.into(), db_url, brokers, topics, group: format!("g-{uniq}"), pool, producer }
+    }
+
+    pub async fn produce(&self, topic: &str, key: &str, v: &Value) {
+        self.produce_raw(topic, Some(key), v.to_string().as_bytes()).await;
+    }
+
+    pub async fn produce_raw(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
+        let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(payload);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        self.producer.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("produce");
+    }
+
+    pub fn serve(&self) -> Service {
+        Service::start(self)
+    }
+
+    pub async fn counts(&self) -> Vec<PartitionCounts> {
+        quota_engine::store::read::partition_counts(&self.pool).await.expect("counts")
+    }
+
+    /// Sum of the counts over a topic's partitions.
+    pub async fn topic_counts(&self, topic: &str) -> PartitionCounts {
+        let mut total = PartitionCounts { topic: topic.into(), partition: -1, next_offset: None, consumed: 0, applied: 0, duplicates: 0, rejected: 0, waiting: 0 };
+        for c in self.counts().await.into_iter().filter(|c| c.topic == topic) {
+            assert_eq!(c.consumed, c.applied + c.duplicates + c.rejected + c.waiting, "counts add up on {}/{}", c.topic, c.partition);
+            total.consumed += c.consumed;
+            total.applied += c.applied;
+            total.duplicates += c.duplicates;
+            total.rejected += c.rejected;
+            total.waiting += c.waiting;
+        }
+        total
+    }
+
+    /// Wait until `topic` has consumed `n` messages.
+    pub async fn wait_consumed(&self, topic: &str, n: i64, timeout: Duration) -> PartitionCounts {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.topic_counts(topic).await;
+            if c.consumed >= n {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "{}: {topic} consumed {} of {n} within {timeout:?}", self.name, c.consumed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn sql_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> T {
+        let c = self.pool.get().await.unwrap();
+        c.query_one(sql, params).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    }
+}
+
+/// A real `quota-engine serve` process.
+pub struct Service {
+    child: Child,
+    pub addr: String,
+    pub log: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Service {
+    pub fn start(ctx: &TestCtx) -> Service {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let dir = format!("{}/target/test-logs", env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = format!("{dir}/{}-{}.log", ctx.name, addr.replace([':', '.'], "_"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_quota-engine"))
+            .arg("serve")
+            .env("DATABASE_URL", &ctx.db_url)
+            .env("KAFKA_BROKERS", &ctx.brokers)
+            .env("KAFKA_GROUP_ID", &ctx.group)
+            .env("HTTP_ADDR", &addr)
+            .env("QUOTA_TOPIC_USAGE", &ctx.topics.usage)
+            .env("QUOTA_TOPIC_ERRORS", &ctx.topics.errors)
+            .env("QUOTA_TOPIC_CONTROL", &ctx.topics.control)
+            .env("QUOTA_TOPIC_DLQ", &ctx.topics.dlq)
+            .env("QUOTA_TOPIC_PARTITIONS", "3")
+            .env("QUOTA_BATCH_MAX", "50")
+            .env("QUOTA_BATCH_LINGER_MS", "10")
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start quota-engine serve");
+        Service { child, addr, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Wait for /readyz.
+    pub async fn ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(self.url("/readyz")).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("serve exited with {status}; log: {}", self.log);
+            }
+            assert!(Instant::now() < deadline, "serve not ready in 60 s; log: {}", self.log);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(self.url(path)).await.expect("HTTP");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON body"))
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "serve did not stop on SIGTERM; log: {}", self.log);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
