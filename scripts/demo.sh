@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The service end to end on local defaults: the stack (Postgres + tansu),
+# `quota-engine serve`, a simulated gateway producing control and usage
+# events, and a summary of balances checked against what the simulator
+# computed. Then the service keeps running until Ctrl-C (DEMO_WAIT=0 to
+# stop right after the summary); everything started here is stopped.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+cargo build --release --locked --bin quota-engine
+bin=$repo/target/release/quota-engine
+
+demo() {
+  local addr=${HTTP_ADDR:-127.0.0.1:8080}
+  "$bin" serve --http-addr "$addr" >"$repo/.stack/serve.log" 2>&1 &
+  local pid=$!
+  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null && break
+    kill -0 $pid 2>/dev/null || { cat "$repo/.stack/serve.log"; exit 1; }
+    sleep 0.2
+  done
+  echo "quota-engine serve is up on http://$addr (log: .stack/serve.log)"
+  "$bin" simulate --users "${DEMO_USERS:-12}" --events "${DEMO_EVENTS:-5000}" --check "$addr"
+  echo
+  "$bin" status
+  echo
+  echo "Try: curl -s http://$addr/v1/balances/user/<id from the table>"
+  echo "     curl -s http://$addr/metrics"
+  if [ "${DEMO_WAIT:-1}" = 1 ]; then
+    echo "The service keeps running; Ctrl-C stops it and the stack."
+    wait $pid
+  fi
+}
+
+mkdir -p "$repo/.stack"
+export -f demo
+export bin repo
+exec bash scripts/stack.sh run -- bash -c demo
