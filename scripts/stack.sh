@@ -176,8 +176,16 @@ case "${1:-}" in
   down)
     down
     ;;
+  stop)
+    # stop postgres|broker: for fault tests on a private stack.
+    case "${2:-}" in
+      postgres) stop_postgres ;;
+      broker) stop_broker ;;
+      *) die "usage: stack.sh stop postgres|broker" ;;
+    esac
+    ;;
   *)
-    echo "usage: $0 run -- CMD ARGS | up | down" >&2
+    echo "usage: $0 run -- CMD ARGS | up | down | stop postgres|broker" >&2
     exit 2
     ;;
 esac

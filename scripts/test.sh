@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite: brings up Postgres and the broker when they are not
-# running (scripts/stack.sh), runs every test, and stops what it started.
+# running (scripts/stack.sh), runs every test, stops what it started, and
+# closes with one line: "N passed, N failed".
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 # Build first, outside the stack, so a slow compile holds no servers.
 cargo build --workspace --tests --locked
-exec bash scripts/stack.sh run -- cargo test --workspace --locked "$@"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+status=0
+bash scripts/stack.sh run -- cargo test --workspace --locked "$@" 2>&1 | tee "$out" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
+     END { printf "%d passed, %d failed\n", p, f }' "$out"
+exit "$status"

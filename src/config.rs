@@ -30,6 +30,10 @@ pub struct Config {
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, env = "QUOTA_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
+    /// Seconds a partition owned by another member may make no progress
+    /// before this process re-joins the group to get it reassigned.
+    #[arg(long, env = "QUOTA_STALL_SECS", default_value_t = 45)]
+    pub stall_secs: u64,
 }
 
 #[derive(clap::Args, Clone, Debug)]

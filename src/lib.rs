@@ -18,6 +18,7 @@
 //! `event`, `ledger` and `codes` never do IO; `store` is the only module
 //! with SQL.
 
+pub mod admission;
 pub mod api;
 pub mod codes;
 pub mod config;

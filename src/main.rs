@@ -25,6 +25,18 @@ enum Command {
     CreateTopics(Config),
     /// Per topic and partition: consumed = applied + duplicates + rejected + waiting.
     Status(Config),
+    /// Re-drive rejected quarantined events once their cause is fixed
+    /// (waiting ones are retried automatically).
+    Redrive {
+        #[command(flatten)]
+        config: Config,
+        /// Only rows rejected for this reason (e.g. schema, unknown_usage).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only this quarantine row.
+        #[arg(long)]
+        id: Option<i64>,
+    },
     /// Produce simulated gateway traffic (control events first, then usage).
     Simulate {
         #[command(flatten)]
@@ -90,6 +102,17 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 eprintln!("counts do not add up");
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Redrive { config, reason, id } => {
+            let pool = store::connect(&config.database_url, 2).await?;
+            let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new().set("bootstrap.servers", &config.kafka_brokers).create()?;
+            let sink = store::apply::LedgerSink {
+                pool,
+                dead_letters: Some(store::apply::DeadLetters { producer, topic: config.topics.dlq.clone() }),
+                clock: store::apply::system_clock(),
+            };
+            let n = sink.redrive(reason.as_deref(), id).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            println!("re-drove {n} quarantined events; `quota-engine status` shows where they went");
         }
         Command::Simulate { config, sim: args } => {
             quota_consumers::ensure_topics(&config.kafka_brokers, &config.topics.all().into_iter().map(|t| (t, config.topic_partitions)).collect::<Vec<_>>())

@@ -284,7 +284,8 @@ pub struct Counts {
 pub enum Resolution {
     Applied,
     Rejected(Reason, String),
-    StillWaiting,
+    /// Still waiting, perhaps now on another cause.
+    StillWaiting { reason: Reason, detail: String, waiting_on: String },
 }
 
 #[derive(Debug, Default)]
@@ -324,8 +325,10 @@ pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -
         let outcome = match &input.decoded {
             Err(rej) => Outcome::Reject(rej.reason, rej.detail.clone()),
             Ok(ev) => {
-                let dup = if input.retry_of.is_some() { None } else { state.applied.get(&ev.event_id).or(state.waiting.get(&ev.event_id)) }
-                    .or(seen_in_batch.get(&ev.event_id));
+                // A retried row is itself the waiting copy of its id; any
+                // applied copy still makes it a duplicate or a conflict.
+                let waiting = if input.retry_of.is_some() { None } else { state.waiting.get(&ev.event_id) };
+                let dup = state.applied.get(&ev.event_id).or(waiting).or(seen_in_batch.get(&ev.event_id));
                 match dup {
                     Some(h) if *h == ev.content_hash => Outcome::Duplicate,
                     Some(_) => Outcome::Reject(Reason::Conflict, format!("event id `{}` was used before with other content", ev.event_id)),
@@ -353,7 +356,7 @@ pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -
                     c.rejected += 1;
                     fx.resolved.push((qid, Resolution::Rejected(reason, detail)));
                 }
-                Outcome::Wait(..) => fx.resolved.push((qid, Resolution::StillWaiting)),
+                Outcome::Wait(reason, detail, waiting_on) => fx.resolved.push((qid, Resolution::StillWaiting { reason, detail, waiting_on })),
             }
             if let Ok(ev) = &input.decoded {
                 seen_in_batch.insert(ev.event_id.clone(), ev.content_hash);

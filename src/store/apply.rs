@@ -176,6 +176,39 @@ impl LedgerSink {
         Ok(n)
     }
 
+    /// Re-drive rejected quarantine rows (all, or those with `reason`, or
+    /// one row): they become waiting again and are retried at once, by this
+    /// call and by any running sweeper. Returns how many rows moved.
+    pub async fn redrive(&self, reason: Option<&str>, id: Option<i64>) -> Result<u64, ApplyError> {
+        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let now = self.now();
+        let filter = "status = 'rejected' AND ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR quarantine_id = $2)";
+        let parts: BTreeSet<(String, i32)> = tx
+            .query(&format!("SELECT DISTINCT topic, partition FROM quarantine WHERE {filter}"), &[&reason, &id])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if parts.is_empty() {
+            return Ok(0);
+        }
+        lock_partitions(&tx, &parts).await?;
+        let moved = tx
+            .query(&format!("UPDATE quarantine SET status = 'waiting', retry_after = $3, attempts = 0 WHERE {filter} RETURNING topic, partition"), &[&reason, &id, &now])
+            .await?;
+        let mut per: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for r in &moved {
+            *per.entry((r.get(0), r.get(1))).or_default() += 1;
+        }
+        for ((topic, partition), n) in per {
+            tx.execute("UPDATE consumer_partitions SET rejected = rejected - $3, waiting = waiting + $3 WHERE topic = $1 AND partition = $2", &[&topic, &partition, &n]).await?;
+        }
+        tx.commit().await?;
+        while self.retry_waiting(500).await? > 0 {}
+        Ok(moved.len() as u64)
+    }
+
     /// Dead letters are produced, and acknowledged by the broker, before the
     /// transaction commits: a crash in between repeats a dead letter, never
     /// loses one. The quarantine table is the exact record.
@@ -513,11 +546,13 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
             Resolution::Rejected(reason, detail) => {
                 tx.execute("UPDATE quarantine SET status = 'rejected', reason = $2, detail = $3, resolved_at = $4 WHERE quarantine_id = $1", &[qid, &reason.as_str(), detail, &now]).await?;
             }
-            Resolution::StillWaiting => {
+            Resolution::StillWaiting { reason, detail, waiting_on } => {
                 // Back off: 1 s doubling to a minute, unless its cause arrives.
                 tx.execute(
-                    "UPDATE quarantine SET attempts = attempts + 1, retry_after = $2::timestamptz + make_interval(secs => least(60, power(2, least(attempts, 6)))) WHERE quarantine_id = $1",
-                    &[qid, &now],
+                    "UPDATE quarantine SET attempts = attempts + 1, reason = $3, detail = $4, waiting_on = $5,
+                            retry_after = $2::timestamptz + make_interval(secs => least(60, power(2, least(attempts, 6))))
+                     WHERE quarantine_id = $1",
+                    &[qid, &now, &reason.as_str(), detail, waiting_on],
                 )
                 .await?;
             }

@@ -3,5 +3,8 @@
 //! them); each test makes its own database, topics and consumer group.
 
 mod common;
+mod deadletter;
+mod faults;
 mod ingest;
 mod schemas;
+mod world;

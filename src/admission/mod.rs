@@ -1,0 +1,278 @@
+//! Admission: the gateway's question, answered from an in-memory view of
+//! the registry and the ledgers, in the check order of
+//! docs/error-codes.md. Pure: no IO, no clock (`now` is passed in); the view
+//! is kept current by `store::view`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use crate::codes::ErrorCode;
+use crate::event::{Entity, GroupMembership, IpRule, QuotaSettings, Status};
+use crate::ledger::pricing;
+
+/// One entity's versions, oldest first, and its ledger.
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    /// (effective_from, applied seq, state)
+    pub versions: Vec<(DateTime<Utc>, i64, Entity)>,
+    pub ledger: Ledger,
+}
+
+/// What admission needs of a ledger: open credit and debt.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Ledger {
+    /// (effective_at, expires_at, remaining) of blocks with credit left.
+    pub blocks: Vec<(DateTime<Utc>, Option<DateTime<Utc>>, Decimal)>,
+    pub debt: Decimal,
+}
+
+impl Ledger {
+    /// Credit in blocks open at `now` minus debt: the contract's `available`.
+    pub fn available(&self, now: DateTime<Utc>) -> Decimal {
+        let open: Decimal = self.blocks.iter().filter(|(from, until, _)| *from <= now && until.is_none_or(|u| now < u)).map(|(_, _, r)| *r).sum();
+        open - self.debt
+    }
+}
+
+impl Record {
+    /// The version in force at `now`.
+    pub fn at(&self, now: DateTime<Utc>) -> Option<&Entity> {
+        let n = self.versions.partition_point(|(from, _, _)| *from <= now);
+        n.checked_sub(1).map(|i| &self.versions[i].2)
+    }
+    pub fn insert(&mut self, from: DateTime<Utc>, seq: i64, e: Entity) {
+        let at = self.versions.partition_point(|(f, s, _)| (*f, *s) <= (from, seq));
+        self.versions.insert(at, (from, seq, e));
+    }
+}
+
+/// The materialized view admission decides from.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub service: Record,
+    pub keys: HashMap<String, Record>,
+    pub apps: HashMap<String, Record>,
+    pub users: HashMap<String, Record>,
+    pub groups: HashMap<String, Record>,
+    pub resellers: HashMap<String, Record>,
+    pub models: HashMap<String, Record>,
+    /// hex SHA-256 of a secret -> key id (every hash any version named).
+    pub key_hashes: HashMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub api_key: Option<String>,
+    pub client_ip: IpAddr,
+    pub model: String,
+    pub path: String,
+    pub estimated_cost: Option<Decimal>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Allowed {
+    pub key_id: String,
+    pub app_id: String,
+    pub user_id: String,
+    pub reseller_id: Option<String>,
+    pub group_id: String,
+    /// Available credit per scope; None where unlimited or absent.
+    pub key: Option<Decimal>,
+    pub app: Option<Decimal>,
+    pub user: Option<Decimal>,
+    pub group: Option<Decimal>,
+    pub reseller: Option<Decimal>,
+}
+
+pub fn key_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn ip_rejected(allow: &[IpRule], deny: &[IpRule], ip: IpAddr) -> bool {
+    deny.iter().any(|r| r.contains(ip)) || (!allow.is_empty() && !allow.iter().any(|r| r.contains(ip)))
+}
+
+fn expired(q: &QuotaSettings, now: DateTime<Utc>) -> bool {
+    q.quota_expires_at.is_some_and(|t| t <= now)
+}
+
+fn allows(models: &[String], model: &str) -> bool {
+    models.is_empty() || models.iter().any(|m| m == model)
+}
+
+/// A live (registered, not deleted) entity's state at `now`.
+fn live<'a>(map: &'a HashMap<String, Record>, id: &str, now: DateTime<Utc>) -> Option<(&'a Entity, &'a Record)> {
+    let r = map.get(id)?;
+    let e = r.at(now)?;
+    match e.quota() {
+        Some(q) if q.status == Status::Deleted => None,
+        _ => match e {
+            Entity::Model { status: Status::Deleted, .. } => None,
+            _ => Some((e, r)),
+        },
+    }
+}
+
+/// Decide. `key_hash` is the hex SHA-256 of the request's key (computed by
+/// the caller, once). Returns the first failing check's code.
+pub fn decide(view: &View, req: &Request, key_hash: Option<&str>, now: DateTime<Utc>) -> Result<Allowed, ErrorCode> {
+    use ErrorCode::*;
+    // 1. The pause switch.
+    if let Some(Entity::Service { paused: true, ip_whitelist }) = view.service.at(now) {
+        if !ip_whitelist.iter().any(|r| r.contains(req.client_ip)) {
+            return Err(ServiceUnavailable);
+        }
+    }
+    // 2. An API path.
+    if !req.path.starts_with("/v1/") {
+        return Err(UnknownUrl);
+    }
+    // 3. A key.
+    let Some(hash) = key_hash.filter(|_| req.api_key.as_deref().is_some_and(|k| !k.is_empty())) else {
+        return Err(InvalidRequestError);
+    };
+    // 4. The key.
+    let key_id = view.key_hashes.get(hash).ok_or(InvalidApiKey)?;
+    let (key, key_rec) = live(&view.keys, key_id, now).ok_or(InvalidApiKey)?;
+    let Entity::Key { app_id, key_hash: current_hash, quota: kq, models: key_models, group_id: key_group, ip_allow, ip_deny } = key else { return Err(InvalidApiKey) };
+    if current_hash != hash {
+        return Err(InvalidApiKey);
+    }
+    if kq.status == Status::Disabled {
+        return Err(ApiKeyDisabled);
+    }
+    if ip_rejected(ip_allow, ip_deny, req.client_ip) {
+        return Err(Forbidden);
+    }
+    let key_avail = kq.quota_limited.then(|| key_rec.ledger.available(now));
+    if kq.quota_limited {
+        if expired(kq, now) {
+            return Err(KeyQuotaExpired);
+        }
+        if key_avail.is_some_and(|a| a <= Decimal::ZERO) {
+            return Err(InsufficientQuota);
+        }
+    }
+    // 5. The key's app, to find the user.
+    let (app, app_rec) = live(&view.apps, app_id, now).ok_or(InvalidApp)?;
+    let Entity::App { user_id, quota: aq, models: app_models, group_id: app_group, ip_allow: app_allow, ip_deny: app_deny } = app else { return Err(InvalidApp) };
+    // 6. The user (always limited).
+    let (user, user_rec) = live(&view.users, user_id, now).ok_or(InvalidUser)?;
+    let Entity::User { reseller_id, quota: uq, groups } = user else { return Err(InvalidUser) };
+    if uq.status == Status::Disabled {
+        return Err(UserDisabled);
+    }
+    if expired(uq, now) {
+        return Err(AccountQuotaExpired);
+    }
+    let user_avail = user_rec.ledger.available(now);
+    if user_avail <= Decimal::ZERO {
+        return Err(InsufficientQuota);
+    }
+    // 7. The reseller, if the user names one.
+    let mut reseller_avail = None;
+    if let Some(rid) = reseller_id {
+        let (reseller, rec) = live(&view.resellers, rid, now).ok_or(InvalidReseller)?;
+        let rq = reseller.quota().ok_or(InvalidReseller)?;
+        if rq.status == Status::Disabled {
+            return Err(ResellerDisabled);
+        }
+        if rq.quota_limited {
+            if expired(rq, now) {
+                return Err(ResellerQuotaExpired);
+            }
+            let a = rec.ledger.available(now);
+            if a <= Decimal::ZERO {
+                return Err(ResellerInsufficientQuota);
+            }
+            reseller_avail = Some(a);
+        }
+    }
+    // 8. The app.
+    if aq.status == Status::Disabled {
+        return Err(AppDisabled);
+    }
+    if ip_rejected(app_allow, app_deny, req.client_ip) {
+        return Err(Forbidden);
+    }
+    let app_avail = aq.quota_limited.then(|| app_rec.ledger.available(now));
+    if aq.quota_limited {
+        if expired(aq, now) {
+            return Err(AppQuotaExpired);
+        }
+        if app_avail.is_some_and(|a| a <= Decimal::ZERO) {
+            return Err(InsufficientQuota);
+        }
+    }
+    // 9. The group.
+    let member = |g: &GroupMembership| live(&view.groups, &g.group_id, now).is_some();
+    let group_id: &str = match key_group.as_ref().or(app_group.as_ref()) {
+        Some(bound) => {
+            if !groups.iter().any(|g| &g.group_id == bound && member(g)) {
+                return Err(GroupNotFound);
+            }
+            bound
+        }
+        None => {
+            let mut candidates: Vec<&GroupMembership> = groups.iter().filter(|g| member(g)).collect();
+            if candidates.is_empty() {
+                return Err(GroupNotFound);
+            }
+            candidates.sort_by(|a, b| b.default.cmp(&a.default).then(b.weight.cmp(&a.weight)).then(a.group_id.cmp(&b.group_id)));
+            let chosen = candidates.into_iter().find(|g| match live(&view.groups, &g.group_id, now) {
+                Some((Entity::Group { models, .. }, _)) => allows(models, &req.model),
+                _ => false,
+            });
+            &chosen.ok_or(ModelNotFound)?.group_id
+        }
+    };
+    let (group, group_rec) = live(&view.groups, group_id, now).ok_or(GroupNotFound)?;
+    let Entity::Group { quota: gq, models: group_models, .. } = group else { return Err(GroupNotFound) };
+    if gq.status == Status::Disabled {
+        return Err(GroupDisabled);
+    }
+    if expired(gq, now) {
+        return Err(GroupExpired);
+    }
+    let group_avail = gq.quota_limited.then(|| group_rec.ledger.available(now));
+    if group_avail.is_some_and(|a| a <= Decimal::ZERO) {
+        return Err(GroupInsufficientQuota);
+    }
+    // 10. The model.
+    let (model, _) = live(&view.models, &req.model, now).ok_or(ModelNotFound)?;
+    if !allows(group_models, &req.model) || !allows(app_models, &req.model) || !allows(key_models, &req.model) {
+        return Err(ModelNotFound);
+    }
+    let Entity::Model { status, prices } = model else { return Err(ModelNotFound) };
+    if *status == Status::Disabled {
+        return Err(ModelDisabled);
+    }
+    // 11. A price for the path.
+    if pricing::entry_for(prices, &req.path).is_none() {
+        return Err(PathNotFound);
+    }
+    // 12. The estimated cost against every limited scope.
+    if let Some(cost) = req.estimated_cost {
+        for (avail, code) in [(key_avail, InsufficientQuota), (Some(user_avail), InsufficientQuota), (reseller_avail, ResellerInsufficientQuota), (app_avail, InsufficientQuota), (group_avail, GroupInsufficientQuota)] {
+            if avail.is_some_and(|a| a < cost) {
+                return Err(code);
+            }
+        }
+    }
+    Ok(Allowed {
+        key_id: key_id.clone(),
+        app_id: app_id.clone(),
+        user_id: user_id.clone(),
+        reseller_id: reseller_id.clone(),
+        group_id: group_id.to_string(),
+        key: key_avail,
+        app: app_avail,
+        user: Some(user_avail),
+        group: group_avail,
+        reseller: reseller_avail,
+    })
+}
