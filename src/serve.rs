@@ -56,9 +56,15 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     };
     let sweeper = tokio::spawn(apply::run_quarantine_sweeper(sink.clone(), shutdown.clone()));
 
+    // The admission view: whole from Postgres, then kept current by
+    // notifications from every process's commits.
+    let view: crate::store::view::SharedView = Default::default();
+    let view_synced_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let listener_task = tokio::spawn(crate::store::view::run_listener(cfg.database_url.clone(), pool.clone(), view.clone(), view_synced_ms.clone(), shutdown.clone()));
+
     let listener = tokio::net::TcpListener::bind(&cfg.http_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
-    let router = api::app(AppState { pool, clock, consuming });
+    let router = api::app(AppState { pool, clock, consuming, view, view_synced_ms, admission: Default::default() });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();
     axum::serve(listener, router)
@@ -71,6 +77,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         .await?;
     let consumer_result = consumer.await?;
     sweeper.abort();
+    listener_task.abort();
     match consumer_result {
         Ok(()) => {
             tracing::info!("stopped cleanly");

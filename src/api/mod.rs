@@ -1,13 +1,15 @@
 //! The HTTP API: an axum router (`app`) and thin handlers. Errors use the
 //! gateway error body; internal details are logged, never sent.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+mod admission;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use serde::Deserialize;
@@ -17,6 +19,9 @@ use crate::codes::ErrorCode;
 use crate::event::{AccountKind, AccountRef};
 use crate::store::apply::Clock;
 use crate::store::read;
+use crate::store::view::SharedView;
+
+pub use admission::AdmissionCounters;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -24,6 +29,11 @@ pub struct AppState {
     pub clock: Clock,
     /// False once the consumer has stopped (fatal error or shutdown).
     pub consuming: Arc<AtomicBool>,
+    /// The in-memory view admission decides from.
+    pub view: SharedView,
+    /// Unix ms at which the view was last known current.
+    pub view_synced_ms: Arc<AtomicI64>,
+    pub admission: Arc<AdmissionCounters>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -31,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/admission", post(admission::admission))
         .route("/v1/balances/{kind}/{id}", get(balance))
         .fallback(|| async { ApiError::documented(ErrorCode::UnknownUrl) })
         .with_state(state)
@@ -44,6 +55,8 @@ pub struct ApiError {
     pub message: String,
     pub error_type: &'static str,
     pub param: Option<String>,
+    /// What exactly was wrong, where the documented message says less.
+    pub detail: Option<String>,
 }
 
 impl ApiError {
@@ -54,27 +67,37 @@ impl ApiError {
             message: c.message().into(),
             error_type: c.error_type(),
             param: None,
+            detail: None,
         }
     }
-    /// `invalid_parameter` naming the field at fault and why.
+    /// `invalid_parameter` naming the field at fault (`param`) and why
+    /// (`detail`); the message stays the documented one.
     pub fn invalid(param: &str, why: impl std::fmt::Display) -> Self {
         let mut e = Self::documented(ErrorCode::InvalidParameter);
-        e.message = format!("Invalid Parameter. {param}: {why}");
         e.param = Some(param.into());
+        e.detail = Some(format!("{param}: {why}"));
         e
+    }
+    /// Append the trace id to the message, as the gateway relays it.
+    pub fn with_trace(mut self, trace_id: &str) -> Self {
+        self.message = format!("{} TraceId: {trace_id}", self.message);
+        self
     }
     pub fn internal(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "internal error");
         Self::documented(ErrorCode::InternalError)
     }
     pub fn not_found(code: &str, message: String) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, code: code.into(), message, error_type: "fastapi_request_error", param: None }
+        ApiError { status: StatusCode::NOT_FOUND, code: code.into(), message, error_type: "fastapi_request_error", param: None, detail: None }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "type": self.error_type, "param": self.param}});
+        let mut body = json!({"error": {"code": self.code, "message": self.message, "type": self.error_type, "param": self.param}});
+        if let Some(d) = self.detail {
+            body["error"]["detail"] = json!(d);
+        }
         (self.status, Json(body)).into_response()
     }
 }
@@ -85,9 +108,12 @@ async fn readyz(State(st): State<AppState>) -> Response {
         Err(_) => false,
     };
     let consuming = st.consuming.load(Ordering::SeqCst);
-    let ready = db && consuming;
+    let synced = st.view_synced_ms.load(Ordering::SeqCst);
+    let view_loaded = synced > 0;
+    let ready = db && consuming && view_loaded;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"ready": ready, "database": db, "consumer": consuming}))).into_response()
+    let staleness_ms = view_loaded.then(|| (chrono::Utc::now().timestamp_millis() - synced).max(0));
+    (status, Json(json!({"ready": ready, "database": db, "consumer": consuming, "admission_view_loaded": view_loaded, "admission_view_synced_ms_ago": staleness_ms}))).into_response()
 }
 
 #[derive(Deserialize)]
@@ -133,5 +159,6 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
             out.push_str(&format!("quota_events_{name}_total{{topic=\"{}\",partition=\"{}\"}} {v}\n", c.topic, c.partition));
         }
     }
+    st.admission.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }

@@ -561,6 +561,15 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
     if !fx.provided.is_empty() {
         tx.execute("UPDATE quarantine SET retry_after = $2 WHERE status = 'waiting' AND waiting_on = ANY($1)", &[&fx.provided, &now]).await?;
     }
+    // Tell every serve process's admission view what moved; delivered on
+    // commit.
+    let changes = super::view::Changes {
+        a: st.accounts.values().filter(|a| a.dirty).map(|a| (a.account.kind.as_str().to_string(), a.account.id.clone())).collect(),
+        e: fx.versions.iter().map(|v| (v.kind.as_str().to_string(), v.id.clone())).collect(),
+    };
+    for payload in changes.payloads() {
+        tx.execute("SELECT pg_notify($1, $2)", &[&super::view::CHANNEL, &payload]).await?;
+    }
     for ((topic, partition), c) in &fx.counts {
         tx.execute(
             "UPDATE consumer_partitions SET consumed = consumed + $3, applied = applied + $4, duplicates = duplicates + $5, rejected = rejected + $6, waiting = waiting + $7, updated_at = $8 WHERE topic = $1 AND partition = $2",

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod read;
+pub mod view;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;

@@ -1,0 +1,241 @@
+//! The admission view, kept in memory in every `serve` process: loaded
+//! whole from Postgres at start, then refreshed from `NOTIFY quota_changes`
+//! (sent by whichever process commits a batch) for just the accounts and
+//! entities that changed. A lost listener connection means notifications
+//! may have been missed: the view is reloaded whole on reconnect.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::admission::{Ledger, Record, View};
+use crate::event::{self, AccountKind, Entity, EntityKind, EventBody};
+
+pub const CHANNEL: &str = "quota_changes";
+
+pub type SharedView = Arc<RwLock<View>>;
+
+/// What one committed batch changed.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Changes {
+    /// Accounts whose ledger moved: (kind, id).
+    #[serde(default)]
+    pub a: Vec<(String, String)>,
+    /// Registry entities with a new version: (kind, id).
+    #[serde(default)]
+    pub e: Vec<(String, String)>,
+}
+
+impl Changes {
+    /// Payloads for `pg_notify`, each under Postgres' 8000-byte limit.
+    pub fn payloads(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = Changes::default();
+        let mut size = 0;
+        let items = self.a.iter().map(|x| (true, x)).chain(self.e.iter().map(|x| (false, x)));
+        for (is_account, (k, i)) in items {
+            let item = k.len() + i.len() + 8;
+            if size + item > 7000 {
+                out.push(serde_json::to_string(&cur).unwrap_or_default());
+                cur = Changes::default();
+                size = 0;
+            }
+            size += item;
+            if is_account {
+                cur.a.push((k.clone(), i.clone()));
+            } else {
+                cur.e.push((k.clone(), i.clone()));
+            }
+        }
+        if !cur.a.is_empty() || !cur.e.is_empty() {
+            out.push(serde_json::to_string(&cur).unwrap_or_default());
+        }
+        out
+    }
+}
+
+fn record_mut<'a>(view: &'a mut View, kind: EntityKind, id: &str) -> &'a mut Record {
+    let map = match kind {
+        EntityKind::Account(AccountKind::Key) => &mut view.keys,
+        EntityKind::Account(AccountKind::App) => &mut view.apps,
+        EntityKind::Account(AccountKind::User) => &mut view.users,
+        EntityKind::Account(AccountKind::Group) => &mut view.groups,
+        EntityKind::Account(AccountKind::Reseller) => &mut view.resellers,
+        EntityKind::Model => &mut view.models,
+        EntityKind::Service => return &mut view.service,
+    };
+    map.entry(id.to_string()).or_default()
+}
+
+type VersionRow = (EntityKind, String, DateTime<Utc>, i64, Entity);
+type LedgerRows = HashMap<(AccountKind, String), Ledger>;
+
+async fn versions(pool: &Pool, only: Option<&BTreeSet<(String, String)>>) -> anyhow::Result<Vec<VersionRow>> {
+    let client = pool.get().await?;
+    let rows = match only {
+        None => client.query("SELECT kind, id, effective_from, version_seq, payload::text FROM registry_versions ORDER BY version_seq", &[]).await?,
+        Some(set) => {
+            let kinds: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+            let ids: Vec<&str> = set.iter().map(|(_, i)| i.as_str()).collect();
+            client
+                .query(
+                    "SELECT r.kind, r.id, r.effective_from, r.version_seq, r.payload::text FROM registry_versions r JOIN unnest($1::text[], $2::text[]) u(k, i) ON r.kind = u.k AND r.id = u.i ORDER BY r.version_seq",
+                    &[&kinds, &ids],
+                )
+                .await?
+        }
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let Some(kind) = EntityKind::parse(r.get(0)) else { continue };
+        let payload: String = r.get(4);
+        match event::decode(Some(payload.as_bytes())) {
+            Ok(ev) => {
+                if let EventBody::Upsert(up) = ev.body {
+                    out.push((kind, r.get(1), r.get(2), r.get(3), up.entity));
+                }
+            }
+            Err(e) => tracing::error!(detail = %e.detail, "stored registry version does not decode"),
+        }
+    }
+    Ok(out)
+}
+
+async fn ledgers(pool: &Pool, only: Option<&BTreeSet<(String, String)>>) -> anyhow::Result<LedgerRows> {
+    let client = pool.get().await?;
+    let (kinds, ids): (Vec<&str>, Vec<&str>) = only.map(|s| s.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip()).unwrap_or_default();
+    // Either every account, or those named.
+    let join = if only.is_some() { "JOIN unnest($1::text[], $2::text[]) u(k, i) ON x.kind = u.k AND x.id = u.i" } else { "CROSS JOIN (SELECT $1::text[], $2::text[]) AS unused" };
+    let mut out: LedgerRows = HashMap::new();
+    let accounts = client.query(&format!("SELECT x.kind, x.id, x.debt FROM accounts x {join}"), &[&kinds, &ids]).await?;
+    for r in accounts {
+        let Some(kind) = AccountKind::parse(r.get(0)) else { continue };
+        out.insert((kind, r.get(1)), Ledger { blocks: Vec::new(), debt: r.get(2) });
+    }
+    let blocks = client
+        .query(&format!("SELECT x.kind, x.id, x.effective_at, x.expires_at, x.remaining FROM credit_blocks x {join} WHERE x.remaining > 0 AND NOT x.voided"), &[&kinds, &ids])
+        .await?;
+    for r in blocks {
+        let Some(kind) = AccountKind::parse(r.get(0)) else { continue };
+        let remaining: Decimal = r.get(4);
+        out.entry((kind, r.get(1))).or_default().blocks.push((r.get(2), r.get(3), remaining));
+    }
+    Ok(out)
+}
+
+fn apply_versions(view: &mut View, rows: Vec<VersionRow>, replace: bool) {
+    if replace {
+        let touched: BTreeSet<(EntityKind, String)> = rows.iter().map(|(k, i, ..)| (*k, i.clone())).collect();
+        for (k, i) in &touched {
+            record_mut(view, *k, i).versions.clear();
+        }
+    }
+    for (kind, id, from, seq, entity) in rows {
+        if let Entity::Key { key_hash, .. } = &entity {
+            view.key_hashes.insert(key_hash.clone(), id.clone());
+        }
+        record_mut(view, kind, &id).insert(from, seq, entity);
+    }
+}
+
+fn apply_ledgers(view: &mut View, rows: LedgerRows) {
+    for ((kind, id), ledger) in rows {
+        record_mut(view, EntityKind::Account(kind), &id).ledger = ledger;
+    }
+}
+
+/// The whole view, from Postgres.
+pub async fn load(pool: &Pool) -> anyhow::Result<View> {
+    let mut view = View::default();
+    apply_versions(&mut view, versions(pool, None).await?, false);
+    apply_ledgers(&mut view, ledgers(pool, None).await?);
+    Ok(view)
+}
+
+/// Re-read what `changes` names and put it in the view.
+pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyhow::Result<()> {
+    let entities: BTreeSet<(String, String)> = changes.e.iter().cloned().collect();
+    let accounts: BTreeSet<(String, String)> = changes.a.iter().cloned().collect();
+    let v = if entities.is_empty() { Vec::new() } else { versions(pool, Some(&entities)).await? };
+    let l = if accounts.is_empty() { HashMap::new() } else { ledgers(pool, Some(&accounts)).await? };
+    let mut guard = view.write().map_err(|_| anyhow::anyhow!("admission view lock poisoned"))?;
+    apply_versions(&mut guard, v, true);
+    apply_ledgers(&mut guard, l);
+    Ok(())
+}
+
+/// Listen for changes until `shutdown`; `synced_ms` holds the Unix time
+/// (ms) at which the view was last known current.
+pub async fn run_listener(database_url: String, pool: Pool, view: SharedView, synced_ms: Arc<AtomicI64>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match listen_once(&database_url, &pool, &view, &synced_ms, &mut shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "admission view listener lost; reconnecting");
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn listen_once(database_url: &str, pool: &Pool, view: &SharedView, synced_ms: &AtomicI64, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (client, mut conn) = tokio_postgres::connect(database_url, NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        loop {
+            match futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "listener connection error");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    // Anything committed before LISTEN took effect is in this reload.
+    let fresh = load(pool).await?;
+    *view.write().map_err(|_| anyhow::anyhow!("admission view lock poisoned"))? = fresh;
+    synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
+    let result = loop {
+        let first = tokio::select! {
+            _ = shutdown.changed() => break Ok(()),
+            m = rx.recv() => m,
+        };
+        let Some(first) = first else { break Err(anyhow::anyhow!("listener connection closed")) };
+        let mut changes = Changes::default();
+        for payload in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match serde_json::from_str::<Changes>(&payload) {
+                Ok(c) => {
+                    changes.a.extend(c.a);
+                    changes.e.extend(c.e);
+                }
+                Err(e) => tracing::error!(error = %e, "bad change notification"),
+            }
+        }
+        if let Err(e) = refresh(pool, view, &changes).await {
+            break Err(e);
+        }
+        synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
+    };
+    driver.abort();
+    drop(client);
+    result
+}
