@@ -64,6 +64,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
 
     let listener = tokio::net::TcpListener::bind(&cfg.http_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    // Small answers: do not let Nagle hold them back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+        let _ = s.set_nodelay(true);
+    });
     let router = api::app(AppState { pool, clock, consuming, view, view_synced_ms, admission: Default::default() });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();

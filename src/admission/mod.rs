@@ -3,7 +3,6 @@
 //! docs/error-codes.md. Pure: no IO, no clock (`now` is passed in); the view
 //! is kept current by `store::view`.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +12,10 @@ use sha2::{Digest, Sha256};
 use crate::codes::ErrorCode;
 use crate::event::{Entity, GroupMembership, IpRule, QuotaSettings, Status};
 use crate::ledger::pricing;
+
+/// Maps keyed by registry ids and key hashes: the ids are the operators'
+/// and the hashes are SHA-256 output, so a fast non-keyed hash is safe.
+pub type Map<V> = rustc_hash::FxHashMap<String, V>;
 
 /// One entity's versions, oldest first, and its ledger.
 #[derive(Clone, Debug, Default)]
@@ -54,14 +57,14 @@ impl Record {
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub service: Record,
-    pub keys: HashMap<String, Record>,
-    pub apps: HashMap<String, Record>,
-    pub users: HashMap<String, Record>,
-    pub groups: HashMap<String, Record>,
-    pub resellers: HashMap<String, Record>,
-    pub models: HashMap<String, Record>,
+    pub keys: Map<Record>,
+    pub apps: Map<Record>,
+    pub users: Map<Record>,
+    pub groups: Map<Record>,
+    pub resellers: Map<Record>,
+    pub models: Map<Record>,
     /// hex SHA-256 of a secret -> key id (every hash any version named).
-    pub key_hashes: HashMap<String, String>,
+    pub key_hashes: Map<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -73,13 +76,14 @@ pub struct Request {
     pub estimated_cost: Option<Decimal>,
 }
 
+/// An allowed request; ids borrow from the view.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Allowed {
-    pub key_id: String,
-    pub app_id: String,
-    pub user_id: String,
-    pub reseller_id: Option<String>,
-    pub group_id: String,
+pub struct Allowed<'a> {
+    pub key_id: &'a str,
+    pub app_id: &'a str,
+    pub user_id: &'a str,
+    pub reseller_id: Option<&'a str>,
+    pub group_id: &'a str,
     /// Available credit per scope; None where unlimited or absent.
     pub key: Option<Decimal>,
     pub app: Option<Decimal>,
@@ -105,7 +109,7 @@ fn allows(models: &[String], model: &str) -> bool {
 }
 
 /// A live (registered, not deleted) entity's state at `now`.
-fn live<'a>(map: &'a HashMap<String, Record>, id: &str, now: DateTime<Utc>) -> Option<(&'a Entity, &'a Record)> {
+fn live<'a>(map: &'a Map<Record>, id: &str, now: DateTime<Utc>) -> Option<(&'a Entity, &'a Record)> {
     let r = map.get(id)?;
     let e = r.at(now)?;
     match e.quota() {
@@ -119,7 +123,7 @@ fn live<'a>(map: &'a HashMap<String, Record>, id: &str, now: DateTime<Utc>) -> O
 
 /// Decide. `key_hash` is the hex SHA-256 of the request's key (computed by
 /// the caller, once). Returns the first failing check's code.
-pub fn decide(view: &View, req: &Request, key_hash: Option<&str>, now: DateTime<Utc>) -> Result<Allowed, ErrorCode> {
+pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: DateTime<Utc>) -> Result<Allowed<'a>, ErrorCode> {
     use ErrorCode::*;
     // 1. The pause switch.
     if let Some(Entity::Service { paused: true, ip_whitelist }) = view.service.at(now) {
@@ -208,29 +212,42 @@ pub fn decide(view: &View, req: &Request, key_hash: Option<&str>, now: DateTime<
             return Err(InsufficientQuota);
         }
     }
-    // 9. The group.
-    let member = |g: &GroupMembership| live(&view.groups, &g.group_id, now).is_some();
-    let group_id: &str = match key_group.as_ref().or(app_group.as_ref()) {
+    // 9. The group: the key's, else the app's; unbound, the first of the
+    // user's live groups (default first, then weight, highest first, then
+    // id) whose model list allows the model, whatever its status.
+    let (group_id, group, group_rec) = match key_group.as_ref().or(app_group.as_ref()) {
         Some(bound) => {
-            if !groups.iter().any(|g| &g.group_id == bound && member(g)) {
+            if !groups.iter().any(|g| &g.group_id == bound) {
                 return Err(GroupNotFound);
             }
-            bound
+            let (g, rec) = live(&view.groups, bound, now).ok_or(GroupNotFound)?;
+            (bound.as_str(), g, rec)
         }
         None => {
-            let mut candidates: Vec<&GroupMembership> = groups.iter().filter(|g| member(g)).collect();
-            if candidates.is_empty() {
+            let mut any_live = false;
+            let mut best: Option<(&GroupMembership, &Entity, &Record)> = None;
+            for m in groups {
+                let Some((g, rec)) = live(&view.groups, &m.group_id, now) else { continue };
+                any_live = true;
+                let Entity::Group { models, .. } = g else { continue };
+                if !allows(models, &req.model) {
+                    continue;
+                }
+                let better = match best {
+                    None => true,
+                    Some((b, ..)) => (!m.default, -m.weight, &m.group_id) < (!b.default, -b.weight, &b.group_id),
+                };
+                if better {
+                    best = Some((m, g, rec));
+                }
+            }
+            if !any_live {
                 return Err(GroupNotFound);
             }
-            candidates.sort_by(|a, b| b.default.cmp(&a.default).then(b.weight.cmp(&a.weight)).then(a.group_id.cmp(&b.group_id)));
-            let chosen = candidates.into_iter().find(|g| match live(&view.groups, &g.group_id, now) {
-                Some((Entity::Group { models, .. }, _)) => allows(models, &req.model),
-                _ => false,
-            });
-            &chosen.ok_or(ModelNotFound)?.group_id
+            let (m, g, rec) = best.ok_or(ModelNotFound)?;
+            (m.group_id.as_str(), g, rec)
         }
     };
-    let (group, group_rec) = live(&view.groups, group_id, now).ok_or(GroupNotFound)?;
     let Entity::Group { quota: gq, models: group_models, .. } = group else { return Err(GroupNotFound) };
     if gq.status == Status::Disabled {
         return Err(GroupDisabled);
@@ -264,11 +281,11 @@ pub fn decide(view: &View, req: &Request, key_hash: Option<&str>, now: DateTime<
         }
     }
     Ok(Allowed {
-        key_id: key_id.clone(),
-        app_id: app_id.clone(),
-        user_id: user_id.clone(),
-        reseller_id: reseller_id.clone(),
-        group_id: group_id.to_string(),
+        key_id,
+        app_id,
+        user_id,
+        reseller_id: reseller_id.as_deref(),
+        group_id,
         key: key_avail,
         app: app_avail,
         user: Some(user_avail),

@@ -110,23 +110,27 @@ pub(super) async fn admission(State(st): State<AppState>, body: Bytes) -> Respon
     let trace_id = trace_id.unwrap_or_else(|| st.admission.new_trace_id());
     let hash = req.api_key.as_deref().filter(|k| !k.is_empty()).map(admission::key_hash);
     let now = (st.clock)();
-    let decision = match st.view.read() {
-        Ok(view) => admission::decide(&view, &req, hash.as_deref(), now),
+    // Decide and build the answer under the read lock (no await inside).
+    let decision: Result<Value, ErrorCode> = match st.view.read() {
+        Ok(view) => admission::decide(&view, &req, hash.as_deref(), now).map(|a| allowed_body(&a, &trace_id)),
         Err(_) => Err(ErrorCode::InternalError),
     };
     match decision {
-        Ok(Allowed { key_id, app_id, user_id, reseller_id, group_id, key, app, user, group, reseller }) => {
+        Ok(body) => {
             st.admission.allowed.fetch_add(1, Ordering::Relaxed);
-            Json(json!({
-                "allowed": true, "trace_id": trace_id, "key_id": key_id, "app_id": app_id, "user_id": user_id,
-                "reseller_id": reseller_id, "group_id": group_id,
-                "remaining": {"key": amount(key), "app": amount(app), "user": amount(user), "group": amount(group), "reseller": amount(reseller)}
-            }))
-            .into_response()
+            Json(body).into_response()
         }
         Err(code) => {
             st.admission.reject(code);
             ApiError::documented(code).with_trace(&trace_id).into_response()
         }
     }
+}
+
+fn allowed_body(a: &Allowed<'_>, trace_id: &str) -> Value {
+    json!({
+        "allowed": true, "trace_id": trace_id, "key_id": a.key_id, "app_id": a.app_id, "user_id": a.user_id,
+        "reseller_id": a.reseller_id, "group_id": a.group_id,
+        "remaining": {"key": amount(a.key), "app": amount(a.app), "user": amount(a.user), "group": amount(a.group), "reseller": amount(a.reseller)}
+    })
 }
