@@ -11,11 +11,13 @@
 //!       │   ├ ledger::pricing  usage → charge (pure)
 //!       │   └ ledger::registry effective-dated versions (pure)
 //!       └ write effects, dead-letter, move offsets, commit
+//!       └ NOTIFY quota_changes ─▶ store::view (every serve process's in-memory view)
+//! api (axum) ─ admission::decide over the view ─ POST /v1/admission
 //! api (axum) ─ store::read ─ balances, metrics
 //! codes ─ the documented error codes, one enum
 //! ```
 //!
-//! `event`, `ledger` and `codes` never do IO; `store` is the only module
+//! `event`, `ledger`, `admission` and `codes` never do IO; `store` is the only module
 //! with SQL.
 
 pub mod admission;
