@@ -293,3 +293,6 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
         reseller: reseller_avail,
     })
 }
+
+#[cfg(test)]
+mod tests;
