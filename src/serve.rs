@@ -54,7 +54,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
             r
         })
     };
-    let sweeper = tokio::spawn(apply::run_quarantine_sweeper(sink.clone(), shutdown.clone()));
+    let lateness = chrono::Duration::seconds(cfg.allowed_lateness_secs.min(i64::MAX as u64) as i64);
+    let sweeper = tokio::spawn(apply::run_quarantine_sweeper(sink.clone(), lateness, shutdown.clone()));
 
     // The admission view: whole from Postgres, then kept current by
     // notifications from every process's commits.

@@ -244,7 +244,8 @@ pub struct AppliedEvent {
     pub idem_hash: Option<[u8; 32]>,
     pub canonical: String,
     pub occurred_at: DateTime<Utc>,
-    pub source: Source,
+    /// None for facts the service itself fires (expiry finalizations).
+    pub source: Option<Source>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -513,7 +514,7 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
             idem_hash: idem.map(|(_, h)| h),
             canonical: ev.canonical.clone(),
             occurred_at: ev.occurred_at,
-            source: src.clone(),
+            source: Some(src.clone()),
         });
     }
     outcome
@@ -562,6 +563,39 @@ fn apply_usage(state: &mut FoldState, ev: &Event, u: &UsageEvent, src: &Source, 
     Outcome::Applied
 }
 
+/// Finalize the expiry of credit blocks whose `expires_at` is past the
+/// lateness window: one `expiry` entry for exactly what each has left. Each
+/// finalization is recorded like an event (id `expiry:<kind>:<id>:<block>`,
+/// `occurred_at` the block's `expires_at`, applied at `now`), so a replay
+/// fires it at the same point. `due` names (account, block id).
+pub fn expire_blocks(state: &mut FoldState, due: &[(AccountRef, String)], now: DateTime<Utc>) -> Result<Effects, String> {
+    let mut fx = Effects::default();
+    for (acct_ref, block_id) in due {
+        let Some(acct) = state.accounts.get_mut(acct_ref) else { continue };
+        let Some(b) = acct.blocks.iter_mut().find(|b| &b.block_id == block_id) else { continue };
+        let (Some(expires_at), left) = (b.expires_at, b.remaining) else { continue };
+        if left <= Decimal::ZERO || b.voided {
+            continue;
+        }
+        b.remaining = Decimal::ZERO;
+        b.dirty = true;
+        acct.balance -= left;
+        acct.dirty = true;
+        let event_id = format!("expiry:{}:{}:{}", acct_ref.kind.as_str(), acct_ref.id, block_id);
+        let body = json!({"event_id": event_id, "type": "expiry", "block_id": block_id, "account": {"kind": acct_ref.kind.as_str(), "id": acct_ref.id}, "amount": left.normalize().to_string(), "expires_at": expires_at, "fired_at": now});
+        let (content_hash, canonical) = canonical_hash(&body);
+        let detail = json!({"block_id": block_id, "category": b.category.map(|c| c.as_str()), "source": b.source, "fired_at": now});
+        push_entry_from(state, &mut fx, acct_ref, (&event_id, expires_at), EntryType::Expiry, -left, None, None, now, detail);
+        fx.applied.push(AppliedEvent { event_id, event_type: "expiry".into(), content_hash, idem_key: None, idem_hash: None, canonical, occurred_at: expires_at, source: None });
+    }
+    for a in state.accounts.values() {
+        if a.dirty {
+            a.check()?;
+        }
+    }
+    Ok(fx)
+}
+
 fn account<'a>(state: &'a mut FoldState, r: &AccountRef) -> &'a mut AccountState {
     state.accounts.entry(r.clone()).or_insert_with(|| AccountState::new(r.clone()))
 }
@@ -576,6 +610,11 @@ fn blocks_json(burned: &[(String, Decimal)]) -> serde_json::Value {
 
 #[allow(clippy::too_many_arguments)]
 fn push_entry(state: &mut FoldState, fx: &mut Effects, r: &AccountRef, ev: &Event, entry_type: EntryType, amount: Decimal, charge: Option<Decimal>, src: &Source, now: DateTime<Utc>, detail: serde_json::Value) {
+    push_entry_from(state, fx, r, (&ev.event_id, ev.occurred_at), entry_type, amount, charge, Some(src.clone()), now, detail)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_entry_from(state: &mut FoldState, fx: &mut Effects, r: &AccountRef, (event_id, occurred_at): (&str, DateTime<Utc>), entry_type: EntryType, amount: Decimal, charge: Option<Decimal>, source: Option<Source>, now: DateTime<Utc>, detail: serde_json::Value) {
     let acct = account(state, r);
     acct.seq += 1;
     acct.dirty = true;
@@ -584,14 +623,14 @@ fn push_entry(state: &mut FoldState, fx: &mut Effects, r: &AccountRef, ev: &Even
     let mut e = Entry {
         account: r.clone(),
         seq: acct.seq,
-        event_id: ev.event_id.clone(),
+        event_id: event_id.to_string(),
         entry_type,
         amount,
         balance_after: acct.balance,
         charge,
-        occurred_at: ev.occurred_at,
+        occurred_at,
         recorded_at: now,
-        source: Some(src.clone()),
+        source,
         detail,
         prev_hash: acct.last_hash,
         hash: [0; 32],
@@ -672,6 +711,22 @@ mod tests {
         assert_eq!(user.debt, Decimal::ZERO);
         assert_eq!(user.balance, d("10000"));
         user.check().unwrap();
+    }
+
+    #[test]
+    fn expiry_removes_exactly_what_the_block_has_left() {
+        let mut st = FoldState::default();
+        let grant = GRANT.replace("\"expires_at\":null", "\"expires_at\":\"2026-11-27T11:00:00Z\"");
+        fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, &grant), input(3, USAGE)], now()).unwrap();
+        let user = AccountRef::new(AccountKind::User, "u_1");
+        let fx = expire_blocks(&mut st, &[(user.clone(), "gr-1".into())], now()).unwrap();
+        // 10000 granted, 5200 used before expiry: 4800 expire.
+        assert_eq!(fx.entries.len(), 1);
+        assert_eq!((fx.entries[0].entry_type, fx.entries[0].amount), (EntryType::Expiry, d("-4800")));
+        assert_eq!(st.accounts[&user].balance, Decimal::ZERO);
+        assert_eq!(fx.applied[0].event_id, "expiry:user:u_1:gr-1");
+        // Firing again finds nothing left.
+        assert!(expire_blocks(&mut st, &[(user, "gr-1".into())], now()).unwrap().entries.is_empty());
     }
 
     #[test]

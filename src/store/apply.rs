@@ -209,6 +209,38 @@ impl LedgerSink {
         Ok(moved.len() as u64)
     }
 
+    /// Finalize expiries that are due: blocks with credit left whose
+    /// `expires_at` is more than `lateness` ago. Returns how many fired.
+    pub async fn finalize_expiries(&self, lateness: chrono::Duration, limit: i64) -> Result<usize, ApplyError> {
+        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let now = self.now();
+        let cutoff = now - lateness;
+        let rows = tx
+            .query("SELECT kind, id, block_id FROM credit_blocks WHERE remaining > 0 AND NOT voided AND expires_at <= $1 ORDER BY kind, id, block_id LIMIT $2", &[&cutoff, &limit])
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut due = Vec::new();
+        let mut accounts = BTreeSet::new();
+        for r in &rows {
+            let kind = AccountKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
+            let a = AccountRef::new(kind, r.get::<_, String>(1));
+            accounts.insert(a.clone());
+            due.push((a, r.get::<_, String>(2)));
+        }
+        let mut state = FoldState::default();
+        lock_accounts(&tx, &accounts, &mut state).await?;
+        // Another process may have fired some meanwhile: the fold skips
+        // blocks that have nothing left, and the applied-event id is unique.
+        let fx = fold::expire_blocks(&mut state, &due, now).map_err(ApplyError::Invariant)?;
+        let n = fx.applied.len();
+        write_effects(&tx, &state, &fx, now).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// Dead letters are produced, and acknowledged by the broker, before the
     /// transaction commits: a crash in between repeats a dead letter, never
     /// loses one. The quarantine table is the exact record.
@@ -449,9 +481,9 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
         let idem_h: Vec<Option<&[u8]>> = a.iter().map(|x| x.idem_hash.as_ref().map(|h| h.as_slice())).collect();
         let payloads: Vec<&str> = a.iter().map(|x| x.canonical.as_str()).collect();
         let occurred: Vec<DateTime<Utc>> = a.iter().map(|x| x.occurred_at).collect();
-        let topics: Vec<&str> = a.iter().map(|x| x.source.topic.as_str()).collect();
-        let parts: Vec<i32> = a.iter().map(|x| x.source.partition).collect();
-        let offsets: Vec<i64> = a.iter().map(|x| x.source.offset).collect();
+        let topics: Vec<Option<&str>> = a.iter().map(|x| x.source.as_ref().map(|s| s.topic.as_str())).collect();
+        let parts: Vec<Option<i32>> = a.iter().map(|x| x.source.as_ref().map(|s| s.partition)).collect();
+        let offsets: Vec<Option<i64>> = a.iter().map(|x| x.source.as_ref().map(|s| s.offset)).collect();
         tx.execute(
             "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset)
              SELECT e, t, h, k, kh, p::jsonb, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
@@ -580,9 +612,19 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
     Ok(())
 }
 
-/// Keep retrying waiting events until `shutdown`.
-pub async fn run_quarantine_sweeper(sink: LedgerSink, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// Keep retrying waiting events, and finalizing due expiries, until
+/// `shutdown`.
+pub async fn run_quarantine_sweeper(sink: LedgerSink, lateness: chrono::Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
+        match sink.finalize_expiries(lateness, 500).await {
+            Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),
+            Ok(_) => {}
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
+                return;
+            }
+            Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
+        }
         let pause = match sink.retry_waiting(500).await {
             Ok(n) if n > 0 => Duration::from_millis(10),
             Ok(_) => Duration::from_millis(200),

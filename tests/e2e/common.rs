@@ -166,6 +166,7 @@ impl Service {
             .env("QUOTA_BATCH_MAX", "50")
             .env("QUOTA_BATCH_LINGER_MS", "10")
             .env("QUOTA_STALL_SECS", "15")
+            .env("ALLOWED_LATENESS_SECS", "1")
             .env("RUST_LOG", "info,rdkafka=warn")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())

@@ -103,3 +103,43 @@ async fn killed_service_resumes_without_applying_twice_or_skipping() {
     let distinct: i64 = ctx.sql_one("SELECT count(DISTINCT event_id) FROM applied_events WHERE event_type = 'usage'", &[]).await;
     assert_eq!(distinct, total as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
+    let ctx = TestCtx::new("expiry").await;
+    let mut svc = ctx.serve();
+    svc.ready().await;
+    register_world(&ctx).await;
+    let now = chrono::Utc::now();
+    let expires = now + chrono::Duration::seconds(4);
+    let g = json!({"event_id": "c-exp", "type": "quota.granted", "schema_version": 1, "occurred_at": (now - chrono::Duration::seconds(60)).to_rfc3339(),
+        "grant_id": "gr-exp", "account": {"kind": "user", "id": "u_1"}, "amount": "1000", "expires_at": expires.to_rfc3339(), "category": "promotional"});
+    ctx.produce(&ctx.topics.control, "u_1", &g).await;
+    // Attribution still follows arrival order across topics (#5): let the
+    // grant land first.
+    ctx.wait_consumed(&ctx.topics.control, 13, Duration::from_secs(60)).await;
+    // 10 × 2.5 × 0.8 = 20, burned from the expiring block first.
+    let mut u = usage("e-1", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 10}));
+    u["occurred_at"] = json!(now.to_rfc3339());
+    ctx.produce(&ctx.topics.usage, "u_1", &u).await;
+    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60)).await;
+    assert_eq!(balance(&svc, "user", "u_1").await, d("5000980"));
+    // After expires_at and the 1 s lateness window: one expiry entry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let amount: Decimal = loop {
+        let c = ctx.pool.get().await.unwrap();
+        if let Some(r) = c.query_opt("SELECT amount FROM ledger_entries WHERE entry_type = 'expiry' AND kind = 'user' AND id = 'u_1'", &[]).await.unwrap() {
+            break r.get(0);
+        }
+        assert!(std::time::Instant::now() < deadline, "expiry never finalized");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(amount, d("-980"), "exactly what the block had left");
+    assert!(chrono::Utc::now() >= expires + chrono::Duration::seconds(1), "not before the lateness window");
+    assert_eq!(balance(&svc, "user", "u_1").await, d("5000000"));
+    let fired: i64 = ctx.sql_one("SELECT count(*) FROM applied_events WHERE event_id = 'expiry:user:u_1:gr-exp' AND event_type = 'expiry'", &[]).await;
+    assert_eq!(fired, 1, "recorded in the applied-event store");
+    let bad: i64 = ctx.sql_one("SELECT count(*) FROM accounts a WHERE balance <> (SELECT coalesce(sum(amount), 0) FROM ledger_entries e WHERE e.kind = a.kind AND e.id = a.id)", &[]).await;
+    assert_eq!(bad, 0);
+    assert!(svc.terminate().success());
+}
