@@ -104,6 +104,23 @@ fn expired(q: &QuotaSettings, now: DateTime<Utc>) -> bool {
     q.quota_expires_at.is_some_and(|t| t <= now)
 }
 
+/// A scope's own quota: only where limited (a user always is), expired →
+/// `expired_code` whatever the balance, then nothing available →
+/// `empty_code`. Returns what is available, None where unlimited.
+fn quota_check(q: &QuotaSettings, always_limited: bool, ledger: &Ledger, now: DateTime<Utc>, expired_code: ErrorCode, empty_code: ErrorCode) -> Result<Option<Decimal>, ErrorCode> {
+    if !(always_limited || q.quota_limited) {
+        return Ok(None);
+    }
+    if expired(q, now) {
+        return Err(expired_code);
+    }
+    let available = ledger.available(now);
+    if available <= Decimal::ZERO {
+        return Err(empty_code);
+    }
+    Ok(Some(available))
+}
+
 fn allows(models: &[String], model: &str) -> bool {
     models.is_empty() || models.iter().any(|m| m == model)
 }
@@ -152,15 +169,7 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     if ip_rejected(ip_allow, ip_deny, req.client_ip) {
         return Err(Forbidden);
     }
-    let key_avail = kq.quota_limited.then(|| key_rec.ledger.available(now));
-    if kq.quota_limited {
-        if expired(kq, now) {
-            return Err(KeyQuotaExpired);
-        }
-        if key_avail.is_some_and(|a| a <= Decimal::ZERO) {
-            return Err(InsufficientQuota);
-        }
-    }
+    let key_avail = quota_check(kq, false, &key_rec.ledger, now, KeyQuotaExpired, InsufficientQuota)?;
     // 5. The key's app, to find the user.
     let (app, app_rec) = live(&view.apps, app_id, now).ok_or(InvalidApp)?;
     let Entity::App { user_id, quota: aq, models: app_models, group_id: app_group, ip_allow: app_allow, ip_deny: app_deny } = app else { return Err(InvalidApp) };
@@ -170,13 +179,7 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     if uq.status == Status::Disabled {
         return Err(UserDisabled);
     }
-    if expired(uq, now) {
-        return Err(AccountQuotaExpired);
-    }
-    let user_avail = user_rec.ledger.available(now);
-    if user_avail <= Decimal::ZERO {
-        return Err(InsufficientQuota);
-    }
+    let user_avail = quota_check(uq, true, &user_rec.ledger, now, AccountQuotaExpired, InsufficientQuota)?;
     // 7. The reseller, if the user names one.
     let mut reseller_avail = None;
     if let Some(rid) = reseller_id {
@@ -185,16 +188,7 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
         if rq.status == Status::Disabled {
             return Err(ResellerDisabled);
         }
-        if rq.quota_limited {
-            if expired(rq, now) {
-                return Err(ResellerQuotaExpired);
-            }
-            let a = rec.ledger.available(now);
-            if a <= Decimal::ZERO {
-                return Err(ResellerInsufficientQuota);
-            }
-            reseller_avail = Some(a);
-        }
+        reseller_avail = quota_check(rq, false, &rec.ledger, now, ResellerQuotaExpired, ResellerInsufficientQuota)?;
     }
     // 8. The app.
     if aq.status == Status::Disabled {
@@ -203,15 +197,7 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     if ip_rejected(app_allow, app_deny, req.client_ip) {
         return Err(Forbidden);
     }
-    let app_avail = aq.quota_limited.then(|| app_rec.ledger.available(now));
-    if aq.quota_limited {
-        if expired(aq, now) {
-            return Err(AppQuotaExpired);
-        }
-        if app_avail.is_some_and(|a| a <= Decimal::ZERO) {
-            return Err(InsufficientQuota);
-        }
-    }
+    let app_avail = quota_check(aq, false, &app_rec.ledger, now, AppQuotaExpired, InsufficientQuota)?;
     // 9. The group: the key's, else the app's; unbound, the first of the
     // user's live groups (default first, then weight, highest first, then
     // id) whose model list allows the model, whatever its status.
@@ -274,7 +260,7 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     }
     // 12. The estimated cost against every limited scope.
     if let Some(cost) = req.estimated_cost {
-        for (avail, code) in [(key_avail, InsufficientQuota), (Some(user_avail), InsufficientQuota), (reseller_avail, ResellerInsufficientQuota), (app_avail, InsufficientQuota), (group_avail, GroupInsufficientQuota)] {
+        for (avail, code) in [(key_avail, InsufficientQuota), (user_avail, InsufficientQuota), (reseller_avail, ResellerInsufficientQuota), (app_avail, InsufficientQuota), (group_avail, GroupInsufficientQuota)] {
             if avail.is_some_and(|a| a < cost) {
                 return Err(code);
             }
@@ -288,7 +274,7 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
         group_id,
         key: key_avail,
         app: app_avail,
-        user: Some(user_avail),
+        user: user_avail,
         group: group_avail,
         reseller: reseller_avail,
     })
