@@ -44,10 +44,6 @@ impl AccountKind {
     pub fn parse(s: &str) -> Option<AccountKind> {
         AccountKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
-    /// `user` and `reseller` ledgers hold money; the others are limits.
-    pub fn holds_money(self) -> bool {
-        matches!(self, AccountKind::User | AccountKind::Reseller)
-    }
 }
 
 /// One ledger: a kind and an id. Ordered, so locks are taken in one order.

@@ -169,12 +169,7 @@ async fn every_admission_code_in_check_order() {
     let mut svc = ctx.serve();
     svc.ready().await;
     let cases = cases();
-    let mut n = 0;
-    for e in shared().into_iter().chain(cases.iter().flat_map(|c| c.chain.events())) {
-        let key = e.get("id").or(e["account"].get("id")).and_then(Value::as_str).unwrap_or("x").to_string();
-        ctx.produce(&ctx.topics.control, &key, &e).await;
-        n += 1;
-    }
+    let n = ctx.produce_control(shared().into_iter().chain(cases.iter().flat_map(|c| c.chain.events()))).await;
     ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60)).await;
     wait_view(&svc, &req("ok"), 200).await;
     // The view has every chain once the last one produced is visible.
@@ -247,12 +242,7 @@ async fn usage_applied_by_one_process_changes_another_process_answer() {
     a.ready().await;
     let mut chain = Chain::new("x");
     chain.grants = vec![grant("gu-x", "user", "u_x", "100"), grant("gr-x", "reseller", "r_x", "100000")];
-    let mut n = 0;
-    for e in shared().iter().chain(chain.events().iter()) {
-        let key = e.get("id").or(e["account"].get("id")).and_then(Value::as_str).unwrap_or("x").to_string();
-        ctx.produce(&ctx.topics.control, &key, e).await;
-        n += 1;
-    }
+    let n = ctx.produce_control(shared().into_iter().chain(chain.events())).await;
     ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60)).await;
     let mut b = ctx.serve();
     b.ready().await;

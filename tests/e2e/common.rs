@@ -93,6 +93,18 @@ impl TestCtx {
         }
     }
 
+    /// Produce control events keyed as the contract says (the entity id,
+    /// or the account id for grants); returns how many.
+    pub async fn produce_control(&self, events: impl IntoIterator<Item = Value>) -> i64 {
+        let mut n = 0;
+        for e in events {
+            let key = e.get("id").or(e["account"].get("id")).and_then(Value::as_str).unwrap_or("x").to_string();
+            self.produce(&self.topics.control, &key, &e).await;
+            n += 1;
+        }
+        n
+    }
+
     pub fn serve(&self) -> Service {
         Service::start(self)
     }

@@ -42,10 +42,7 @@ pub async fn register_world(ctx: &TestCtx) {
         grant("c-g4", "app", "a_1", "2000000"),
         grant("c-g5", "group", "g_1", "10000000"),
     ];
-    for e in &events {
-        let key = e.get("id").or(e["account"].get("id")).and_then(Value::as_str).unwrap_or("x").to_string();
-        ctx.produce(&ctx.topics.control, &key, e).await;
-    }
+    ctx.produce_control(events).await;
 }
 
 pub fn usage(id: &str, model: &str, path: &str, status: &str, usage: Value) -> Value {
