@@ -20,15 +20,30 @@ use quota_engine::event::{Entity, GroupMembership, PriceEntry, QuotaSettings, St
 use rust_decimal::Decimal;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().find(|a| *a == "decide" || *a == "http").map(String::as_str) {
-        Some("decide") => decide(arg(&args, "--keys", "100000").parse().unwrap(), arg(&args, "--secs", "3").parse().unwrap()),
+    match args
+        .iter()
+        .find(|a| *a == "decide" || *a == "http")
+        .map(String::as_str)
+    {
+        Some("decide") => decide(
+            arg(&args, "--keys", "100000").parse().unwrap(),
+            arg(&args, "--secs", "3").parse().unwrap(),
+        ),
         Some("http") => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(http(
                 arg(&args, "--addr", "127.0.0.1:8080"),
                 arg(&args, "--key-prefix", "sk-"),
@@ -43,22 +58,51 @@ fn main() {
 }
 
 fn quota(limited: bool) -> QuotaSettings {
-    QuotaSettings { status: Status::Enabled, quota_limited: limited, quota_expires_at: None }
+    QuotaSettings {
+        status: Status::Enabled,
+        quota_limited: limited,
+        quota_expires_at: None,
+    }
 }
 
 /// A view of `n` key → app → user chains over 10 resellers, 3 groups and
 /// 5 models, every limited scope funded.
 fn build_view(n: usize) -> (View, Vec<String>) {
     let t0 = Utc::now() - chrono::Duration::days(1);
-    let funded = Ledger { blocks: vec![(t0, None, Decimal::from(1_000_000))], debt: Decimal::ZERO };
+    let funded = Ledger {
+        blocks: vec![(t0, None, Decimal::from(1_000_000))],
+        debt: Decimal::ZERO,
+    };
     let mut v = View::default();
     for m in 0..5 {
-        let prices = vec![PriceEntry { path: "*".into(), input: Some(Decimal::ONE), output: Some(Decimal::TWO), cache_read: None, cache_write: None, per_call: None }];
-        v.models.entry(format!("model-{m}")).or_default().insert(t0, 0, Entity::Model { status: Status::Enabled, prices });
+        let prices = vec![PriceEntry {
+            path: "*".into(),
+            input: Some(Decimal::ONE),
+            output: Some(Decimal::TWO),
+            cache_read: None,
+            cache_write: None,
+            per_call: None,
+        }];
+        v.models.entry(format!("model-{m}")).or_default().insert(
+            t0,
+            0,
+            Entity::Model {
+                status: Status::Enabled,
+                prices,
+            },
+        );
     }
     for g in 0..3 {
         let r = v.groups.entry(format!("g{g}")).or_default();
-        r.insert(t0, 0, Entity::Group { quota: quota(true), discount: Decimal::ONE, models: vec![] });
+        r.insert(
+            t0,
+            0,
+            Entity::Group {
+                quota: quota(true),
+                discount: Decimal::ONE,
+                models: vec![],
+            },
+        );
         r.ledger = funded.clone();
     }
     for r in 0..10 {
@@ -69,13 +113,48 @@ fn build_view(n: usize) -> (View, Vec<String>) {
     let mut hashes = Vec::with_capacity(n);
     for i in 0..n {
         let hash = admission::key_hash(&format!("sk-bench-{i}"));
-        let groups = vec![GroupMembership { group_id: format!("g{}", i % 3), weight: 1, default: true }];
+        let groups = vec![GroupMembership {
+            group_id: format!("g{}", i % 3),
+            weight: 1,
+            default: true,
+        }];
         let u = v.users.entry(format!("u{i}")).or_default();
-        u.insert(t0, 0, Entity::User { reseller_id: Some(format!("r{}", i % 10)), quota: quota(true), groups });
+        u.insert(
+            t0,
+            0,
+            Entity::User {
+                reseller_id: Some(format!("r{}", i % 10)),
+                quota: quota(true),
+                groups,
+            },
+        );
         u.ledger = funded.clone();
-        v.apps.entry(format!("a{i}")).or_default().insert(t0, 0, Entity::App { user_id: format!("u{i}"), quota: quota(false), models: vec![], group_id: None, ip_allow: vec![], ip_deny: vec![] });
+        v.apps.entry(format!("a{i}")).or_default().insert(
+            t0,
+            0,
+            Entity::App {
+                user_id: format!("u{i}"),
+                quota: quota(false),
+                models: vec![],
+                group_id: None,
+                ip_allow: vec![],
+                ip_deny: vec![],
+            },
+        );
         let k = v.keys.entry(format!("k{i}")).or_default();
-        k.insert(t0, 0, Entity::Key { app_id: format!("a{i}"), key_hash: hash.clone(), quota: quota(true), models: vec![], group_id: None, ip_allow: vec![], ip_deny: vec![] });
+        k.insert(
+            t0,
+            0,
+            Entity::Key {
+                app_id: format!("a{i}"),
+                key_hash: hash.clone(),
+                quota: quota(true),
+                models: vec![],
+                group_id: None,
+                ip_allow: vec![],
+                ip_deny: vec![],
+            },
+        );
         k.ledger = funded.clone();
         v.key_hashes.insert(hash.clone(), format!("k{i}"));
         hashes.push(hash);
@@ -87,7 +166,13 @@ fn decide(keys: usize, secs: u64) {
     let (view, hashes) = build_view(keys);
     let ip = IpAddr::from_str("203.0.113.7").unwrap();
     let reqs: Vec<Request> = (0..5)
-        .map(|m| Request { api_key: Some("x".into()), client_ip: ip, model: format!("model-{m}"), path: "/v1/chat/completions".into(), estimated_cost: Some(Decimal::from(100)) })
+        .map(|m| Request {
+            api_key: Some("x".into()),
+            client_ip: ip,
+            model: format!("model-{m}"),
+            path: "/v1/chat/completions".into(),
+            estimated_cost: Some(Decimal::from(100)),
+        })
         .collect();
     let now = Utc::now();
     // Warm up, and check the decisions are what we think they are.
@@ -115,7 +200,10 @@ fn decide(keys: usize, secs: u64) {
 }
 
 async fn http(addr: String, key_prefix: String, keys: usize, rps: u64, secs: u64) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
     let url = Arc::new(format!("http://{addr}/v1/admission"));
     let bodies: Arc<Vec<String>> = Arc::new(
         (0..keys)
@@ -134,7 +222,13 @@ async fn http(addr: String, key_prefix: String, keys: usize, rps: u64, secs: u64
             let body = bodies[i as usize % bodies.len()].clone();
             let sent = tokio::time::Instant::now();
             let behind = sent.saturating_duration_since(scheduled).as_micros() as u64;
-            let status = match client.post(url.as_str()).header("content-type", "application/json").body(body).send().await {
+            let status = match client
+                .post(url.as_str())
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+            {
                 Ok(r) => {
                     let s = r.status().as_u16();
                     let _ = r.bytes().await;

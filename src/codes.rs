@@ -104,30 +104,82 @@ impl ErrorCode {
             FallbackModelDisabled => ("fastapi_error", "Model has been disabled.", 500),
             InvalidParameter => ("invalid_parameter", "Invalid Parameter.", 400),
             UnsupportedFileFormat => ("unsupported_file_format", "Unsupported file format.", 400),
-            InvalidRequestError => ("invalid_request_error", "You didn't provide an API key.", 401),
-            InvalidApiKey => ("invalid_api_key", "Incorrect API key provided or has been disabled.", 401),
+            InvalidRequestError => (
+                "invalid_request_error",
+                "You didn't provide an API key.",
+                401,
+            ),
+            InvalidApiKey => (
+                "invalid_api_key",
+                "Incorrect API key provided or has been disabled.",
+                401,
+            ),
             ApiKeyDisabled => ("api_key_disabled", "Key has been disabled.", 401),
-            InvalidReseller => ("invalid_reseller", "Reseller does not exist or has been disabled.", 401),
+            InvalidReseller => (
+                "invalid_reseller",
+                "Reseller does not exist or has been disabled.",
+                401,
+            ),
             ResellerDisabled => ("reseller_disabled", "Reseller has been disabled.", 401),
-            InvalidUser => ("invalid_user", "User does not exist or has been disabled.", 401),
+            InvalidUser => (
+                "invalid_user",
+                "User does not exist or has been disabled.",
+                401,
+            ),
             UserDisabled => ("user_disabled", "User has been disabled.", 401),
-            InvalidApp => ("invalid_app", "App does not exist or has been disabled.", 401),
+            InvalidApp => (
+                "invalid_app",
+                "App does not exist or has been disabled.",
+                401,
+            ),
             AppDisabled => ("app_disabled", "App has been disabled.", 401),
             ModelDisabled => ("model_disabled", "Model has been disabled.", 401),
             GroupDisabled => ("group_disabled", "Group has been disabled.", 401),
             GroupExpired => ("group_expired", "Group has expired.", 401),
             Forbidden => ("forbidden", "Forbidden.", 403),
             UnknownUrl => ("unknown_url", "Unknown request URL.", 404),
-            ModelNotFound => ("model_not_found", "The model does not exist or you do not have access to it.", 404),
-            PathNotFound => ("path_not_found", "The path does not exist or you do not have access to it.", 404),
-            GroupNotFound => ("group_not_found", "The group does not exist or you do not have access to it.", 404),
-            ResellerInsufficientQuota => ("reseller_insufficient_quota", "You reseller exceeded current quota.", 429),
-            ResellerQuotaExpired => ("reseller_quota_expired", "You reseller quota has expired.", 429),
-            InsufficientQuota => ("insufficient_quota", "You exceeded your current quota.", 429),
-            AccountQuotaExpired => ("account_quota_expired", "You account quota has expired.", 429),
+            ModelNotFound => (
+                "model_not_found",
+                "The model does not exist or you do not have access to it.",
+                404,
+            ),
+            PathNotFound => (
+                "path_not_found",
+                "The path does not exist or you do not have access to it.",
+                404,
+            ),
+            GroupNotFound => (
+                "group_not_found",
+                "The group does not exist or you do not have access to it.",
+                404,
+            ),
+            ResellerInsufficientQuota => (
+                "reseller_insufficient_quota",
+                "You reseller exceeded current quota.",
+                429,
+            ),
+            ResellerQuotaExpired => (
+                "reseller_quota_expired",
+                "You reseller quota has expired.",
+                429,
+            ),
+            InsufficientQuota => (
+                "insufficient_quota",
+                "You exceeded your current quota.",
+                429,
+            ),
+            AccountQuotaExpired => (
+                "account_quota_expired",
+                "You account quota has expired.",
+                429,
+            ),
             AppQuotaExpired => ("app_quota_expired", "You app quota has expired.", 429),
             KeyQuotaExpired => ("key_quota_expired", "You key quota has expired.", 429),
-            GroupInsufficientQuota => ("group_insufficient_quota", "Group exceeded current quota.", 429),
+            GroupInsufficientQuota => (
+                "group_insufficient_quota",
+                "Group exceeded current quota.",
+                429,
+            ),
         }
     }
 
@@ -166,10 +218,17 @@ mod tests {
                 continue;
             }
             let code = cells[1].trim_matches('`');
-            let status: u16 = cells[3].trim_end_matches('*').parse().expect("status column");
+            let status: u16 = cells[3]
+                .trim_end_matches('*')
+                .parse()
+                .expect("status column");
             rows.push((code, cells[2], status));
         }
-        assert_eq!(rows.len(), ErrorCode::ALL.len(), "table rows vs enum variants");
+        assert_eq!(
+            rows.len(),
+            ErrorCode::ALL.len(),
+            "table rows vs enum variants"
+        );
         for (i, c) in ErrorCode::ALL.iter().enumerate() {
             assert_eq!(c.spec(), rows[i], "variant {c:?}");
         }

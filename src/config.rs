@@ -5,7 +5,11 @@ use std::time::Duration;
 #[derive(clap::Args, Clone, Debug)]
 pub struct Config {
     /// Postgres connection string.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/quota_engine")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/quota_engine"
+    )]
     pub database_url: String,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
@@ -38,23 +42,48 @@ pub struct Config {
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Topics {
-    #[arg(long = "topic-usage", env = "QUOTA_TOPIC_USAGE", default_value = "quota.usage")]
+    #[arg(
+        long = "topic-usage",
+        env = "QUOTA_TOPIC_USAGE",
+        default_value = "quota.usage"
+    )]
     pub usage: String,
-    #[arg(long = "topic-errors", env = "QUOTA_TOPIC_ERRORS", default_value = "quota.errors")]
+    #[arg(
+        long = "topic-errors",
+        env = "QUOTA_TOPIC_ERRORS",
+        default_value = "quota.errors"
+    )]
     pub errors: String,
-    #[arg(long = "topic-control", env = "QUOTA_TOPIC_CONTROL", default_value = "quota.control")]
+    #[arg(
+        long = "topic-control",
+        env = "QUOTA_TOPIC_CONTROL",
+        default_value = "quota.control"
+    )]
     pub control: String,
-    #[arg(long = "topic-dlq", env = "QUOTA_TOPIC_DLQ", default_value = "quota.dlq")]
+    #[arg(
+        long = "topic-dlq",
+        env = "QUOTA_TOPIC_DLQ",
+        default_value = "quota.dlq"
+    )]
     pub dlq: String,
 }
 
 impl Topics {
     /// The topics the consumers read.
     pub fn consumed(&self) -> Vec<String> {
-        vec![self.control.clone(), self.usage.clone(), self.errors.clone()]
+        vec![
+            self.control.clone(),
+            self.usage.clone(),
+            self.errors.clone(),
+        ]
     }
     pub fn all(&self) -> Vec<String> {
-        vec![self.control.clone(), self.usage.clone(), self.errors.clone(), self.dlq.clone()]
+        vec![
+            self.control.clone(),
+            self.usage.clone(),
+            self.errors.clone(),
+            self.dlq.clone(),
+        ]
     }
 }
 

@@ -10,13 +10,23 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::store::{self, apply::{self, DeadLetters, LedgerSink}};
+use crate::store::{
+    self,
+    apply::{self, DeadLetters, LedgerSink},
+};
 
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let pool = store::connect(&cfg.database_url, 16).await?;
     store::migrate(&pool).await?;
-    let topics: Vec<(String, i32)> = cfg.topics.all().into_iter().map(|t| (t, cfg.topic_partitions)).collect();
-    quota_consumers::ensure_topics(&cfg.kafka_brokers, &topics).await.map_err(anyhow::Error::msg)?;
+    let topics: Vec<(String, i32)> = cfg
+        .topics
+        .all()
+        .into_iter()
+        .map(|t| (t, cfg.topic_partitions))
+        .collect();
+    quota_consumers::ensure_topics(&cfg.kafka_brokers, &topics)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka_brokers)
         // Not idempotent: tansu 0.6 answers an idempotent producer with
@@ -27,7 +37,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         .set("linger.ms", "5")
         .create()?;
     let clock = apply::system_clock();
-    let sink = LedgerSink { pool: pool.clone(), dead_letters: Some(DeadLetters { producer, topic: cfg.topics.dlq.clone() }), clock: clock.clone() };
+    let sink = LedgerSink {
+        pool: pool.clone(),
+        dead_letters: Some(DeadLetters {
+            producer,
+            topic: cfg.topics.dlq.clone(),
+        }),
+        clock: clock.clone(),
+    };
     let consuming = Arc::new(AtomicBool::new(true));
 
     let consumer_cfg = quota_consumers::ConsumerConfig {
@@ -55,21 +72,40 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         })
     };
     let lateness = chrono::Duration::seconds(cfg.allowed_lateness_secs.min(i64::MAX as u64) as i64);
-    let sweeper = tokio::spawn(apply::run_quarantine_sweeper(sink.clone(), lateness, shutdown.clone()));
+    let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
+        sink.clone(),
+        lateness,
+        shutdown.clone(),
+    ));
 
     // The admission view: whole from Postgres, then kept current by
     // notifications from every process's commits.
     let view: crate::store::view::SharedView = Default::default();
     let view_synced_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let listener_task = tokio::spawn(crate::store::view::run_listener(cfg.database_url.clone(), pool.clone(), view.clone(), view_synced_ms.clone(), shutdown.clone()));
+    let listener_task = tokio::spawn(crate::store::view::run_listener(
+        cfg.database_url.clone(),
+        pool.clone(),
+        view.clone(),
+        view_synced_ms.clone(),
+        shutdown.clone(),
+    ));
 
-    let listener = tokio::net::TcpListener::bind(&cfg.http_addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
     // Small answers: do not let Nagle hold them back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
         let _ = s.set_nodelay(true);
     });
-    let router = api::app(AppState { pool, clock, consuming, view, view_synced_ms, admission: Default::default() });
+    let router = api::app(AppState {
+        pool,
+        clock,
+        consuming,
+        view,
+        view_synced_ms,
+        admission: Default::default(),
+    });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();
     axum::serve(listener, router)

@@ -75,7 +75,12 @@ fn d(s: &str) -> Decimal {
 }
 
 fn models() -> Vec<Model> {
-    let p = |path: &str, i: Option<&str>, o: Option<&str>, cr: Option<&str>, cw: Option<&str>, pc: Option<&str>| PriceEntry {
+    let p = |path: &str,
+             i: Option<&str>,
+             o: Option<&str>,
+             cr: Option<&str>,
+             cw: Option<&str>,
+             pc: Option<&str>| PriceEntry {
         path: path.into(),
         input: i.map(d),
         output: o.map(d),
@@ -84,9 +89,28 @@ fn models() -> Vec<Model> {
         per_call: pc.map(d),
     };
     vec![
-        Model { id: "gpt-4o", prices: vec![p("*", Some("2.5"), Some("10"), Some("1.25"), None, None), p("/v1/embeddings", Some("0.02"), None, None, None, None)] },
-        Model { id: "claude-sonnet", prices: vec![p("*", Some("3"), Some("15"), Some("0.3"), Some("3.75"), None)] },
-        Model { id: "image-gen", prices: vec![p("*", None, None, None, None, Some("40000"))] },
+        Model {
+            id: "gpt-4o",
+            prices: vec![
+                p("*", Some("2.5"), Some("10"), Some("1.25"), None, None),
+                p("/v1/embeddings", Some("0.02"), None, None, None, None),
+            ],
+        },
+        Model {
+            id: "claude-sonnet",
+            prices: vec![p(
+                "*",
+                Some("3"),
+                Some("15"),
+                Some("0.3"),
+                Some("3.75"),
+                None,
+            )],
+        },
+        Model {
+            id: "image-gen",
+            prices: vec![p("*", None, None, None, None, Some("40000"))],
+        },
     ]
 }
 
@@ -103,14 +127,21 @@ pub struct Expected {
     pub resellers: BTreeMap<String, (Decimal, Decimal)>,
 }
 
-pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) -> anyhow::Result<Expected> {
+pub async fn run(
+    brokers: &str,
+    topics: &crate::config::Topics,
+    args: &SimArgs,
+) -> anyhow::Result<Expected> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
-    let run_id = args.run_id.clone().unwrap_or_else(|| format!("r{}", Utc::now().timestamp()));
+    let run_id = args
+        .run_id
+        .clone()
+        .unwrap_or_else(|| format!("r{}", Utc::now().timestamp()));
     let mut rng = Rng(args.seed.max(1) ^ 0x9E37_79B9_7F4A_7C15);
     let setup_at = (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339();
     let mut n = 0u64;
@@ -123,17 +154,26 @@ pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) 
     for m in &models {
         control.push((m.id.into(), json!({"event_id": next_id("c"), "type": "model.upserted", "schema_version": 1, "occurred_at": setup_at, "id": m.id, "status": "enabled", "prices": m.prices.iter().map(price_json).collect::<Vec<_>>()})));
     }
-    let groups = [(format!("{run_id}-default"), "1"), (format!("{run_id}-vip"), "0.8")];
+    let groups = [
+        (format!("{run_id}-default"), "1"),
+        (format!("{run_id}-vip"), "0.8"),
+    ];
     for (g, discount) in &groups {
         control.push((g.clone(), json!({"event_id": next_id("c"), "type": "group.upserted", "schema_version": 1, "occurred_at": setup_at, "id": g, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "discount": discount, "models": []})));
     }
     let resellers: Vec<String> = (0..2).map(|i| format!("{run_id}-reseller-{i}")).collect();
-    let mut expected = Expected { run_id: run_id.clone(), users: BTreeMap::new(), resellers: BTreeMap::new() };
+    let mut expected = Expected {
+        run_id: run_id.clone(),
+        users: BTreeMap::new(),
+        resellers: BTreeMap::new(),
+    };
     for r in &resellers {
         control.push((r.clone(), json!({"event_id": next_id("c"), "type": "reseller.upserted", "schema_version": 1, "occurred_at": setup_at, "id": r, "status": "enabled", "quota_limited": true, "quota_expires_at": null})));
         let amount = d("100000000");
         control.push((r.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "reseller", "id": r}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
-        expected.resellers.insert(r.clone(), (amount, Decimal::ZERO));
+        expected
+            .resellers
+            .insert(r.clone(), (amount, Decimal::ZERO));
     }
     struct User {
         id: String,
@@ -145,7 +185,11 @@ pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) 
     let mut users = Vec::new();
     for i in 0..args.users {
         let id = format!("{run_id}-user-{i}");
-        let reseller = if i % 4 == 3 { None } else { Some(resellers[i % 2].clone()) };
+        let reseller = if i % 4 == 3 {
+            None
+        } else {
+            Some(resellers[i % 2].clone())
+        };
         let group = groups[i % 2].0.clone();
         let app = format!("{run_id}-app-{i}");
         let key = format!("{run_id}-key-{i}");
@@ -156,7 +200,13 @@ pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) 
         let amount = d("5000000");
         control.push((id.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "user", "id": id}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
         expected.users.insert(id.clone(), (amount, Decimal::ZERO));
-        users.push(User { id, app, key, reseller, group });
+        users.push(User {
+            id,
+            app,
+            key,
+            reseller,
+            group,
+        });
     }
     for (key, v) in &control {
         send(&producer, &topics.control, key, v).await?;
@@ -166,19 +216,45 @@ pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) 
     for i in 0..args.events {
         let u = &users[rng.skewed(users.len())];
         let m = &models[rng.below(models.len() as u64) as usize];
-        let path = if m.id == "gpt-4o" && rng.below(5) == 0 { "/v1/embeddings" } else if m.id == "image-gen" { "/v1/images/generations" } else { "/v1/chat/completions" };
+        let path = if m.id == "gpt-4o" && rng.below(5) == 0 {
+            "/v1/embeddings"
+        } else if m.id == "image-gen" {
+            "/v1/images/generations"
+        } else {
+            "/v1/chat/completions"
+        };
         let usage = Usage {
             input_tokens: rng.below(4000),
-            output_tokens: if path == "/v1/embeddings" { 0 } else { rng.below(1500) },
-            cache_read_tokens: if rng.below(3) == 0 { rng.below(2000) } else { 0 },
+            output_tokens: if path == "/v1/embeddings" {
+                0
+            } else {
+                rng.below(1500)
+            },
+            cache_read_tokens: if rng.below(3) == 0 {
+                rng.below(2000)
+            } else {
+                0
+            },
             cache_write_tokens: 0,
             reasoning_tokens: 0,
             calls: 1,
         };
         let roll = rng.below(100);
-        let status = if roll < 1 { UsageStatus::Failed } else if roll < 3 { UsageStatus::Aborted } else { UsageStatus::Success };
-        let discount = if u.group.ends_with("-vip") { d("0.8") } else { Decimal::ONE };
-        let charge = pricing::price(&usage, status, &m.prices, path, discount).map(|p| p.charge).unwrap_or_default();
+        let status = if roll < 1 {
+            UsageStatus::Failed
+        } else if roll < 3 {
+            UsageStatus::Aborted
+        } else {
+            UsageStatus::Success
+        };
+        let discount = if u.group.ends_with("-vip") {
+            d("0.8")
+        } else {
+            Decimal::ONE
+        };
+        let charge = pricing::price(&usage, status, &m.prices, path, discount)
+            .map(|p| p.charge)
+            .unwrap_or_default();
         if let Some(e) = expected.users.get_mut(&u.id) {
             e.1 += charge;
         }
@@ -195,7 +271,15 @@ pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) 
         let user_id = u.id.clone();
         let topic = topics.usage.clone();
         let p = producer.clone();
-        pending.push(tokio::spawn(async move { p.send(FutureRecord::to(&topic).key(&user_id).payload(&payload), Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e) }));
+        pending.push(tokio::spawn(async move {
+            p.send(
+                FutureRecord::to(&topic).key(&user_id).payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+        }));
         if pending.len() >= 5000 {
             for f in pending.drain(..) {
                 f.await??;
@@ -210,14 +294,22 @@ pub async fn run(brokers: &str, topics: &crate::config::Topics, args: &SimArgs) 
         f.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("produced {} control events and {} usage events in {:.2} s (run {run_id})", control.len(), args.events, secs);
+    println!(
+        "produced {} control events and {} usage events in {:.2} s (run {run_id})",
+        control.len(),
+        args.events,
+        secs
+    );
     Ok(expected)
 }
 
 async fn send(producer: &FutureProducer, topic: &str, key: &str, v: &Value) -> anyhow::Result<()> {
     let payload = v.to_string();
     producer
-        .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(30))
+        .send(
+            FutureRecord::to(topic).key(key).payload(&payload),
+            Duration::from_secs(30),
+        )
         .await
         .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
     Ok(())
@@ -233,17 +325,38 @@ pub async fn check(addr: &str, expected: &Expected, timeout: Duration) -> anyhow
         for (kind, map) in [("reseller", &expected.resellers), ("user", &expected.users)] {
             for (id, (granted, charged)) in map {
                 let want = *granted - *charged;
-                let got = http_get_json(addr, &format!("/v1/balances/{kind}/{id}")).await.ok().and_then(|v| v["balance"].as_str().and_then(|s| s.parse::<Decimal>().ok()));
+                let got = http_get_json(addr, &format!("/v1/balances/{kind}/{id}"))
+                    .await
+                    .ok()
+                    .and_then(|v| {
+                        v["balance"]
+                            .as_str()
+                            .and_then(|s| s.parse::<Decimal>().ok())
+                    });
                 let ok = got == Some(want);
                 all_ok &= ok;
                 rows.push((kind, id.clone(), *granted, *charged, want, got, ok));
             }
         }
         if all_ok || Instant::now() >= deadline {
-            println!("{:<9} {:<28} {:>14} {:>16} {:>16} {:>16}  ok", "kind", "id", "granted", "charged", "expected", "balance (API)");
+            println!(
+                "{:<9} {:<28} {:>14} {:>16} {:>16} {:>16}  ok",
+                "kind", "id", "granted", "charged", "expected", "balance (API)"
+            );
             for (kind, id, granted, charged, want, got, ok) in rows {
-                let got = got.map(|g| g.normalize().to_string()).unwrap_or_else(|| "-".into());
-                println!("{:<9} {:<28} {:>14} {:>16} {:>16} {:>16}  {}", kind, id, granted.normalize(), charged.normalize(), want.normalize(), got, if ok { "yes" } else { "NO" });
+                let got = got
+                    .map(|g| g.normalize().to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<9} {:<28} {:>14} {:>16} {:>16} {:>16}  {}",
+                    kind,
+                    id,
+                    granted.normalize(),
+                    charged.normalize(),
+                    want.normalize(),
+                    got,
+                    if ok { "yes" } else { "NO" }
+                );
             }
             return Ok(all_ok);
         }
@@ -255,7 +368,10 @@ pub async fn check(addr: &str, expected: &Expected, timeout: Duration) -> anyhow
 pub async fn http_get_json(addr: &str, path: &str) -> anyhow::Result<Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);

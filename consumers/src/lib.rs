@@ -306,11 +306,24 @@ impl Watchdog {
         self.last.is_none_or(|t| t.elapsed() >= Self::PERIOD)
     }
 
-    async fn check(&mut self, consumer: &StreamConsumer<SeekingContext>, sink: &dyn BatchSink, config: &ConsumerConfig) {
+    async fn check(
+        &mut self,
+        consumer: &StreamConsumer<SeekingContext>,
+        sink: &dyn BatchSink,
+        config: &ConsumerConfig,
+    ) {
         self.last = Some(Instant::now());
-        let Ok(assigned) = consumer.assignment() else { return };
-        let mine: std::collections::HashSet<(String, i32)> = assigned.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-        let metadata = match tokio::task::block_in_place(|| consumer.fetch_metadata(None, Duration::from_secs(5))) {
+        let Ok(assigned) = consumer.assignment() else {
+            return;
+        };
+        let mine: std::collections::HashSet<(String, i32)> = assigned
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let metadata = match tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(None, Duration::from_secs(5))
+        }) {
             Ok(m) => m,
             Err(_) => return,
         };
@@ -318,17 +331,25 @@ impl Watchdog {
             .topics()
             .iter()
             .filter(|t| config.topics.iter().any(|n| n == t.name()))
-            .flat_map(|t| t.partitions().iter().map(move |p| (t.name().to_string(), p.id())))
+            .flat_map(|t| {
+                t.partitions()
+                    .iter()
+                    .map(move |p| (t.name().to_string(), p.id()))
+            })
             .filter(|tp| !mine.contains(tp))
             .collect();
         self.lagging.retain(|tp, _| others.contains(tp));
         if others.is_empty() {
             return;
         }
-        let Ok(stored) = sink.stored_offsets(&others).await else { return };
+        let Ok(stored) = sink.stored_offsets(&others).await else {
+            return;
+        };
         let now = Instant::now();
         for (tp, stored) in others.iter().zip(stored) {
-            let high = match tokio::task::block_in_place(|| consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(2))) {
+            let high = match tokio::task::block_in_place(|| {
+                consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(2))
+            }) {
                 Ok((low, high)) if high > stored.unwrap_or(low) => high,
                 _ => {
                     self.lagging.remove(tp);

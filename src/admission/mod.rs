@@ -36,7 +36,12 @@ pub struct Ledger {
 impl Ledger {
     /// Credit in blocks open at `now` minus debt: the contract's `available`.
     pub fn available(&self, now: DateTime<Utc>) -> Decimal {
-        let open: Decimal = self.blocks.iter().filter(|(from, until, _)| *from <= now && until.is_none_or(|u| now < u)).map(|(_, _, r)| *r).sum();
+        let open: Decimal = self
+            .blocks
+            .iter()
+            .filter(|(from, until, _)| *from <= now && until.is_none_or(|u| now < u))
+            .map(|(_, _, r)| *r)
+            .sum();
         open - self.debt
     }
 }
@@ -48,7 +53,9 @@ impl Record {
         n.checked_sub(1).map(|i| &self.versions[i].2)
     }
     pub fn insert(&mut self, from: DateTime<Utc>, seq: i64, e: Entity) {
-        let at = self.versions.partition_point(|(f, s, _)| (*f, *s) <= (from, seq));
+        let at = self
+            .versions
+            .partition_point(|(f, s, _)| (*f, *s) <= (from, seq));
         self.versions.insert(at, (from, seq, e));
     }
 }
@@ -97,7 +104,8 @@ pub fn key_hash(secret: &str) -> String {
 }
 
 fn ip_rejected(allow: &[IpRule], deny: &[IpRule], ip: IpAddr) -> bool {
-    deny.iter().any(|r| r.contains(ip)) || (!allow.is_empty() && !allow.iter().any(|r| r.contains(ip)))
+    deny.iter().any(|r| r.contains(ip))
+        || (!allow.is_empty() && !allow.iter().any(|r| r.contains(ip)))
 }
 
 fn expired(q: &QuotaSettings, now: DateTime<Utc>) -> bool {
@@ -107,7 +115,14 @@ fn expired(q: &QuotaSettings, now: DateTime<Utc>) -> bool {
 /// A scope's own quota: only where limited (a user always is), expired →
 /// `expired_code` whatever the balance, then nothing available →
 /// `empty_code`. Returns what is available, None where unlimited.
-fn quota_check(q: &QuotaSettings, always_limited: bool, ledger: &Ledger, now: DateTime<Utc>, expired_code: ErrorCode, empty_code: ErrorCode) -> Result<Option<Decimal>, ErrorCode> {
+fn quota_check(
+    q: &QuotaSettings,
+    always_limited: bool,
+    ledger: &Ledger,
+    now: DateTime<Utc>,
+    expired_code: ErrorCode,
+    empty_code: ErrorCode,
+) -> Result<Option<Decimal>, ErrorCode> {
     if !(always_limited || q.quota_limited) {
         return Ok(None);
     }
@@ -126,13 +141,20 @@ fn allows(models: &[String], model: &str) -> bool {
 }
 
 /// A live (registered, not deleted) entity's state at `now`.
-fn live<'a>(map: &'a Map<Record>, id: &str, now: DateTime<Utc>) -> Option<(&'a Entity, &'a Record)> {
+fn live<'a>(
+    map: &'a Map<Record>,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Option<(&'a Entity, &'a Record)> {
     let r = map.get(id)?;
     let e = r.at(now)?;
     match e.quota() {
         Some(q) if q.status == Status::Deleted => None,
         _ => match e {
-            Entity::Model { status: Status::Deleted, .. } => None,
+            Entity::Model {
+                status: Status::Deleted,
+                ..
+            } => None,
             _ => Some((e, r)),
         },
     }
@@ -140,10 +162,19 @@ fn live<'a>(map: &'a Map<Record>, id: &str, now: DateTime<Utc>) -> Option<(&'a E
 
 /// Decide. `key_hash` is the hex SHA-256 of the request's key (computed by
 /// the caller, once). Returns the first failing check's code.
-pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: DateTime<Utc>) -> Result<Allowed<'a>, ErrorCode> {
+pub fn decide<'a>(
+    view: &'a View,
+    req: &Request,
+    key_hash: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Allowed<'a>, ErrorCode> {
     use ErrorCode::*;
     // 1. The pause switch.
-    if let Some(Entity::Service { paused: true, ip_whitelist }) = view.service.at(now) {
+    if let Some(Entity::Service {
+        paused: true,
+        ip_whitelist,
+    }) = view.service.at(now)
+    {
         if !ip_whitelist.iter().any(|r| r.contains(req.client_ip)) {
             return Err(ServiceUnavailable);
         }
@@ -153,13 +184,25 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
         return Err(UnknownUrl);
     }
     // 3. A key.
-    let Some(hash) = key_hash.filter(|_| req.api_key.as_deref().is_some_and(|k| !k.is_empty())) else {
+    let Some(hash) = key_hash.filter(|_| req.api_key.as_deref().is_some_and(|k| !k.is_empty()))
+    else {
         return Err(InvalidRequestError);
     };
     // 4. The key.
     let key_id = view.key_hashes.get(hash).ok_or(InvalidApiKey)?;
     let (key, key_rec) = live(&view.keys, key_id, now).ok_or(InvalidApiKey)?;
-    let Entity::Key { app_id, key_hash: current_hash, quota: kq, models: key_models, group_id: key_group, ip_allow, ip_deny } = key else { return Err(InvalidApiKey) };
+    let Entity::Key {
+        app_id,
+        key_hash: current_hash,
+        quota: kq,
+        models: key_models,
+        group_id: key_group,
+        ip_allow,
+        ip_deny,
+    } = key
+    else {
+        return Err(InvalidApiKey);
+    };
     if current_hash != hash {
         return Err(InvalidApiKey);
     }
@@ -169,17 +212,48 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     if ip_rejected(ip_allow, ip_deny, req.client_ip) {
         return Err(Forbidden);
     }
-    let key_avail = quota_check(kq, false, &key_rec.ledger, now, KeyQuotaExpired, InsufficientQuota)?;
+    let key_avail = quota_check(
+        kq,
+        false,
+        &key_rec.ledger,
+        now,
+        KeyQuotaExpired,
+        InsufficientQuota,
+    )?;
     // 5. The key's app, to find the user.
     let (app, app_rec) = live(&view.apps, app_id, now).ok_or(InvalidApp)?;
-    let Entity::App { user_id, quota: aq, models: app_models, group_id: app_group, ip_allow: app_allow, ip_deny: app_deny } = app else { return Err(InvalidApp) };
+    let Entity::App {
+        user_id,
+        quota: aq,
+        models: app_models,
+        group_id: app_group,
+        ip_allow: app_allow,
+        ip_deny: app_deny,
+    } = app
+    else {
+        return Err(InvalidApp);
+    };
     // 6. The user (always limited).
     let (user, user_rec) = live(&view.users, user_id, now).ok_or(InvalidUser)?;
-    let Entity::User { reseller_id, quota: uq, groups } = user else { return Err(InvalidUser) };
+    let Entity::User {
+        reseller_id,
+        quota: uq,
+        groups,
+    } = user
+    else {
+        return Err(InvalidUser);
+    };
     if uq.status == Status::Disabled {
         return Err(UserDisabled);
     }
-    let user_avail = quota_check(uq, true, &user_rec.ledger, now, AccountQuotaExpired, InsufficientQuota)?;
+    let user_avail = quota_check(
+        uq,
+        true,
+        &user_rec.ledger,
+        now,
+        AccountQuotaExpired,
+        InsufficientQuota,
+    )?;
     // 7. The reseller, if the user names one.
     let mut reseller_avail = None;
     if let Some(rid) = reseller_id {
@@ -188,7 +262,14 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
         if rq.status == Status::Disabled {
             return Err(ResellerDisabled);
         }
-        reseller_avail = quota_check(rq, false, &rec.ledger, now, ResellerQuotaExpired, ResellerInsufficientQuota)?;
+        reseller_avail = quota_check(
+            rq,
+            false,
+            &rec.ledger,
+            now,
+            ResellerQuotaExpired,
+            ResellerInsufficientQuota,
+        )?;
     }
     // 8. The app.
     if aq.status == Status::Disabled {
@@ -197,7 +278,14 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     if ip_rejected(app_allow, app_deny, req.client_ip) {
         return Err(Forbidden);
     }
-    let app_avail = quota_check(aq, false, &app_rec.ledger, now, AppQuotaExpired, InsufficientQuota)?;
+    let app_avail = quota_check(
+        aq,
+        false,
+        &app_rec.ledger,
+        now,
+        AppQuotaExpired,
+        InsufficientQuota,
+    )?;
     // 9. The group: the key's, else the app's; unbound, the first of the
     // user's live groups (default first, then weight, highest first, then
     // id) whose model list allows the model, whatever its status.
@@ -213,15 +301,21 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
             let mut any_live = false;
             let mut best: Option<(&GroupMembership, &Entity, &Record)> = None;
             for m in groups {
-                let Some((g, rec)) = live(&view.groups, &m.group_id, now) else { continue };
+                let Some((g, rec)) = live(&view.groups, &m.group_id, now) else {
+                    continue;
+                };
                 any_live = true;
-                let Entity::Group { models, .. } = g else { continue };
+                let Entity::Group { models, .. } = g else {
+                    continue;
+                };
                 if !allows(models, &req.model) {
                     continue;
                 }
                 let better = match best {
                     None => true,
-                    Some((b, ..)) => (!m.default, -m.weight, &m.group_id) < (!b.default, -b.weight, &b.group_id),
+                    Some((b, ..)) => {
+                        (!m.default, -m.weight, &m.group_id) < (!b.default, -b.weight, &b.group_id)
+                    }
                 };
                 if better {
                     best = Some((m, g, rec));
@@ -234,7 +328,14 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
             (m.group_id.as_str(), g, rec)
         }
     };
-    let Entity::Group { quota: gq, models: group_models, .. } = group else { return Err(GroupNotFound) };
+    let Entity::Group {
+        quota: gq,
+        models: group_models,
+        ..
+    } = group
+    else {
+        return Err(GroupNotFound);
+    };
     if gq.status == Status::Disabled {
         return Err(GroupDisabled);
     }
@@ -247,10 +348,15 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     }
     // 10. The model.
     let (model, _) = live(&view.models, &req.model, now).ok_or(ModelNotFound)?;
-    if !allows(group_models, &req.model) || !allows(app_models, &req.model) || !allows(key_models, &req.model) {
+    if !allows(group_models, &req.model)
+        || !allows(app_models, &req.model)
+        || !allows(key_models, &req.model)
+    {
         return Err(ModelNotFound);
     }
-    let Entity::Model { status, prices } = model else { return Err(ModelNotFound) };
+    let Entity::Model { status, prices } = model else {
+        return Err(ModelNotFound);
+    };
     if *status == Status::Disabled {
         return Err(ModelDisabled);
     }
@@ -260,7 +366,13 @@ pub fn decide<'a>(view: &'a View, req: &Request, key_hash: Option<&str>, now: Da
     }
     // 12. The estimated cost against every limited scope.
     if let Some(cost) = req.estimated_cost {
-        for (avail, code) in [(key_avail, InsufficientQuota), (user_avail, InsufficientQuota), (reseller_avail, ResellerInsufficientQuota), (app_avail, InsufficientQuota), (group_avail, GroupInsufficientQuota)] {
+        for (avail, code) in [
+            (key_avail, InsufficientQuota),
+            (user_avail, InsufficientQuota),
+            (reseller_avail, ResellerInsufficientQuota),
+            (app_avail, InsufficientQuota),
+            (group_avail, GroupInsufficientQuota),
+        ] {
             if avail.is_some_and(|a| a < cost) {
                 return Err(code);
             }

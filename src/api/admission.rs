@@ -24,7 +24,11 @@ pub struct AdmissionCounters {
 
 impl Default for AdmissionCounters {
     fn default() -> Self {
-        AdmissionCounters { allowed: AtomicU64::new(0), rejected: std::array::from_fn(|_| AtomicU64::new(0)), trace_seq: AtomicU64::new(0) }
+        AdmissionCounters {
+            allowed: AtomicU64::new(0),
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+            trace_seq: AtomicU64::new(0),
+        }
     }
 }
 
@@ -35,12 +39,19 @@ impl AdmissionCounters {
 
     pub fn render(&self, out: &mut String) {
         out.push_str("# HELP quota_admission_allowed_total Admission requests allowed.\n# TYPE quota_admission_allowed_total counter\n");
-        out.push_str(&format!("quota_admission_allowed_total {}\n", self.allowed.load(Ordering::Relaxed)));
+        out.push_str(&format!(
+            "quota_admission_allowed_total {}\n",
+            self.allowed.load(Ordering::Relaxed)
+        ));
         out.push_str("# HELP quota_admission_rejected_total Admission requests rejected, by documented code and message.\n# TYPE quota_admission_rejected_total counter\n");
         for c in ErrorCode::ALL {
             let n = self.rejected[c as usize].load(Ordering::Relaxed);
             if n > 0 {
-                out.push_str(&format!("quota_admission_rejected_total{{code=\"{}\",message=\"{}\"}} {n}\n", c.code(), c.message()));
+                out.push_str(&format!(
+                    "quota_admission_rejected_total{{code=\"{}\",message=\"{}\"}} {n}\n",
+                    c.code(),
+                    c.message()
+                ));
             }
         }
     }
@@ -52,7 +63,11 @@ impl AdmissionCounters {
     }
 }
 
-fn field<'a>(m: &'a Map<String, Value>, name: &str, required: bool) -> Result<Option<&'a str>, ApiError> {
+fn field<'a>(
+    m: &'a Map<String, Value>,
+    name: &str,
+    required: bool,
+) -> Result<Option<&'a str>, ApiError> {
     match m.get(name) {
         None | Some(Value::Null) if !required => Ok(None),
         None | Some(Value::Null) => Err(ApiError::invalid(name, "is required")),
@@ -64,10 +79,16 @@ fn field<'a>(m: &'a Map<String, Value>, name: &str, required: bool) -> Result<Op
 
 /// Step 0 of the check order: a malformed request is `invalid_parameter`.
 fn parse(body: &[u8]) -> Result<(Request, Option<String>), ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
-    let m = v.as_object().ok_or_else(|| ApiError::invalid("body", "must be a JSON object"))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
+    let m = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("body", "must be a JSON object"))?;
     let trace_id = field(m, "trace_id", false)?.map(str::to_string);
-    if trace_id.as_ref().is_some_and(|t| t.is_empty() || t.len() > 128) {
+    if trace_id
+        .as_ref()
+        .is_some_and(|t| t.is_empty() || t.len() > 128)
+    {
         return Err(ApiError::invalid("trace_id", "must be 1 to 128 bytes"));
     }
     let client_ip: IpAddr = field(m, "client_ip", true)?
@@ -77,7 +98,8 @@ fn parse(body: &[u8]) -> Result<(Request, Option<String>), ApiError> {
     let estimated_cost = match field(m, "estimated_cost", false)? {
         None => None,
         Some(s) => {
-            let d = crate::event::parse_decimal(s).map_err(|(_, why)| ApiError::invalid("estimated_cost", why))?;
+            let d = crate::event::parse_decimal(s)
+                .map_err(|(_, why)| ApiError::invalid("estimated_cost", why))?;
             if d < Decimal::ZERO {
                 return Err(ApiError::invalid("estimated_cost", "must not be negative"));
             }
@@ -108,11 +130,16 @@ pub(super) async fn admission(State(st): State<AppState>, body: Bytes) -> Respon
         }
     };
     let trace_id = trace_id.unwrap_or_else(|| st.admission.new_trace_id());
-    let hash = req.api_key.as_deref().filter(|k| !k.is_empty()).map(admission::key_hash);
+    let hash = req
+        .api_key
+        .as_deref()
+        .filter(|k| !k.is_empty())
+        .map(admission::key_hash);
     let now = (st.clock)();
     // Decide and build the answer under the read lock (no await inside).
     let decision: Result<Value, ErrorCode> = match st.view.read() {
-        Ok(view) => admission::decide(&view, &req, hash.as_deref(), now).map(|a| allowed_body(&a, &trace_id)),
+        Ok(view) => admission::decide(&view, &req, hash.as_deref(), now)
+            .map(|a| allowed_body(&a, &trace_id)),
         Err(_) => Err(ErrorCode::InternalError),
     };
     match decision {
@@ -122,7 +149,9 @@ pub(super) async fn admission(State(st): State<AppState>, body: Bytes) -> Respon
         }
         Err(code) => {
             st.admission.reject(code);
-            ApiError::documented(code).with_trace(&trace_id).into_response()
+            ApiError::documented(code)
+                .with_trace(&trace_id)
+                .into_response()
         }
     }
 }

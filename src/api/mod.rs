@@ -62,7 +62,8 @@ pub struct ApiError {
 impl ApiError {
     pub fn documented(c: ErrorCode) -> Self {
         ApiError {
-            status: StatusCode::from_u16(c.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            status: StatusCode::from_u16(c.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code: c.code().into(),
             message: c.message().into(),
             error_type: c.error_type(),
@@ -88,7 +89,14 @@ impl ApiError {
         Self::documented(ErrorCode::InternalError)
     }
     pub fn not_found(code: &str, message: String) -> Self {
-        ApiError { status: StatusCode::NOT_FOUND, code: code.into(), message, error_type: "fastapi_request_error", param: None, detail: None }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: code.into(),
+            message,
+            error_type: "fastapi_request_error",
+            param: None,
+            detail: None,
+        }
     }
 }
 
@@ -111,7 +119,11 @@ async fn readyz(State(st): State<AppState>) -> Response {
     let synced = st.view_synced_ms.load(Ordering::SeqCst);
     let view_loaded = synced > 0;
     let ready = db && consuming && view_loaded;
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let staleness_ms = view_loaded.then(|| (chrono::Utc::now().timestamp_millis() - synced).max(0));
     (status, Json(json!({"ready": ready, "database": db, "consumer": consuming, "admission_view_loaded": view_loaded, "admission_view_synced_ms_ago": staleness_ms}))).into_response()
 }
@@ -121,33 +133,60 @@ struct AtQuery {
     at: Option<String>,
 }
 
-async fn balance(State(st): State<AppState>, Path((kind, id)): Path<(String, String)>, Query(q): Query<AtQuery>) -> Result<Response, ApiError> {
-    let kind = AccountKind::parse(&kind).ok_or_else(|| ApiError::invalid("kind", format!("`{kind}` is not one of key, app, user, group, reseller")))?;
+async fn balance(
+    State(st): State<AppState>,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<AtQuery>,
+) -> Result<Response, ApiError> {
+    let kind = AccountKind::parse(&kind).ok_or_else(|| {
+        ApiError::invalid(
+            "kind",
+            format!("`{kind}` is not one of key, app, user, group, reseller"),
+        )
+    })?;
     if id.is_empty() || id.chars().count() > 128 {
         return Err(ApiError::invalid("id", "must be 1 to 128 characters"));
     }
     let at = match q.at.as_deref() {
         None => None,
-        Some(s) => Some(crate::event::parse_time(s).ok_or_else(|| ApiError::invalid("at", format!("`{s}` is not an RFC 3339 timestamp with offset")))?),
+        Some(s) => Some(crate::event::parse_time(s).ok_or_else(|| {
+            ApiError::invalid(
+                "at",
+                format!("`{s}` is not an RFC 3339 timestamp with offset"),
+            )
+        })?),
     };
     let account = AccountRef::new(kind, id);
-    match read::balance(&st.pool, &account, (st.clock)(), at).await.map_err(ApiError::internal)? {
+    match read::balance(&st.pool, &account, (st.clock)(), at)
+        .await
+        .map_err(ApiError::internal)?
+    {
         Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError::not_found("account_not_found", format!("No ledger for {account}: no event has named it."))),
+        None => Err(ApiError::not_found(
+            "account_not_found",
+            format!("No ledger for {account}: no event has named it."),
+        )),
     }
 }
 
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let counts = read::partition_counts(&st.pool).await.map_err(ApiError::internal)?;
+    let counts = read::partition_counts(&st.pool)
+        .await
+        .map_err(ApiError::internal)?;
     let mut out = String::new();
     for (name, help) in [
         ("consumed", "Messages consumed, per topic and partition."),
         ("applied", "Events applied."),
-        ("duplicates", "Repeated event ids with the same content, skipped."),
+        (
+            "duplicates",
+            "Repeated event ids with the same content, skipped.",
+        ),
         ("rejected", "Messages dead-lettered for good."),
         ("waiting", "Events quarantined until their cause arrives."),
     ] {
-        out.push_str(&format!("# HELP quota_events_{name}_total {help}\n# TYPE quota_events_{name}_total counter\n"));
+        out.push_str(&format!(
+            "# HELP quota_events_{name}_total {help}\n# TYPE quota_events_{name}_total counter\n"
+        ));
         for c in &counts {
             let v = match name {
                 "consumed" => c.consumed,
@@ -156,7 +195,10 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
                 "rejected" => c.rejected,
                 _ => c.waiting,
             };
-            out.push_str(&format!("quota_events_{name}_total{{topic=\"{}\",partition=\"{}\"}} {v}\n", c.topic, c.partition));
+            out.push_str(&format!(
+                "quota_events_{name}_total{{topic=\"{}\",partition=\"{}\"}} {v}\n",
+                c.topic, c.partition
+            ));
         }
     }
     st.admission.render(&mut out);

@@ -19,11 +19,19 @@ const MAX_TEXT_CHARS: usize = 4096;
 const MAX_LIST: usize = 10_000;
 
 fn schema(detail: impl Into<String>) -> Rejection {
-    Rejection { reason: Reason::Schema, detail: detail.into(), event_id: None }
+    Rejection {
+        reason: Reason::Schema,
+        detail: detail.into(),
+        event_id: None,
+    }
 }
 
 fn overflow(detail: impl Into<String>) -> Rejection {
-    Rejection { reason: Reason::Overflow, detail: detail.into(), event_id: None }
+    Rejection {
+        reason: Reason::Overflow,
+        detail: detail.into(),
+        event_id: None,
+    }
 }
 
 /// SHA-256 of the canonical form of a JSON value (object keys sorted, no
@@ -38,15 +46,24 @@ pub fn canonical_hash(v: &Value) -> ([u8; 32], String) {
 
 /// Decode one Kafka message value.
 pub fn decode(payload: Option<&[u8]>) -> Result<Event, Rejection> {
-    let invalid = |d: String| Rejection { reason: Reason::InvalidJson, detail: d, event_id: None };
+    let invalid = |d: String| Rejection {
+        reason: Reason::InvalidJson,
+        detail: d,
+        event_id: None,
+    };
     let bytes = payload.ok_or_else(|| invalid("message has no value".into()))?;
-    let text = std::str::from_utf8(bytes).map_err(|e| invalid(format!("value is not UTF-8: {e}")))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| invalid(format!("value is not JSON: {e}")))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| invalid(format!("value is not UTF-8: {e}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| invalid(format!("value is not JSON: {e}")))?;
     let obj = match &value {
         Value::Object(m) => m,
         _ => return Err(invalid("value is not a JSON object".into())),
     };
-    let event_id = obj.get("event_id").and_then(Value::as_str).map(str::to_string);
+    let event_id = obj
+        .get("event_id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     decode_object(obj, &value).map_err(|mut r| {
         r.event_id = event_id.filter(|id| valid_id(id));
         r
@@ -63,7 +80,9 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
     let event_type = f.text("type")?;
     let version = match obj.get("schema_version") {
         None => return Err(schema("missing field `schema_version`")),
-        Some(v) => v.as_i64().ok_or_else(|| schema("`schema_version` must be an integer"))?,
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| schema("`schema_version` must be an integer"))?,
     };
     if version != 1 {
         return Err(Rejection {
@@ -99,7 +118,11 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
                 None | Some("paid") => GrantCategory::Paid,
                 Some("promotional") => GrantCategory::Promotional,
                 Some("refund") => GrantCategory::Refund,
-                Some(o) => return Err(schema(format!("`category` must be paid, promotional or refund, not `{o}`"))),
+                Some(o) => {
+                    return Err(schema(format!(
+                        "`category` must be paid, promotional or refund, not `{o}`"
+                    )))
+                }
             },
             reference: f.opt_text("reference")?,
             actor: f.opt_text("actor")?,
@@ -137,7 +160,14 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
         }
     };
     let (content_hash, canonical) = canonical_hash(value);
-    Ok(Event { event_id, event_type, occurred_at, content_hash, canonical, body })
+    Ok(Event {
+        event_id,
+        event_type,
+        occurred_at,
+        content_hash,
+        canonical,
+        body,
+    })
 }
 
 fn usage(f: &Fields) -> R<UsageEvent> {
@@ -145,14 +175,21 @@ fn usage(f: &Fields) -> R<UsageEvent> {
         "success" => UsageStatus::Success,
         "aborted" => UsageStatus::Aborted,
         "failed" => UsageStatus::Failed,
-        o => return Err(schema(format!("`status` must be success, aborted or failed, not `{o}`"))),
+        o => {
+            return Err(schema(format!(
+                "`status` must be success, aborted or failed, not `{o}`"
+            )))
+        }
     };
     let usage_obj = match f.obj.get("usage") {
         Some(Value::Object(m)) => m,
         Some(_) => return Err(schema("`usage` must be an object")),
         None => return Err(schema("missing field `usage`")),
     };
-    let mut u = Usage { calls: 1, ..Usage::default() };
+    let mut u = Usage {
+        calls: 1,
+        ..Usage::default()
+    };
     for (name, v) in usage_obj {
         let n = match v {
             Value::Number(n) => {
@@ -168,7 +205,11 @@ fn usage(f: &Fields) -> R<UsageEvent> {
                     return Err(schema(format!("`usage.{name}` must be a whole number")));
                 }
             }
-            _ => return Err(schema(format!("`usage.{name}` must be a non-negative integer"))),
+            _ => {
+                return Err(schema(format!(
+                    "`usage.{name}` must be a non-negative integer"
+                )))
+            }
         };
         match name.as_str() {
             "input_tokens" => u.input_tokens = n,
@@ -191,7 +232,12 @@ fn usage(f: &Fields) -> R<UsageEvent> {
             return Err(schema("`reservation_id` must be a string or null"));
         }
     }
-    for opt in ["request_id", "served_model", "model_agent_id", "model_agent_key_id"] {
+    for opt in [
+        "request_id",
+        "served_model",
+        "model_agent_id",
+        "model_agent_key_id",
+    ] {
         f.opt_text(opt)?;
     }
     if let Some(v) = f.obj.get("usage_estimated") {
@@ -223,7 +269,14 @@ fn error(f: &Fields) -> R<ErrorEvent> {
         Some(s) if (100..=599).contains(&s) => s as u16,
         _ => return Err(schema("`http_status` must be an integer from 100 to 599")),
     };
-    for opt in ["trace_id", "app_id", "reseller_id", "group_id", "model_agent_key_id", "path"] {
+    for opt in [
+        "trace_id",
+        "app_id",
+        "reseller_id",
+        "group_id",
+        "model_agent_key_id",
+        "path",
+    ] {
         f.opt_text(opt)?;
     }
     Ok(ErrorEvent {
@@ -244,36 +297,59 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
             kind: EntityKind::Service,
             id: "service".into(),
             effective_from: occurred_at,
-            entity: Entity::Service { paused: f.bool("paused")?, ip_whitelist: f.ip_list("ip_whitelist")? },
+            entity: Entity::Service {
+                paused: f.bool("paused")?,
+                ip_whitelist: f.ip_list("ip_whitelist")?,
+            },
         });
     }
     let id = f.id("id")?;
     let quota = |always_limited: bool| -> R<QuotaSettings> {
         Ok(QuotaSettings {
             status: f.status()?,
-            quota_limited: if always_limited { true } else { f.bool("quota_limited")? },
+            quota_limited: if always_limited {
+                true
+            } else {
+                f.bool("quota_limited")?
+            },
             quota_expires_at: f.opt_time("quota_expires_at")?,
         })
     };
     let (kind, entity) = match event_type {
-        "reseller.upserted" => (AccountKind::Reseller, Entity::Reseller { quota: quota(false)? }),
+        "reseller.upserted" => (
+            AccountKind::Reseller,
+            Entity::Reseller {
+                quota: quota(false)?,
+            },
+        ),
         "user.upserted" => {
             let groups = match f.obj.get("groups") {
                 Some(Value::Array(a)) if a.len() <= MAX_LIST => a
                     .iter()
                     .enumerate()
                     .map(|(i, g)| {
-                        let m = g.as_object().ok_or_else(|| schema(format!("`groups[{i}]` must be an object")))?;
-                        let gf = Fields { obj: m, prefix: "groups[]." };
+                        let m = g
+                            .as_object()
+                            .ok_or_else(|| schema(format!("`groups[{i}]` must be an object")))?;
+                        let gf = Fields {
+                            obj: m,
+                            prefix: "groups[].",
+                        };
                         Ok(GroupMembership {
                             group_id: gf.id("group_id")?,
                             weight: m.get("weight").map_or(Ok(0), |w| {
-                                w.as_i64().ok_or_else(|| schema(format!("`groups[{i}].weight` must be an integer")))
+                                w.as_i64().ok_or_else(|| {
+                                    schema(format!("`groups[{i}].weight` must be an integer"))
+                                })
                             })?,
                             default: match m.get("default") {
                                 None => false,
                                 Some(Value::Bool(b)) => *b,
-                                Some(_) => return Err(schema(format!("`groups[{i}].default` must be a boolean"))),
+                                Some(_) => {
+                                    return Err(schema(format!(
+                                        "`groups[{i}].default` must be a boolean"
+                                    )))
+                                }
                             },
                         })
                     })
@@ -281,7 +357,14 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
                 Some(_) => return Err(schema("`groups` must be a list of at most 10000 entries")),
                 None => return Err(schema("missing field `groups`")),
             };
-            (AccountKind::User, Entity::User { reseller_id: f.nullable_id("reseller_id")?, quota: quota(true)?, groups })
+            (
+                AccountKind::User,
+                Entity::User {
+                    reseller_id: f.nullable_id("reseller_id")?,
+                    quota: quota(true)?,
+                    groups,
+                },
+            )
         }
         "app.upserted" => (
             AccountKind::App,
@@ -297,7 +380,9 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
         "key.upserted" => {
             let key_hash = f.text("key_hash")?.to_ascii_lowercase();
             if key_hash.len() != 64 || !key_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(schema("`key_hash` must be the hex SHA-256 of the secret (64 hex digits)"));
+                return Err(schema(
+                    "`key_hash` must be the hex SHA-256 of the secret (64 hex digits)",
+                ));
             }
             (
                 AccountKind::Key,
@@ -317,7 +402,14 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
             if discount < Decimal::ZERO {
                 return Err(schema("`discount` must not be negative"));
             }
-            (AccountKind::Group, Entity::Group { quota: quota(false)?, discount, models: f.str_list("models")? })
+            (
+                AccountKind::Group,
+                Entity::Group {
+                    quota: quota(false)?,
+                    discount,
+                    models: f.str_list("models")?,
+                },
+            )
         }
         "model.upserted" => {
             let prices = match f.obj.get("prices") {
@@ -325,8 +417,13 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
                     .iter()
                     .enumerate()
                     .map(|(i, p)| {
-                        let m = p.as_object().ok_or_else(|| schema(format!("`prices[{i}]` must be an object")))?;
-                        let pf = Fields { obj: m, prefix: "prices[]." };
+                        let m = p
+                            .as_object()
+                            .ok_or_else(|| schema(format!("`prices[{i}]` must be an object")))?;
+                        let pf = Fields {
+                            obj: m,
+                            prefix: "prices[].",
+                        };
                         Ok(PriceEntry {
                             path: pf.text("path")?,
                             input: pf.opt_price("input")?,
@@ -350,12 +447,20 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
                 kind: EntityKind::Model,
                 id,
                 effective_from,
-                entity: Entity::Model { status: f.status()?, prices },
+                entity: Entity::Model {
+                    status: f.status()?,
+                    prices,
+                },
             });
         }
         _ => unreachable!("caller matched the type"),
     };
-    Ok(Upsert { kind: EntityKind::Account(kind), id, effective_from, entity })
+    Ok(Upsert {
+        kind: EntityKind::Account(kind),
+        id,
+        effective_from,
+        entity,
+    })
 }
 
 /// Typed access to an object's fields, with messages that name them.
@@ -366,13 +471,18 @@ struct Fields<'a> {
 
 impl Fields<'_> {
     fn get(&self, name: &str) -> R<&Value> {
-        self.obj.get(name).ok_or_else(|| schema(format!("missing field `{}{name}`", self.prefix)))
+        self.obj
+            .get(name)
+            .ok_or_else(|| schema(format!("missing field `{}{name}`", self.prefix)))
     }
 
     fn text(&self, name: &str) -> R<String> {
         match self.get(name)? {
             Value::String(s) if s.chars().count() <= MAX_TEXT_CHARS => Ok(s.clone()),
-            Value::String(_) => Err(schema(format!("`{}{name}` is longer than {MAX_TEXT_CHARS} characters", self.prefix))),
+            Value::String(_) => Err(schema(format!(
+                "`{}{name}` is longer than {MAX_TEXT_CHARS} characters",
+                self.prefix
+            ))),
             _ => Err(schema(format!("`{}{name}` must be a string", self.prefix))),
         }
     }
@@ -387,7 +497,10 @@ impl Fields<'_> {
     fn id(&self, name: &str) -> R<String> {
         let s = self.text(name)?;
         if !valid_id(&s) {
-            return Err(schema(format!("`{}{name}` must be 1 to {MAX_ID_CHARS} characters", self.prefix)));
+            return Err(schema(format!(
+                "`{}{name}` must be 1 to {MAX_ID_CHARS} characters",
+                self.prefix
+            )));
         }
         Ok(s)
     }
@@ -401,12 +514,19 @@ impl Fields<'_> {
     }
 
     fn bool(&self, name: &str) -> R<bool> {
-        self.get(name)?.as_bool().ok_or_else(|| schema(format!("`{}{name}` must be a boolean", self.prefix)))
+        self.get(name)?
+            .as_bool()
+            .ok_or_else(|| schema(format!("`{}{name}` must be a boolean", self.prefix)))
     }
 
     fn time(&self, name: &str) -> R<DateTime<Utc>> {
         let s = self.text(name)?;
-        parse_time(&s).ok_or_else(|| schema(format!("`{}{name}` must be an RFC 3339 timestamp with offset, not `{s}`", self.prefix)))
+        parse_time(&s).ok_or_else(|| {
+            schema(format!(
+                "`{}{name}` must be an RFC 3339 timestamp with offset, not `{s}`",
+                self.prefix
+            ))
+        })
     }
 
     fn opt_time(&self, name: &str) -> R<Option<DateTime<Utc>>> {
@@ -423,7 +543,10 @@ impl Fields<'_> {
                 detail: format!("`{}{name}`: {d}", self.prefix),
                 event_id: None,
             }),
-            _ => Err(schema(format!("`{}{name}` must be a decimal string such as \"1250\"", self.prefix))),
+            _ => Err(schema(format!(
+                "`{}{name}` must be a decimal string such as \"1250\"",
+                self.prefix
+            ))),
         }
     }
 
@@ -433,7 +556,10 @@ impl Fields<'_> {
             Some(_) => {
                 let d = self.decimal(name)?;
                 if d < Decimal::ZERO {
-                    return Err(schema(format!("`{}{name}` must not be negative", self.prefix)));
+                    return Err(schema(format!(
+                        "`{}{name}` must not be negative",
+                        self.prefix
+                    )));
                 }
                 Ok(Some(d))
             }
@@ -445,7 +571,9 @@ impl Fields<'_> {
             "enabled" => Ok(Status::Enabled),
             "disabled" => Ok(Status::Disabled),
             "deleted" => Ok(Status::Deleted),
-            o => Err(schema(format!("`status` must be enabled, disabled or deleted, not `{o}`"))),
+            o => Err(schema(format!(
+                "`status` must be enabled, disabled or deleted, not `{o}`"
+            ))),
         }
     }
 
@@ -455,10 +583,14 @@ impl Fields<'_> {
                 .iter()
                 .map(|v| match v.as_str() {
                     Some(s) if valid_id(s) => Ok(s.to_string()),
-                    _ => Err(schema(format!("`{name}` must hold strings of 1 to {MAX_ID_CHARS} characters"))),
+                    _ => Err(schema(format!(
+                        "`{name}` must hold strings of 1 to {MAX_ID_CHARS} characters"
+                    ))),
                 })
                 .collect(),
-            _ => Err(schema(format!("`{name}` must be a list of at most {MAX_LIST} strings"))),
+            _ => Err(schema(format!(
+                "`{name}` must be a list of at most {MAX_LIST} strings"
+            ))),
         }
     }
 
@@ -474,17 +606,28 @@ impl Fields<'_> {
             Value::Object(m) => m,
             _ => return Err(schema(format!("`{name}` must be an object {{kind, id}}"))),
         };
-        let af = Fields { obj: m, prefix: "account." };
+        let af = Fields {
+            obj: m,
+            prefix: "account.",
+        };
         let kind_s = af.text("kind")?;
-        let kind = AccountKind::parse(&kind_s)
-            .ok_or_else(|| schema(format!("`account.kind` must be key, app, user, group or reseller, not `{kind_s}`")))?;
-        Ok(AccountRef { kind, id: af.id("id")? })
+        let kind = AccountKind::parse(&kind_s).ok_or_else(|| {
+            schema(format!(
+                "`account.kind` must be key, app, user, group or reseller, not `{kind_s}`"
+            ))
+        })?;
+        Ok(AccountRef {
+            kind,
+            id: af.id("id")?,
+        })
     }
 }
 
 /// RFC 3339 with an explicit offset; nothing more lenient.
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// A decimal string: optional minus, digits, optional fraction. Too many
@@ -504,7 +647,12 @@ pub fn parse_decimal(s: &str) -> Result<Decimal, (Reason, String)> {
     // many amounts stay exact.
     let int_digits = int.trim_start_matches('0').len();
     if int_digits > 18 || frac.map_or(0, str::len) > 18 {
-        return Err((Reason::Overflow, format!("`{s}` has more digits than an amount may have (18 before and 18 after the point)")));
+        return Err((
+            Reason::Overflow,
+            format!(
+                "`{s}` has more digits than an amount may have (18 before and 18 after the point)"
+            ),
+        ));
     }
     Decimal::from_str(s).map_err(|e| (Reason::Overflow, format!("`{s}`: {e}")))
 }
@@ -548,23 +696,58 @@ mod tests {
     fn rejection_reasons() {
         assert_eq!(reason("not json"), Reason::InvalidJson);
         assert_eq!(reason("[1,2]"), Reason::InvalidJson);
-        assert_eq!(reason(&USAGE.replace("\"schema_version\": 1", "\"schema_version\": 2")), Reason::UnsupportedVersion);
-        assert_eq!(reason(&USAGE.replace("\"type\": \"usage\"", "\"type\": \"usage.v9\"")), Reason::UnknownType);
-        assert_eq!(reason(&USAGE.replace("\"output_tokens\": 350", "\"output_tokens\": 350, \"image_tokens\": 3")), Reason::UnknownUsage);
-        assert_eq!(reason(&USAGE.replace("\"output_tokens\": 350", "\"output_tokens\": -1")), Reason::Schema);
-        assert_eq!(reason(&USAGE.replace("\"output_tokens\": 350", "\"output_tokens\": 99999999999999999999999")), Reason::Overflow);
-        assert_eq!(reason(&USAGE.replace("2026-11-27T10:00:00.123Z", "2026-11-27 10:00")), Reason::Schema);
-        assert_eq!(reason(&USAGE.replace("\"key_id\": \"k_1\",", "")), Reason::Schema);
+        assert_eq!(
+            reason(&USAGE.replace("\"schema_version\": 1", "\"schema_version\": 2")),
+            Reason::UnsupportedVersion
+        );
+        assert_eq!(
+            reason(&USAGE.replace("\"type\": \"usage\"", "\"type\": \"usage.v9\"")),
+            Reason::UnknownType
+        );
+        assert_eq!(
+            reason(&USAGE.replace(
+                "\"output_tokens\": 350",
+                "\"output_tokens\": 350, \"image_tokens\": 3"
+            )),
+            Reason::UnknownUsage
+        );
+        assert_eq!(
+            reason(&USAGE.replace("\"output_tokens\": 350", "\"output_tokens\": -1")),
+            Reason::Schema
+        );
+        assert_eq!(
+            reason(&USAGE.replace(
+                "\"output_tokens\": 350",
+                "\"output_tokens\": 99999999999999999999999"
+            )),
+            Reason::Overflow
+        );
+        assert_eq!(
+            reason(&USAGE.replace("2026-11-27T10:00:00.123Z", "2026-11-27 10:00")),
+            Reason::Schema
+        );
+        assert_eq!(
+            reason(&USAGE.replace("\"key_id\": \"k_1\",", "")),
+            Reason::Schema
+        );
         let grant = r#"{"event_id":"g","type":"quota.granted","schema_version":1,"occurred_at":"2026-11-27T10:00:00Z","grant_id":"gr","account":{"kind":"user","id":"u"},"amount":"AMT","expires_at":null}"#;
         assert!(decode(Some(grant.replace("AMT", "5000000").as_bytes())).is_ok());
         assert_eq!(reason(&grant.replace("AMT", "1e5")), Reason::Schema);
-        assert_eq!(reason(&grant.replace("AMT", "1234567890123456789012345")), Reason::Overflow);
+        assert_eq!(
+            reason(&grant.replace("AMT", "1234567890123456789012345")),
+            Reason::Overflow
+        );
         assert_eq!(reason(&grant.replace("\"AMT\"", "5")), Reason::Schema);
     }
 
     #[test]
     fn rejection_keeps_a_readable_event_id() {
-        let r = decode(Some(USAGE.replace("\"status\": \"success\"", "\"status\": \"done\"").as_bytes())).unwrap_err();
+        let r = decode(Some(
+            USAGE
+                .replace("\"status\": \"success\"", "\"status\": \"done\"")
+                .as_bytes(),
+        ))
+        .unwrap_err();
         assert_eq!(r.event_id.as_deref(), Some("u-1"));
         assert!(r.detail.contains("status"), "{}", r.detail);
     }

@@ -38,11 +38,19 @@ impl IpRule {
         };
         match (self.network, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 (u32::from(n) & mask) == (u32::from(a) & mask)
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 (u128::from(n) & mask) == (u128::from(a) & mask)
             }
             _ => false,
@@ -69,8 +77,12 @@ mod tests {
         let r6 = IpRule::parse("2001:db8::/32").unwrap();
         assert!(r6.contains("2001:db8:1::1".parse().unwrap()));
         assert!(!r6.contains("2001:db9::1".parse().unwrap()));
-        assert!(IpRule::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert!(IpRule::parse("10.0.0.1").unwrap().contains("10.0.0.1".parse().unwrap()));
+        assert!(IpRule::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(IpRule::parse("10.0.0.1")
+            .unwrap()
+            .contains("10.0.0.1".parse().unwrap()));
         assert!(IpRule::parse("10.0.0.0/33").is_err());
         assert!(IpRule::parse("nonsense").is_err());
     }

@@ -55,7 +55,10 @@ pub struct AccountRef {
 
 impl AccountRef {
     pub fn new(kind: AccountKind, id: impl Into<String>) -> Self {
-        AccountRef { kind, id: id.into() }
+        AccountRef {
+            kind,
+            id: id.into(),
+        }
     }
 }
 

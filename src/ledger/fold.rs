@@ -124,17 +124,35 @@ impl AccountState {
 
     /// What can be spent at `t`: credit in open blocks minus debt.
     pub fn available_at(&self, t: DateTime<Utc>) -> Decimal {
-        let open: Decimal = self.blocks.iter().filter(|b| b.open_at(t)).map(|b| b.remaining).sum();
+        let open: Decimal = self
+            .blocks
+            .iter()
+            .filter(|b| b.open_at(t))
+            .map(|b| b.remaining)
+            .sum();
         open - self.debt
     }
 
     /// Burn `amount` from the blocks open at `t`, earliest expiry first,
     /// non-expiring last, ties by effective_at then id; the rest is debt.
     fn burn(&mut self, amount: Decimal, t: DateTime<Utc>) -> Vec<(String, Decimal)> {
-        let mut order: Vec<usize> = (0..self.blocks.len()).filter(|&i| self.blocks[i].open_at(t) && self.blocks[i].remaining > Decimal::ZERO).collect();
+        let mut order: Vec<usize> = (0..self.blocks.len())
+            .filter(|&i| self.blocks[i].open_at(t) && self.blocks[i].remaining > Decimal::ZERO)
+            .collect();
         order.sort_by(|&a, &b| {
             let (x, y) = (&self.blocks[a], &self.blocks[b]);
-            (x.expires_at.is_none(), x.expires_at, x.effective_at, &x.block_id).cmp(&(y.expires_at.is_none(), y.expires_at, y.effective_at, &y.block_id))
+            (
+                x.expires_at.is_none(),
+                x.expires_at,
+                x.effective_at,
+                &x.block_id,
+            )
+                .cmp(&(
+                    y.expires_at.is_none(),
+                    y.expires_at,
+                    y.effective_at,
+                    &y.block_id,
+                ))
         });
         let mut left = amount;
         let mut taken = Vec::new();
@@ -224,7 +242,9 @@ pub fn entry_hash(prev: &[u8; 32], e: &Entry) -> [u8; 32] {
         e.entry_type.as_str().to_string(),
         e.amount.normalize().to_string(),
         e.balance_after.normalize().to_string(),
-        e.charge.map(|c| c.normalize().to_string()).unwrap_or_default(),
+        e.charge
+            .map(|c| c.normalize().to_string())
+            .unwrap_or_default(),
         e.occurred_at.timestamp_micros().to_string(),
         e.recorded_at.timestamp_micros().to_string(),
     ];
@@ -286,7 +306,11 @@ pub enum Resolution {
     Applied,
     Rejected(Reason, String),
     /// Still waiting, perhaps now on another cause.
-    StillWaiting { reason: Reason, detail: String, waiting_on: String },
+    StillWaiting {
+        reason: Reason,
+        detail: String,
+        waiting_on: String,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -314,11 +338,23 @@ enum Outcome {
 
 /// Fold a batch. `now` is the batch's recorded time. Returns an error only
 /// for a broken invariant.
-pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -> Result<Effects, String> {
+pub fn fold(
+    state: &mut FoldState,
+    mut inputs: Vec<Input>,
+    now: DateTime<Utc>,
+) -> Result<Effects, String> {
     // Control and usage topics race; within a batch, registry changes go
     // first (a stable sort), so usage does not wait for a price that is in
     // the same batch. The applied-event store records the order used.
-    inputs.sort_by_key(|i| !matches!(&i.decoded, Ok(Event { body: EventBody::Upsert(_), .. })));
+    inputs.sort_by_key(|i| {
+        !matches!(
+            &i.decoded,
+            Ok(Event {
+                body: EventBody::Upsert(_),
+                ..
+            })
+        )
+    });
     let mut fx = Effects::default();
     let mut seen_in_batch: HashMap<String, [u8; 32]> = HashMap::new();
     let mut next_seq = state.registry.max_seq() + 1_000_000_000;
@@ -328,16 +364,33 @@ pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -
             Ok(ev) => {
                 // A retried row is itself the waiting copy of its id; any
                 // applied copy still makes it a duplicate or a conflict.
-                let waiting = if input.retry_of.is_some() { None } else { state.waiting.get(&ev.event_id) };
-                let dup = state.applied.get(&ev.event_id).or(waiting).or(seen_in_batch.get(&ev.event_id));
+                let waiting = if input.retry_of.is_some() {
+                    None
+                } else {
+                    state.waiting.get(&ev.event_id)
+                };
+                let dup = state
+                    .applied
+                    .get(&ev.event_id)
+                    .or(waiting)
+                    .or(seen_in_batch.get(&ev.event_id));
                 match dup {
                     Some(h) if *h == ev.content_hash => Outcome::Duplicate,
-                    Some(_) => Outcome::Reject(Reason::Conflict, format!("event id `{}` was used before with other content", ev.event_id)),
+                    Some(_) => Outcome::Reject(
+                        Reason::Conflict,
+                        format!(
+                            "event id `{}` was used before with other content",
+                            ev.event_id
+                        ),
+                    ),
                     None => apply_event(state, ev, &input.source, now, &mut fx, &mut next_seq),
                 }
             }
         };
-        let c = fx.counts.entry((input.source.topic.clone(), input.source.partition)).or_default();
+        let c = fx
+            .counts
+            .entry((input.source.topic.clone(), input.source.partition))
+            .or_default();
         if let Some(qid) = input.retry_of {
             // A retried quarantine row: it was counted as waiting already.
             match outcome {
@@ -355,9 +408,17 @@ pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -
                 Outcome::Reject(reason, detail) => {
                     c.waiting -= 1;
                     c.rejected += 1;
-                    fx.resolved.push((qid, Resolution::Rejected(reason, detail)));
+                    fx.resolved
+                        .push((qid, Resolution::Rejected(reason, detail)));
                 }
-                Outcome::Wait(reason, detail, waiting_on) => fx.resolved.push((qid, Resolution::StillWaiting { reason, detail, waiting_on })),
+                Outcome::Wait(reason, detail, waiting_on) => fx.resolved.push((
+                    qid,
+                    Resolution::StillWaiting {
+                        reason,
+                        detail,
+                        waiting_on,
+                    },
+                )),
             }
             if let Ok(ev) = &input.decoded {
                 seen_in_batch.insert(ev.event_id.clone(), ev.content_hash);
@@ -365,22 +426,53 @@ pub fn fold(state: &mut FoldState, mut inputs: Vec<Input>, now: DateTime<Utc>) -
             continue;
         }
         c.consumed += 1;
-        let event_id = input.decoded.as_ref().ok().map(|e| e.event_id.clone()).or_else(|| input.decoded.as_ref().err().and_then(|r| r.event_id.clone()));
+        let event_id = input
+            .decoded
+            .as_ref()
+            .ok()
+            .map(|e| e.event_id.clone())
+            .or_else(|| {
+                input
+                    .decoded
+                    .as_ref()
+                    .err()
+                    .and_then(|r| r.event_id.clone())
+            });
         let content_hash = input.decoded.as_ref().ok().map(|e| e.content_hash);
         match outcome {
             Outcome::Applied => c.applied += 1,
             Outcome::Duplicate => c.duplicates += 1,
             Outcome::Reject(reason, detail) => {
                 c.rejected += 1;
-                fx.quarantined.push(Quarantined { event_id, reason, detail, waiting_on: None, content_hash, source: input.source.clone(), key: input.key.clone(), payload: input.payload.clone() });
+                fx.quarantined.push(Quarantined {
+                    event_id,
+                    reason,
+                    detail,
+                    waiting_on: None,
+                    content_hash,
+                    source: input.source.clone(),
+                    key: input.key.clone(),
+                    payload: input.payload.clone(),
+                });
             }
             Outcome::Wait(reason, detail, on) => {
                 c.waiting += 1;
-                fx.quarantined.push(Quarantined { event_id, reason, detail, waiting_on: Some(on), content_hash, source: input.source.clone(), key: input.key.clone(), payload: input.payload.clone() });
+                fx.quarantined.push(Quarantined {
+                    event_id,
+                    reason,
+                    detail,
+                    waiting_on: Some(on),
+                    content_hash,
+                    source: input.source.clone(),
+                    key: input.key.clone(),
+                    payload: input.payload.clone(),
+                });
             }
         }
         if let Ok(ev) = &input.decoded {
-            seen_in_batch.entry(ev.event_id.clone()).or_insert(ev.content_hash);
+            seen_in_batch
+                .entry(ev.event_id.clone())
+                .or_insert(ev.content_hash);
         }
     }
     for a in state.accounts.values() {
@@ -400,12 +492,24 @@ fn idem_hash(ev: &Event) -> [u8; 32] {
     canonical_hash(&v).0
 }
 
-fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Utc>, fx: &mut Effects, next_seq: &mut i64) -> Outcome {
+fn apply_event(
+    state: &mut FoldState,
+    ev: &Event,
+    src: &Source,
+    now: DateTime<Utc>,
+    fx: &mut Effects,
+    next_seq: &mut i64,
+) -> Outcome {
     let idem = ev.idempotency_key().map(|k| (k, idem_hash(ev)));
     if let Some((k, h)) = &idem {
         match state.idem_keys.get(k) {
             Some(prev) if prev == h => return Outcome::Duplicate,
-            Some(_) => return Outcome::Reject(Reason::Conflict, format!("`{k}` was used before with other content")),
+            Some(_) => {
+                return Outcome::Reject(
+                    Reason::Conflict,
+                    format!("`{k}` was used before with other content"),
+                )
+            }
             None => {}
         }
     }
@@ -414,15 +518,33 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
         EventBody::Error(_) => Outcome::Applied,
         EventBody::Upsert(up) => {
             *next_seq += 1;
-            state.registry.insert(up.kind, &up.id, Version { effective_from: up.effective_from, seq: *next_seq, event_id: ev.event_id.clone(), entity: up.entity.clone() });
+            state.registry.insert(
+                up.kind,
+                &up.id,
+                Version {
+                    effective_from: up.effective_from,
+                    seq: *next_seq,
+                    event_id: ev.event_id.clone(),
+                    entity: up.entity.clone(),
+                },
+            );
             if let EntityKind::Account(kind) = up.kind {
-                let acct = state.accounts.entry(AccountRef::new(kind, &up.id)).or_insert_with(|| AccountState::new(AccountRef::new(kind, &up.id)));
+                let acct = state
+                    .accounts
+                    .entry(AccountRef::new(kind, &up.id))
+                    .or_insert_with(|| AccountState::new(AccountRef::new(kind, &up.id)));
                 if !acct.registered {
                     acct.registered = true;
                     acct.dirty = true;
                 }
             }
-            fx.versions.push(NewVersion { kind: up.kind, id: up.id.clone(), effective_from: up.effective_from, event_id: ev.event_id.clone(), canonical: ev.canonical.clone() });
+            fx.versions.push(NewVersion {
+                kind: up.kind,
+                id: up.id.clone(),
+                effective_from: up.effective_from,
+                event_id: ev.event_id.clone(),
+                canonical: ev.canonical.clone(),
+            });
             Outcome::Applied
         }
         EventBody::Granted(g) => {
@@ -440,21 +562,51 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
                 dirty: true,
             };
             let repaid = acct.credit(block);
-            state.grant_accounts.insert(g.grant_id.clone(), g.account.clone());
+            state
+                .grant_accounts
+                .insert(g.grant_id.clone(), g.account.clone());
             let detail = json!({"grant_id": g.grant_id, "category": g.category.as_str(), "effective_at": g.effective_at, "expires_at": g.expires_at, "reference": g.reference, "actor": g.actor, "debt_repaid": repaid.normalize().to_string()});
-            push_entry(state, fx, &g.account, ev, EntryType::Grant, g.amount, None, src, now, detail);
+            push_entry(
+                state,
+                fx,
+                &g.account,
+                ev,
+                EntryType::Grant,
+                g.amount,
+                None,
+                src,
+                now,
+                detail,
+            );
             Outcome::Applied
         }
         EventBody::Adjusted(a) => {
             let acct = account(state, &a.account);
             let detail = if a.amount > Decimal::ZERO {
-                acct.credit(credit_block(format!("adjustment:{}", a.adjustment_id), &a.account, "adjustment", a.amount, ev.occurred_at));
+                acct.credit(credit_block(
+                    format!("adjustment:{}", a.adjustment_id),
+                    &a.account,
+                    "adjustment",
+                    a.amount,
+                    ev.occurred_at,
+                ));
                 json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor})
             } else {
                 let burned = acct.burn(-a.amount, ev.occurred_at);
                 json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor, "blocks": blocks_json(&burned)})
             };
-            push_entry(state, fx, &a.account, ev, EntryType::Adjustment, a.amount, None, src, now, detail);
+            push_entry(
+                state,
+                fx,
+                &a.account,
+                ev,
+                EntryType::Adjustment,
+                a.amount,
+                None,
+                src,
+                now,
+                detail,
+            );
             Outcome::Applied
         }
         EventBody::Reversed(r) => {
@@ -462,27 +614,60 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
                 return Outcome::Duplicate;
             }
             let Some(postings) = state.postings.get(&r.usage_event_id).cloned() else {
-                return Outcome::Wait(Reason::UnknownTarget, format!("usage event `{}` has not been applied yet", r.usage_event_id), format!("event:{}", r.usage_event_id));
+                return Outcome::Wait(
+                    Reason::UnknownTarget,
+                    format!(
+                        "usage event `{}` has not been applied yet",
+                        r.usage_event_id
+                    ),
+                    format!("event:{}", r.usage_event_id),
+                );
             };
             for p in &postings {
                 let credit = -p.amount;
                 if credit > Decimal::ZERO {
-                    account(state, &p.account).credit(credit_block(format!("reversal:{}", r.reversal_id), &p.account, "reversal", credit, ev.occurred_at));
+                    account(state, &p.account).credit(credit_block(
+                        format!("reversal:{}", r.reversal_id),
+                        &p.account,
+                        "reversal",
+                        credit,
+                        ev.occurred_at,
+                    ));
                 }
                 let detail = json!({"reversal_id": r.reversal_id, "usage_event_id": r.usage_event_id, "reason": r.reason, "actor": r.actor});
-                push_entry(state, fx, &p.account, ev, EntryType::Reversal, credit, Some(p.charge), src, now, detail);
+                push_entry(
+                    state,
+                    fx,
+                    &p.account,
+                    ev,
+                    EntryType::Reversal,
+                    credit,
+                    Some(p.charge),
+                    src,
+                    now,
+                    detail,
+                );
             }
             state.reversed.insert(r.usage_event_id.clone());
-            fx.reversals.push((r.usage_event_id.clone(), r.reversal_id.clone()));
+            fx.reversals
+                .push((r.usage_event_id.clone(), r.reversal_id.clone()));
             Outcome::Applied
         }
         EventBody::GrantVoided(v) => {
             let Some(acct_ref) = state.grant_accounts.get(&v.grant_id).cloned() else {
-                return Outcome::Wait(Reason::UnknownTarget, format!("grant `{}` has not been applied yet", v.grant_id), format!("grant:{}", v.grant_id));
+                return Outcome::Wait(
+                    Reason::UnknownTarget,
+                    format!("grant `{}` has not been applied yet", v.grant_id),
+                    format!("grant:{}", v.grant_id),
+                );
             };
             let acct = account(state, &acct_ref);
             let mut left = Decimal::ZERO;
-            if let Some(b) = acct.blocks.iter_mut().find(|b| b.block_id == v.grant_id && b.source == "grant") {
+            if let Some(b) = acct
+                .blocks
+                .iter_mut()
+                .find(|b| b.block_id == v.grant_id && b.source == "grant")
+            {
                 left = b.remaining;
                 b.remaining = Decimal::ZERO;
                 b.voided = true;
@@ -491,7 +676,18 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
             acct.balance -= left;
             acct.dirty = true;
             let detail = json!({"grant_id": v.grant_id, "reason": v.reason, "actor": v.actor});
-            push_entry(state, fx, &acct_ref, ev, EntryType::GrantVoid, -left, None, src, now, detail);
+            push_entry(
+                state,
+                fx,
+                &acct_ref,
+                ev,
+                EntryType::GrantVoid,
+                -left,
+                None,
+                src,
+                now,
+                detail,
+            );
             Outcome::Applied
         }
     };
@@ -499,8 +695,12 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
         match &ev.body {
             EventBody::Usage(_) => fx.provided.push(format!("event:{}", ev.event_id)),
             EventBody::Granted(g) => fx.provided.push(format!("grant:{}", g.grant_id)),
-            EventBody::Upsert(up) if up.kind == EntityKind::Model => fx.provided.push(format!("model:{}", up.id)),
-            EventBody::Upsert(up) if up.kind == EntityKind::Account(AccountKind::Group) => fx.provided.push(format!("group:{}", up.id)),
+            EventBody::Upsert(up) if up.kind == EntityKind::Model => {
+                fx.provided.push(format!("model:{}", up.id))
+            }
+            EventBody::Upsert(up) if up.kind == EntityKind::Account(AccountKind::Group) => {
+                fx.provided.push(format!("group:{}", up.id))
+            }
             _ => {}
         }
         if let Some((k, h)) = idem.clone() {
@@ -520,32 +720,87 @@ fn apply_event(state: &mut FoldState, ev: &Event, src: &Source, now: DateTime<Ut
     outcome
 }
 
-fn apply_usage(state: &mut FoldState, ev: &Event, u: &UsageEvent, src: &Source, now: DateTime<Utc>, fx: &mut Effects) -> Outcome {
+fn apply_usage(
+    state: &mut FoldState,
+    ev: &Event,
+    u: &UsageEvent,
+    src: &Source,
+    now: DateTime<Utc>,
+    fx: &mut Effects,
+) -> Outcome {
     let t = ev.occurred_at;
     let Some(model) = state.registry.at(EntityKind::Model, &u.model, t) else {
-        return Outcome::Wait(Reason::Unpriced, format!("model `{}` has no price version in force at {}", u.model, t.to_rfc3339()), format!("model:{}", u.model));
+        return Outcome::Wait(
+            Reason::Unpriced,
+            format!(
+                "model `{}` has no price version in force at {}",
+                u.model,
+                t.to_rfc3339()
+            ),
+            format!("model:{}", u.model),
+        );
     };
-    let Entity::Model { prices, .. } = &model.entity else { unreachable!("model versions hold models") };
+    let Entity::Model { prices, .. } = &model.entity else {
+        unreachable!("model versions hold models")
+    };
     let (discount, group_version) = match &u.group_id {
         None => (Decimal::ONE, None),
-        Some(g) => match state.registry.at(EntityKind::Account(AccountKind::Group), g, t) {
-            Some(Version { entity: Entity::Group { discount, .. }, event_id, .. }) => (*discount, Some(event_id.clone())),
-            _ => return Outcome::Wait(Reason::Unpriced, format!("group `{g}` has no version (discount) in force at {}", t.to_rfc3339()), format!("group:{g}")),
+        Some(g) => match state
+            .registry
+            .at(EntityKind::Account(AccountKind::Group), g, t)
+        {
+            Some(Version {
+                entity: Entity::Group { discount, .. },
+                event_id,
+                ..
+            }) => (*discount, Some(event_id.clone())),
+            _ => {
+                return Outcome::Wait(
+                    Reason::Unpriced,
+                    format!(
+                        "group `{g}` has no version (discount) in force at {}",
+                        t.to_rfc3339()
+                    ),
+                    format!("group:{g}"),
+                )
+            }
         },
     };
     let priced = match pricing::price(&u.usage, u.status, prices, &u.path, discount) {
         Ok(p) => p,
         Err(PriceError::NoPrice) => {
-            return Outcome::Wait(Reason::Unpriced, format!("model `{}` has no price for path `{}` (nor `*`) at {}", u.model, u.path, t.to_rfc3339()), format!("model:{}", u.model))
+            return Outcome::Wait(
+                Reason::Unpriced,
+                format!(
+                    "model `{}` has no price for path `{}` (nor `*`) at {}",
+                    u.model,
+                    u.path,
+                    t.to_rfc3339()
+                ),
+                format!("model:{}", u.model),
+            )
         }
-        Err(PriceError::Overflow) => return Outcome::Reject(Reason::Overflow, "the charge does not fit exact decimal arithmetic".into()),
+        Err(PriceError::Overflow) => {
+            return Outcome::Reject(
+                Reason::Overflow,
+                "the charge does not fit exact decimal arithmetic".into(),
+            )
+        }
     };
     let price_version = json!({"model_version": model.event_id, "effective_from": model.effective_from, "group_version": group_version});
     let mut postings = Vec::new();
     for acct_ref in u.accounts() {
         let limited = state.registry.limited_at(acct_ref.kind, &acct_ref.id, t);
-        let amount = if limited && !priced.charge.is_zero() { -priced.charge } else { Decimal::ZERO };
-        let burned = if limited && !priced.charge.is_zero() { account(state, &acct_ref).burn(priced.charge, t) } else { Vec::new() };
+        let amount = if limited && !priced.charge.is_zero() {
+            -priced.charge
+        } else {
+            Decimal::ZERO
+        };
+        let burned = if limited && !priced.charge.is_zero() {
+            account(state, &acct_ref).burn(priced.charge, t)
+        } else {
+            Vec::new()
+        };
         let detail = json!({
             "price": price_version,
             "prices": priced.entry,
@@ -556,8 +811,23 @@ fn apply_usage(state: &mut FoldState, ev: &Event, u: &UsageEvent, src: &Source, 
             "limited": limited,
             "blocks": blocks_json(&burned),
         });
-        push_entry(state, fx, &acct_ref, ev, EntryType::Usage, amount, Some(priced.charge), src, now, detail);
-        postings.push(Posting { account: acct_ref, amount, charge: priced.charge });
+        push_entry(
+            state,
+            fx,
+            &acct_ref,
+            ev,
+            EntryType::Usage,
+            amount,
+            Some(priced.charge),
+            src,
+            now,
+            detail,
+        );
+        postings.push(Posting {
+            account: acct_ref,
+            amount,
+            charge: priced.charge,
+        });
     }
     state.postings.insert(ev.event_id.clone(), postings);
     Outcome::Applied
@@ -568,12 +838,22 @@ fn apply_usage(state: &mut FoldState, ev: &Event, u: &UsageEvent, src: &Source, 
 /// finalization is recorded like an event (id `expiry:<kind>:<id>:<block>`,
 /// `occurred_at` the block's `expires_at`, applied at `now`), so a replay
 /// fires it at the same point. `due` names (account, block id).
-pub fn expire_blocks(state: &mut FoldState, due: &[(AccountRef, String)], now: DateTime<Utc>) -> Result<Effects, String> {
+pub fn expire_blocks(
+    state: &mut FoldState,
+    due: &[(AccountRef, String)],
+    now: DateTime<Utc>,
+) -> Result<Effects, String> {
     let mut fx = Effects::default();
     for (acct_ref, block_id) in due {
-        let Some(acct) = state.accounts.get_mut(acct_ref) else { continue };
-        let Some(b) = acct.blocks.iter_mut().find(|b| &b.block_id == block_id) else { continue };
-        let (Some(expires_at), left) = (b.expires_at, b.remaining) else { continue };
+        let Some(acct) = state.accounts.get_mut(acct_ref) else {
+            continue;
+        };
+        let Some(b) = acct.blocks.iter_mut().find(|b| &b.block_id == block_id) else {
+            continue;
+        };
+        let (Some(expires_at), left) = (b.expires_at, b.remaining) else {
+            continue;
+        };
         if left <= Decimal::ZERO || b.voided {
             continue;
         }
@@ -581,12 +861,37 @@ pub fn expire_blocks(state: &mut FoldState, due: &[(AccountRef, String)], now: D
         b.dirty = true;
         acct.balance -= left;
         acct.dirty = true;
-        let event_id = format!("expiry:{}:{}:{}", acct_ref.kind.as_str(), acct_ref.id, block_id);
+        let event_id = format!(
+            "expiry:{}:{}:{}",
+            acct_ref.kind.as_str(),
+            acct_ref.id,
+            block_id
+        );
         let body = json!({"event_id": event_id, "type": "expiry", "block_id": block_id, "account": {"kind": acct_ref.kind.as_str(), "id": acct_ref.id}, "amount": left.normalize().to_string(), "expires_at": expires_at, "fired_at": now});
         let (content_hash, canonical) = canonical_hash(&body);
         let detail = json!({"block_id": block_id, "category": b.category.map(|c| c.as_str()), "source": b.source, "fired_at": now});
-        push_entry_from(state, &mut fx, acct_ref, (&event_id, expires_at), EntryType::Expiry, -left, None, None, now, detail);
-        fx.applied.push(AppliedEvent { event_id, event_type: "expiry".into(), content_hash, idem_key: None, idem_hash: None, canonical, occurred_at: expires_at, source: None });
+        push_entry_from(
+            state,
+            &mut fx,
+            acct_ref,
+            (&event_id, expires_at),
+            EntryType::Expiry,
+            -left,
+            None,
+            None,
+            now,
+            detail,
+        );
+        fx.applied.push(AppliedEvent {
+            event_id,
+            event_type: "expiry".into(),
+            content_hash,
+            idem_key: None,
+            idem_hash: None,
+            canonical,
+            occurred_at: expires_at,
+            source: None,
+        });
     }
     for a in state.accounts.values() {
         if a.dirty {
@@ -597,24 +902,80 @@ pub fn expire_blocks(state: &mut FoldState, due: &[(AccountRef, String)], now: D
 }
 
 fn account<'a>(state: &'a mut FoldState, r: &AccountRef) -> &'a mut AccountState {
-    state.accounts.entry(r.clone()).or_insert_with(|| AccountState::new(r.clone()))
+    state
+        .accounts
+        .entry(r.clone())
+        .or_insert_with(|| AccountState::new(r.clone()))
 }
 
-fn credit_block(id: String, account: &AccountRef, source: &'static str, amount: Decimal, at: DateTime<Utc>) -> Block {
-    Block { block_id: id, account: account.clone(), source, category: None, effective_at: at, expires_at: None, amount, remaining: amount, voided: false, dirty: true }
+fn credit_block(
+    id: String,
+    account: &AccountRef,
+    source: &'static str,
+    amount: Decimal,
+    at: DateTime<Utc>,
+) -> Block {
+    Block {
+        block_id: id,
+        account: account.clone(),
+        source,
+        category: None,
+        effective_at: at,
+        expires_at: None,
+        amount,
+        remaining: amount,
+        voided: false,
+        dirty: true,
+    }
 }
 
 fn blocks_json(burned: &[(String, Decimal)]) -> serde_json::Value {
-    burned.iter().map(|(id, amt)| json!({"block": id, "amount": amt.normalize().to_string()})).collect()
+    burned
+        .iter()
+        .map(|(id, amt)| json!({"block": id, "amount": amt.normalize().to_string()}))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
-fn push_entry(state: &mut FoldState, fx: &mut Effects, r: &AccountRef, ev: &Event, entry_type: EntryType, amount: Decimal, charge: Option<Decimal>, src: &Source, now: DateTime<Utc>, detail: serde_json::Value) {
-    push_entry_from(state, fx, r, (&ev.event_id, ev.occurred_at), entry_type, amount, charge, Some(src.clone()), now, detail)
+fn push_entry(
+    state: &mut FoldState,
+    fx: &mut Effects,
+    r: &AccountRef,
+    ev: &Event,
+    entry_type: EntryType,
+    amount: Decimal,
+    charge: Option<Decimal>,
+    src: &Source,
+    now: DateTime<Utc>,
+    detail: serde_json::Value,
+) {
+    push_entry_from(
+        state,
+        fx,
+        r,
+        (&ev.event_id, ev.occurred_at),
+        entry_type,
+        amount,
+        charge,
+        Some(src.clone()),
+        now,
+        detail,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
-fn push_entry_from(state: &mut FoldState, fx: &mut Effects, r: &AccountRef, (event_id, occurred_at): (&str, DateTime<Utc>), entry_type: EntryType, amount: Decimal, charge: Option<Decimal>, source: Option<Source>, now: DateTime<Utc>, detail: serde_json::Value) {
+fn push_entry_from(
+    state: &mut FoldState,
+    fx: &mut Effects,
+    r: &AccountRef,
+    (event_id, occurred_at): (&str, DateTime<Utc>),
+    entry_type: EntryType,
+    amount: Decimal,
+    charge: Option<Decimal>,
+    source: Option<Source>,
+    now: DateTime<Utc>,
+    detail: serde_json::Value,
+) {
     let acct = account(state, r);
     acct.seq += 1;
     acct.dirty = true;
@@ -653,7 +1014,11 @@ mod tests {
     fn input(offset: i64, json: &str) -> Input {
         let bytes = json.as_bytes().to_vec();
         Input {
-            source: Source { topic: "t".into(), partition: 0, offset },
+            source: Source {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+            },
             key: None,
             decoded: decode(Some(&bytes)),
             payload: Some(bytes),
@@ -673,7 +1038,18 @@ mod tests {
     #[test]
     fn given_prices_and_credit_when_usage_then_every_named_ledger_is_debited() {
         let mut st = FoldState::default();
-        let fx = fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, GRANT), input(3, USAGE), input(4, USAGE)], now()).unwrap();
+        let fx = fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, GRANT),
+                input(3, USAGE),
+                input(4, USAGE),
+            ],
+            now(),
+        )
+        .unwrap();
         let c = fx.counts[&("t".to_string(), 0)];
         assert_eq!((c.consumed, c.applied, c.duplicates), (5, 4, 1));
         let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
@@ -683,11 +1059,18 @@ mod tests {
         // The group is unlimited: its entry records the charge and moves nothing.
         let g = &st.accounts[&AccountRef::new(AccountKind::Group, "g_1")];
         assert_eq!(g.balance, Decimal::ZERO);
-        let ge = fx.entries.iter().find(|e| e.account.kind == AccountKind::Group).unwrap();
+        let ge = fx
+            .entries
+            .iter()
+            .find(|e| e.account.kind == AccountKind::Group)
+            .unwrap();
         assert_eq!((ge.amount, ge.charge), (Decimal::ZERO, Some(d("5200"))));
         // Unregistered key and app count as limited: they go into debt.
         let k = &st.accounts[&AccountRef::new(AccountKind::Key, "k_1")];
-        assert_eq!((k.balance, k.debt, k.registered), (d("-5200"), d("5200"), false));
+        assert_eq!(
+            (k.balance, k.debt, k.registered),
+            (d("-5200"), d("5200"), false)
+        );
     }
 
     #[test]
@@ -696,7 +1079,10 @@ mod tests {
         let changed = USAGE.replace("1200", "1300");
         let fx = fold(&mut st, vec![input(0, USAGE), input(1, &changed)], now()).unwrap();
         assert_eq!(fx.quarantined[0].reason, Reason::Unpriced);
-        assert_eq!(fx.quarantined[0].waiting_on.as_deref(), Some("model:gpt-4o"));
+        assert_eq!(
+            fx.quarantined[0].waiting_on.as_deref(),
+            Some("model:gpt-4o")
+        );
         assert_eq!(fx.quarantined[1].reason, Reason::Conflict);
         let c = fx.counts[&("t".to_string(), 0)];
         assert_eq!((c.consumed, c.waiting, c.rejected, c.applied), (2, 1, 1, 0));
@@ -706,7 +1092,19 @@ mod tests {
     fn debt_is_repaid_by_the_next_grant_and_a_reversal_credits_back_exactly() {
         let mut st = FoldState::default();
         let rev = r#"{"event_id":"c-r","type":"usage.reversed","schema_version":1,"occurred_at":"2026-11-27T11:00:00Z","reversal_id":"rv-1","usage_event_id":"u-1","reason":"bad stream"}"#;
-        fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, USAGE), input(3, GRANT), input(4, rev), input(5, rev)], now()).unwrap();
+        fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, USAGE),
+                input(3, GRANT),
+                input(4, rev),
+                input(5, rev),
+            ],
+            now(),
+        )
+        .unwrap();
         let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
         assert_eq!(user.debt, Decimal::ZERO);
         assert_eq!(user.balance, d("10000"));
@@ -716,24 +1114,57 @@ mod tests {
     #[test]
     fn expiry_removes_exactly_what_the_block_has_left() {
         let mut st = FoldState::default();
-        let grant = GRANT.replace("\"expires_at\":null", "\"expires_at\":\"2026-11-27T11:00:00Z\"");
-        fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, &grant), input(3, USAGE)], now()).unwrap();
+        let grant = GRANT.replace(
+            "\"expires_at\":null",
+            "\"expires_at\":\"2026-11-27T11:00:00Z\"",
+        );
+        fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, &grant),
+                input(3, USAGE),
+            ],
+            now(),
+        )
+        .unwrap();
         let user = AccountRef::new(AccountKind::User, "u_1");
         let fx = expire_blocks(&mut st, &[(user.clone(), "gr-1".into())], now()).unwrap();
         // 10000 granted, 5200 used before expiry: 4800 expire.
         assert_eq!(fx.entries.len(), 1);
-        assert_eq!((fx.entries[0].entry_type, fx.entries[0].amount), (EntryType::Expiry, d("-4800")));
+        assert_eq!(
+            (fx.entries[0].entry_type, fx.entries[0].amount),
+            (EntryType::Expiry, d("-4800"))
+        );
         assert_eq!(st.accounts[&user].balance, Decimal::ZERO);
         assert_eq!(fx.applied[0].event_id, "expiry:user:u_1:gr-1");
         // Firing again finds nothing left.
-        assert!(expire_blocks(&mut st, &[(user, "gr-1".into())], now()).unwrap().entries.is_empty());
+        assert!(expire_blocks(&mut st, &[(user, "gr-1".into())], now())
+            .unwrap()
+            .entries
+            .is_empty());
     }
 
     #[test]
     fn hash_chain_links_entries() {
         let mut st = FoldState::default();
-        let fx = fold(&mut st, vec![input(0, MODEL), input(1, GROUP), input(2, GRANT), input(3, USAGE)], now()).unwrap();
-        let user: Vec<&Entry> = fx.entries.iter().filter(|e| e.account.kind == AccountKind::User).collect();
+        let fx = fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, GRANT),
+                input(3, USAGE),
+            ],
+            now(),
+        )
+        .unwrap();
+        let user: Vec<&Entry> = fx
+            .entries
+            .iter()
+            .filter(|e| e.account.kind == AccountKind::User)
+            .collect();
         assert_eq!(user[1].prev_hash, user[0].hash);
         assert_eq!(user[1].hash, entry_hash(&user[0].hash, user[1]));
     }

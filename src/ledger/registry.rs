@@ -40,7 +40,9 @@ impl Registry {
     }
 
     pub fn versions(&self, kind: EntityKind, id: &str) -> &[Version] {
-        self.versions.get(&(kind, id.to_string())).map_or(&[], Vec::as_slice)
+        self.versions
+            .get(&(kind, id.to_string()))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// Whether an account's usage moves its balance at `t`. A user is always
@@ -51,14 +53,22 @@ impl Registry {
         if kind == AccountKind::User {
             return true;
         }
-        match self.at(EntityKind::Account(kind), id, t).and_then(|v| v.entity.quota()) {
+        match self
+            .at(EntityKind::Account(kind), id, t)
+            .and_then(|v| v.entity.quota())
+        {
             Some(q) => q.quota_limited,
             None => true,
         }
     }
 
     pub fn max_seq(&self) -> i64 {
-        self.versions.values().flatten().map(|v| v.seq).max().unwrap_or(0)
+        self.versions
+            .values()
+            .flatten()
+            .map(|v| v.seq)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -73,7 +83,10 @@ mod tests {
             effective_from: Utc.with_ymd_and_hms(2026, 11, 27, from_h, 0, 0).unwrap(),
             seq,
             event_id: format!("v{seq}"),
-            entity: Entity::Model { status: Status::Enabled, prices: vec![] },
+            entity: Entity::Model {
+                status: Status::Enabled,
+                prices: vec![],
+            },
         }
     }
 

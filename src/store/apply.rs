@@ -17,7 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 
 use crate::event::{self, AccountKind, AccountRef, EntityKind, EventBody, GrantCategory};
-use crate::ledger::fold::{self, AccountState, Block, Effects, FoldState, Input, Posting, Resolution, Source};
+use crate::ledger::fold::{
+    self, AccountState, Block, Effects, FoldState, Input, Posting, Resolution, Source,
+};
 use crate::ledger::registry::Version;
 
 /// Where dead letters go.
@@ -64,7 +66,9 @@ impl From<ApplyError> for SinkError {
                 match code.as_deref() {
                     // Integrity and data errors other than a lost race on a
                     // unique key mean the ledger would be wrong: stop.
-                    Some(c) if (c.starts_with("23") && c != "23505") || c.starts_with("22") => SinkError::Fatal(format!("database refused a ledger write: {e:?}")),
+                    Some(c) if (c.starts_with("23") && c != "23505") || c.starts_with("22") => {
+                        SinkError::Fatal(format!("database refused a ledger write: {e:?}"))
+                    }
                     _ => SinkError::Transient(format!("database: {e}")),
                 }
             }
@@ -75,17 +79,30 @@ impl From<ApplyError> for SinkError {
 }
 
 impl BatchSink for LedgerSink {
-    fn stored_offsets<'a>(&'a self, partitions: &'a [(String, i32)]) -> BoxFuture<'a, Result<Vec<Option<i64>>, SinkError>> {
+    fn stored_offsets<'a>(
+        &'a self,
+        partitions: &'a [(String, i32)],
+    ) -> BoxFuture<'a, Result<Vec<Option<i64>>, SinkError>> {
         Box::pin(async move {
-            let client = self.pool.get().await.map_err(|e| SinkError::Transient(e.to_string()))?;
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| SinkError::Transient(e.to_string()))?;
             let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
             let parts: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
             let rows = client
                 .query("SELECT c.topic, c.partition, c.next_offset FROM consumer_partitions c JOIN unnest($1::text[], $2::int[]) u(t, p) ON c.topic = u.t AND c.partition = u.p", &[&topics, &parts])
                 .await
                 .map_err(|e| SinkError::Transient(e.to_string()))?;
-            let stored: HashMap<(String, i32), Option<i64>> = rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect();
-            Ok(partitions.iter().map(|p| stored.get(p).copied().flatten()).collect())
+            let stored: HashMap<(String, i32), Option<i64>> = rows
+                .iter()
+                .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+                .collect();
+            Ok(partitions
+                .iter()
+                .map(|p| stored.get(p).copied().flatten())
+                .collect())
         })
     }
 
@@ -101,20 +118,39 @@ impl LedgerSink {
     }
 
     pub async fn apply_records(&self, batch: &[Record]) -> Result<(), ApplyError> {
-        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))?;
         let tx = client.transaction().await?;
         // 1. Lock the offset rows of the batch's partitions.
-        let parts: BTreeSet<(String, i32)> = batch.iter().map(|r| (r.topic.clone(), r.partition)).collect();
+        let parts: BTreeSet<(String, i32)> = batch
+            .iter()
+            .map(|r| (r.topic.clone(), r.partition))
+            .collect();
         let next = lock_partitions(&tx, &parts).await?;
         // 2. Skip what an earlier transaction applied.
-        let fresh: Vec<&Record> = batch.iter().filter(|r| next.get(&(r.topic.clone(), r.partition)).copied().flatten().is_none_or(|n| r.offset >= n)).collect();
+        let fresh: Vec<&Record> = batch
+            .iter()
+            .filter(|r| {
+                next.get(&(r.topic.clone(), r.partition))
+                    .copied()
+                    .flatten()
+                    .is_none_or(|n| r.offset >= n)
+            })
+            .collect();
         if fresh.is_empty() {
             return Ok(());
         }
         let inputs: Vec<Input> = fresh
             .iter()
             .map(|r| Input {
-                source: Source { topic: r.topic.clone(), partition: r.partition, offset: r.offset },
+                source: Source {
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    offset: r.offset,
+                },
                 key: r.key.clone(),
                 payload: r.payload.clone(),
                 decoded: event::decode(r.payload.as_deref()),
@@ -123,7 +159,9 @@ impl LedgerSink {
             .collect();
         let mut new_next: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for r in &fresh {
-            let e = new_next.entry((r.topic.clone(), r.partition)).or_insert(r.offset + 1);
+            let e = new_next
+                .entry((r.topic.clone(), r.partition))
+                .or_insert(r.offset + 1);
             *e = (*e).max(r.offset + 1);
         }
         let now = self.now();
@@ -133,14 +171,22 @@ impl LedgerSink {
         }
         self.dead_letter(&fx).await?;
         tx.commit().await?;
-        tracing::debug!(records = batch.len(), entries = fx.entries.len(), "batch committed");
+        tracing::debug!(
+            records = batch.len(),
+            entries = fx.entries.len(),
+            "batch committed"
+        );
         Ok(())
     }
 
     /// Retry quarantined events whose cause may have arrived. Returns how
     /// many rows were looked at.
     pub async fn retry_waiting(&self, limit: i64) -> Result<usize, ApplyError> {
-        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))?;
         let tx = client.transaction().await?;
         let now = self.now();
         // Lock order: offset rows first, like the consumers.
@@ -150,7 +196,8 @@ impl LedgerSink {
         if candidates.is_empty() {
             return Ok(0);
         }
-        let parts: BTreeSet<(String, i32)> = candidates.iter().map(|r| (r.get(1), r.get(2))).collect();
+        let parts: BTreeSet<(String, i32)> =
+            candidates.iter().map(|r| (r.get(1), r.get(2))).collect();
         lock_partitions(&tx, &parts).await?;
         let ids: Vec<i64> = candidates.iter().map(|r| r.get(0)).collect();
         let rows = tx
@@ -161,7 +208,11 @@ impl LedgerSink {
             .map(|r| {
                 let payload: Option<Vec<u8>> = r.get(5);
                 Input {
-                    source: Source { topic: r.get(1), partition: r.get(2), offset: r.get(3) },
+                    source: Source {
+                        topic: r.get(1),
+                        partition: r.get(2),
+                        offset: r.get(3),
+                    },
                     key: r.get(4),
                     decoded: event::decode(payload.as_deref()),
                     payload,
@@ -180,12 +231,19 @@ impl LedgerSink {
     /// one row): they become waiting again and are retried at once, by this
     /// call and by any running sweeper. Returns how many rows moved.
     pub async fn redrive(&self, reason: Option<&str>, id: Option<i64>) -> Result<u64, ApplyError> {
-        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))?;
         let tx = client.transaction().await?;
         let now = self.now();
         let filter = "status = 'rejected' AND ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR quarantine_id = $2)";
         let parts: BTreeSet<(String, i32)> = tx
-            .query(&format!("SELECT DISTINCT topic, partition FROM quarantine WHERE {filter}"), &[&reason, &id])
+            .query(
+                &format!("SELECT DISTINCT topic, partition FROM quarantine WHERE {filter}"),
+                &[&reason, &id],
+            )
             .await?
             .iter()
             .map(|r| (r.get(0), r.get(1)))
@@ -211,8 +269,16 @@ impl LedgerSink {
 
     /// Finalize expiries that are due: blocks with credit left whose
     /// `expires_at` is more than `lateness` ago. Returns how many fired.
-    pub async fn finalize_expiries(&self, lateness: chrono::Duration, limit: i64) -> Result<usize, ApplyError> {
-        let mut client = self.pool.get().await.map_err(|e| ApplyError::Pool(e.to_string()))?;
+    pub async fn finalize_expiries(
+        &self,
+        lateness: chrono::Duration,
+        limit: i64,
+    ) -> Result<usize, ApplyError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))?;
         let tx = client.transaction().await?;
         let now = self.now();
         let cutoff = now - lateness;
@@ -225,7 +291,8 @@ impl LedgerSink {
         let mut due = Vec::new();
         let mut accounts = BTreeSet::new();
         for r in &rows {
-            let kind = AccountKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
+            let kind = AccountKind::parse(r.get(0))
+                .ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
             let a = AccountRef::new(kind, r.get::<_, String>(1));
             accounts.insert(a.clone());
             due.push((a, r.get::<_, String>(2)));
@@ -245,22 +312,46 @@ impl LedgerSink {
     /// transaction commits: a crash in between repeats a dead letter, never
     /// loses one. The quarantine table is the exact record.
     async fn dead_letter(&self, fx: &Effects) -> Result<(), ApplyError> {
-        let Some(dl) = &self.dead_letters else { return Ok(()) };
+        let Some(dl) = &self.dead_letters else {
+            return Ok(());
+        };
         let mut sends = Vec::new();
         for q in &fx.quarantined {
-            sends.push((q.reason.as_str().to_string(), q.detail.clone(), q.source.clone(), q.key.clone(), q.payload.clone()));
+            sends.push((
+                q.reason.as_str().to_string(),
+                q.detail.clone(),
+                q.source.clone(),
+                q.key.clone(),
+                q.payload.clone(),
+            ));
         }
         let mut futures = Vec::with_capacity(sends.len());
         for (reason, detail, src, key, payload) in &sends {
             let partition = src.partition.to_string();
             let offset = src.offset.to_string();
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "reason", value: Some(reason.as_str()) })
-                .insert(Header { key: "detail", value: Some(detail.as_str()) })
-                .insert(Header { key: "original_topic", value: Some(src.topic.as_str()) })
-                .insert(Header { key: "original_partition", value: Some(partition.as_str()) })
-                .insert(Header { key: "original_offset", value: Some(offset.as_str()) });
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&dl.topic).headers(headers);
+                .insert(Header {
+                    key: "reason",
+                    value: Some(reason.as_str()),
+                })
+                .insert(Header {
+                    key: "detail",
+                    value: Some(detail.as_str()),
+                })
+                .insert(Header {
+                    key: "original_topic",
+                    value: Some(src.topic.as_str()),
+                })
+                .insert(Header {
+                    key: "original_partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "original_offset",
+                    value: Some(offset.as_str()),
+                });
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&dl.topic).headers(headers);
             if let Some(k) = key {
                 rec = rec.key(k.as_slice());
             }
@@ -276,19 +367,29 @@ impl LedgerSink {
     }
 }
 
-async fn lock_partitions(tx: &Transaction<'_>, parts: &BTreeSet<(String, i32)>) -> Result<HashMap<(String, i32), Option<i64>>, ApplyError> {
+async fn lock_partitions(
+    tx: &Transaction<'_>,
+    parts: &BTreeSet<(String, i32)>,
+) -> Result<HashMap<(String, i32), Option<i64>>, ApplyError> {
     let topics: Vec<&str> = parts.iter().map(|(t, _)| t.as_str()).collect();
     let ps: Vec<i32> = parts.iter().map(|(_, p)| *p).collect();
     tx.execute("INSERT INTO consumer_partitions (topic, partition) SELECT * FROM unnest($1::text[], $2::int[]) ON CONFLICT DO NOTHING", &[&topics, &ps]).await?;
     let rows = tx
         .query("SELECT c.topic, c.partition, c.next_offset FROM consumer_partitions c JOIN unnest($1::text[], $2::int[]) u(t, p) ON c.topic = u.t AND c.partition = u.p ORDER BY c.topic COLLATE \"C\", c.partition FOR UPDATE OF c", &[&topics, &ps])
         .await?;
-    Ok(rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
 }
 
 /// Load what the inputs need, fold, write the effects. The caller holds the
 /// offset-row locks and commits.
-async fn fold_and_write(tx: &Transaction<'_>, inputs: Vec<Input>, now: DateTime<Utc>) -> Result<Effects, ApplyError> {
+async fn fold_and_write(
+    tx: &Transaction<'_>,
+    inputs: Vec<Input>,
+    now: DateTime<Utc>,
+) -> Result<Effects, ApplyError> {
     let mut state = load_state(tx, &inputs).await?;
     let fx = fold::fold(&mut state, inputs, now).map_err(ApplyError::Invariant)?;
     write_effects(tx, &state, &fx, now).await?;
@@ -297,9 +398,18 @@ async fn fold_and_write(tx: &Transaction<'_>, inputs: Vec<Input>, now: DateTime<
 
 async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState, ApplyError> {
     let mut st = FoldState::default();
-    let events: Vec<&event::Event> = inputs.iter().filter_map(|i| i.decoded.as_ref().ok()).collect();
+    let events: Vec<&event::Event> = inputs
+        .iter()
+        .filter_map(|i| i.decoded.as_ref().ok())
+        .collect();
     let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-    for r in tx.query("SELECT event_id, content_hash FROM applied_events WHERE event_id = ANY($1)", &[&ids]).await? {
+    for r in tx
+        .query(
+            "SELECT event_id, content_hash FROM applied_events WHERE event_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+    {
         st.applied.insert(r.get(0), hash32(r.get(1)));
     }
     for r in tx.query("SELECT event_id, content_hash FROM quarantine WHERE status = 'waiting' AND event_id = ANY($1)", &[&ids]).await? {
@@ -310,7 +420,13 @@ async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState,
     }
     let idem: Vec<String> = events.iter().filter_map(|e| e.idempotency_key()).collect();
     if !idem.is_empty() {
-        for r in tx.query("SELECT idem_key, idem_hash FROM applied_events WHERE idem_key = ANY($1)", &[&idem]).await? {
+        for r in tx
+            .query(
+                "SELECT idem_key, idem_hash FROM applied_events WHERE idem_key = ANY($1)",
+                &[&idem],
+            )
+            .await?
+        {
             st.idem_keys.insert(r.get(0), hash32(r.get(1)));
         }
     }
@@ -352,11 +468,31 @@ async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState,
             .await?;
         for r in rows {
             let payload: String = r.get(5);
-            let kind = EntityKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant(format!("unknown registry kind {}", r.get::<_, String>(0))))?;
-            let ev = event::decode(Some(payload.as_bytes())).map_err(|e| ApplyError::Invariant(format!("stored registry version does not decode: {}", e.detail)))?;
-            let EventBody::Upsert(up) = ev.body else { return Err(ApplyError::Invariant("stored registry version is not an upsert".into())) };
+            let kind = EntityKind::parse(r.get(0)).ok_or_else(|| {
+                ApplyError::Invariant(format!("unknown registry kind {}", r.get::<_, String>(0)))
+            })?;
+            let ev = event::decode(Some(payload.as_bytes())).map_err(|e| {
+                ApplyError::Invariant(format!(
+                    "stored registry version does not decode: {}",
+                    e.detail
+                ))
+            })?;
+            let EventBody::Upsert(up) = ev.body else {
+                return Err(ApplyError::Invariant(
+                    "stored registry version is not an upsert".into(),
+                ));
+            };
             let id: String = r.get(1);
-            st.registry.insert(kind, &id, Version { effective_from: r.get(2), seq: r.get(3), event_id: r.get(4), entity: up.entity });
+            st.registry.insert(
+                kind,
+                &id,
+                Version {
+                    effective_from: r.get(2),
+                    seq: r.get(3),
+                    event_id: r.get(4),
+                    entity: up.entity,
+                },
+            );
         }
     }
     if !reversal_targets.is_empty() {
@@ -367,7 +503,13 @@ async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState,
             st.postings.entry(r.get(0)).or_default().push(Posting { account: account.clone(), amount: r.get(3), charge: charge.unwrap_or_default() });
             accounts.insert(account);
         }
-        for r in tx.query("SELECT usage_event_id FROM reversals WHERE usage_event_id = ANY($1)", &[&reversal_targets]).await? {
+        for r in tx
+            .query(
+                "SELECT usage_event_id FROM reversals WHERE usage_event_id = ANY($1)",
+                &[&reversal_targets],
+            )
+            .await?
+        {
             st.reversed.insert(r.get(0));
         }
     }
@@ -386,12 +528,19 @@ async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState,
 }
 
 fn sorted_accounts(accounts: &BTreeSet<AccountRef>) -> Vec<(&'static str, &str)> {
-    let mut v: Vec<(&'static str, &str)> = accounts.iter().map(|a| (a.kind.as_str(), a.id.as_str())).collect();
+    let mut v: Vec<(&'static str, &str)> = accounts
+        .iter()
+        .map(|a| (a.kind.as_str(), a.id.as_str()))
+        .collect();
     v.sort();
     v
 }
 
-async fn lock_accounts(tx: &Transaction<'_>, accounts: &BTreeSet<AccountRef>, st: &mut FoldState) -> Result<(), ApplyError> {
+async fn lock_accounts(
+    tx: &Transaction<'_>,
+    accounts: &BTreeSet<AccountRef>,
+    st: &mut FoldState,
+) -> Result<(), ApplyError> {
     if accounts.is_empty() {
         return Ok(());
     }
@@ -403,7 +552,8 @@ async fn lock_accounts(tx: &Transaction<'_>, accounts: &BTreeSet<AccountRef>, st
         .query("SELECT a.kind, a.id, a.registered, a.balance, a.debt, a.entry_count, a.last_hash FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i ORDER BY a.kind, a.id FOR UPDATE OF a", &[&kinds, &ids])
         .await?;
     for r in rows {
-        let kind = AccountKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
+        let kind = AccountKind::parse(r.get(0))
+            .ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
         let account = AccountRef::new(kind, r.get::<_, String>(1));
         let mut a = AccountState::new(account.clone());
         a.registered = r.get(2);
@@ -417,7 +567,8 @@ async fn lock_accounts(tx: &Transaction<'_>, accounts: &BTreeSet<AccountRef>, st
         .query("SELECT b.kind, b.id, b.block_id, b.source, b.category, b.effective_at, b.expires_at, b.amount, b.remaining, b.voided FROM credit_blocks b JOIN unnest($1::text[], $2::text[]) u(k, i) ON b.kind = u.k AND b.id = u.i WHERE b.remaining > 0", &[&kinds, &ids])
         .await?;
     for r in rows {
-        let kind = AccountKind::parse(r.get(0)).ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
+        let kind = AccountKind::parse(r.get(0))
+            .ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
         let account = AccountRef::new(kind, r.get::<_, String>(1));
         let source: &str = r.get(3);
         let category: Option<&str> = r.get(4);
@@ -446,7 +597,8 @@ async fn lock_accounts(tx: &Transaction<'_>, accounts: &BTreeSet<AccountRef>, st
         }
     }
     for a in st.accounts.values() {
-        a.check().map_err(|e| ApplyError::Invariant(format!("as loaded: {e}")))?;
+        a.check()
+            .map_err(|e| ApplyError::Invariant(format!("as loaded: {e}")))?;
     }
     Ok(())
 }
@@ -459,7 +611,12 @@ fn hash32(v: Vec<u8>) -> [u8; 32] {
     h
 }
 
-async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: DateTime<Utc>) -> Result<(), ApplyError> {
+async fn write_effects(
+    tx: &Transaction<'_>,
+    st: &FoldState,
+    fx: &Effects,
+    now: DateTime<Utc>,
+) -> Result<(), ApplyError> {
     if !fx.versions.is_empty() {
         let kinds: Vec<&str> = fx.versions.iter().map(|v| v.kind.as_str()).collect();
         let ids: Vec<&str> = fx.versions.iter().map(|v| v.id.as_str()).collect();
@@ -478,12 +635,24 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
         let types: Vec<&str> = a.iter().map(|x| x.event_type.as_str()).collect();
         let hashes: Vec<&[u8]> = a.iter().map(|x| x.content_hash.as_slice()).collect();
         let idem: Vec<Option<&str>> = a.iter().map(|x| x.idem_key.as_deref()).collect();
-        let idem_h: Vec<Option<&[u8]>> = a.iter().map(|x| x.idem_hash.as_ref().map(|h| h.as_slice())).collect();
+        let idem_h: Vec<Option<&[u8]>> = a
+            .iter()
+            .map(|x| x.idem_hash.as_ref().map(|h| h.as_slice()))
+            .collect();
         let payloads: Vec<&str> = a.iter().map(|x| x.canonical.as_str()).collect();
         let occurred: Vec<DateTime<Utc>> = a.iter().map(|x| x.occurred_at).collect();
-        let topics: Vec<Option<&str>> = a.iter().map(|x| x.source.as_ref().map(|s| s.topic.as_str())).collect();
-        let parts: Vec<Option<i32>> = a.iter().map(|x| x.source.as_ref().map(|s| s.partition)).collect();
-        let offsets: Vec<Option<i64>> = a.iter().map(|x| x.source.as_ref().map(|s| s.offset)).collect();
+        let topics: Vec<Option<&str>> = a
+            .iter()
+            .map(|x| x.source.as_ref().map(|s| s.topic.as_str()))
+            .collect();
+        let parts: Vec<Option<i32>> = a
+            .iter()
+            .map(|x| x.source.as_ref().map(|s| s.partition))
+            .collect();
+        let offsets: Vec<Option<i64>> = a
+            .iter()
+            .map(|x| x.source.as_ref().map(|s| s.offset))
+            .collect();
         tx.execute(
             "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset)
              SELECT e, t, h, k, kh, p::jsonb, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
@@ -513,13 +682,20 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
             &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &now],
         )
         .await?;
-        let blocks: Vec<&Block> = dirty.iter().flat_map(|a| a.blocks.iter()).filter(|b| b.dirty).collect();
+        let blocks: Vec<&Block> = dirty
+            .iter()
+            .flat_map(|a| a.blocks.iter())
+            .filter(|b| b.dirty)
+            .collect();
         if !blocks.is_empty() {
             let kinds: Vec<&str> = blocks.iter().map(|b| b.account.kind.as_str()).collect();
             let ids: Vec<&str> = blocks.iter().map(|b| b.account.id.as_str()).collect();
             let bids: Vec<&str> = blocks.iter().map(|b| b.block_id.as_str()).collect();
             let src: Vec<&str> = blocks.iter().map(|b| b.source).collect();
-            let cat: Vec<Option<&str>> = blocks.iter().map(|b| b.category.map(|c| c.as_str())).collect();
+            let cat: Vec<Option<&str>> = blocks
+                .iter()
+                .map(|b| b.category.map(|c| c.as_str()))
+                .collect();
             let eff: Vec<DateTime<Utc>> = blocks.iter().map(|b| b.effective_at).collect();
             let exp: Vec<Option<DateTime<Utc>>> = blocks.iter().map(|b| b.expires_at).collect();
             let amt: Vec<Decimal> = blocks.iter().map(|b| b.amount).collect();
@@ -545,9 +721,18 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
         let after: Vec<Decimal> = e.iter().map(|x| x.balance_after).collect();
         let charges: Vec<Option<Decimal>> = e.iter().map(|x| x.charge).collect();
         let occurred: Vec<DateTime<Utc>> = e.iter().map(|x| x.occurred_at).collect();
-        let topics: Vec<Option<&str>> = e.iter().map(|x| x.source.as_ref().map(|s| s.topic.as_str())).collect();
-        let parts: Vec<Option<i32>> = e.iter().map(|x| x.source.as_ref().map(|s| s.partition)).collect();
-        let offsets: Vec<Option<i64>> = e.iter().map(|x| x.source.as_ref().map(|s| s.offset)).collect();
+        let topics: Vec<Option<&str>> = e
+            .iter()
+            .map(|x| x.source.as_ref().map(|s| s.topic.as_str()))
+            .collect();
+        let parts: Vec<Option<i32>> = e
+            .iter()
+            .map(|x| x.source.as_ref().map(|s| s.partition))
+            .collect();
+        let offsets: Vec<Option<i64>> = e
+            .iter()
+            .map(|x| x.source.as_ref().map(|s| s.offset))
+            .collect();
         let details: Vec<&serde_json::Value> = e.iter().map(|x| &x.detail).collect();
         let prev: Vec<&[u8]> = e.iter().map(|x| x.prev_hash.as_slice()).collect();
         let hashes: Vec<&[u8]> = e.iter().map(|x| x.hash.as_slice()).collect();
@@ -561,7 +746,11 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
         .await?;
     }
     for q in &fx.quarantined {
-        let status = if q.reason.waits() { "waiting" } else { "rejected" };
+        let status = if q.reason.waits() {
+            "waiting"
+        } else {
+            "rejected"
+        };
         let retry_after = q.reason.waits().then(|| now + chrono::Duration::seconds(1));
         tx.execute(
             "INSERT INTO quarantine (event_id, reason, detail, waiting_on, content_hash, status, topic, partition, kafka_offset, msg_key, payload, received_at, retry_after)
@@ -578,7 +767,11 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
             Resolution::Rejected(reason, detail) => {
                 tx.execute("UPDATE quarantine SET status = 'rejected', reason = $2, detail = $3, resolved_at = $4 WHERE quarantine_id = $1", &[qid, &reason.as_str(), detail, &now]).await?;
             }
-            Resolution::StillWaiting { reason, detail, waiting_on } => {
+            Resolution::StillWaiting {
+                reason,
+                detail,
+                waiting_on,
+            } => {
                 // Back off: 1 s doubling to a minute, unless its cause arrives.
                 tx.execute(
                     "UPDATE quarantine SET attempts = attempts + 1, reason = $3, detail = $4, waiting_on = $5,
@@ -596,11 +789,24 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
     // Tell every serve process's admission view what moved; delivered on
     // commit.
     let changes = super::view::Changes {
-        a: st.accounts.values().filter(|a| a.dirty).map(|a| (a.account.kind.as_str().to_string(), a.account.id.clone())).collect(),
-        e: fx.versions.iter().map(|v| (v.kind.as_str().to_string(), v.id.clone())).collect(),
+        a: st
+            .accounts
+            .values()
+            .filter(|a| a.dirty)
+            .map(|a| (a.account.kind.as_str().to_string(), a.account.id.clone()))
+            .collect(),
+        e: fx
+            .versions
+            .iter()
+            .map(|v| (v.kind.as_str().to_string(), v.id.clone()))
+            .collect(),
     };
     for payload in changes.payloads() {
-        tx.execute("SELECT pg_notify($1, $2)", &[&super::view::CHANNEL, &payload]).await?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&super::view::CHANNEL, &payload],
+        )
+        .await?;
     }
     for ((topic, partition), c) in &fx.counts {
         tx.execute(
@@ -614,7 +820,11 @@ async fn write_effects(tx: &Transaction<'_>, st: &FoldState, fx: &Effects, now: 
 
 /// Keep retrying waiting events, and finalizing due expiries, until
 /// `shutdown`.
-pub async fn run_quarantine_sweeper(sink: LedgerSink, lateness: chrono::Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_quarantine_sweeper(
+    sink: LedgerSink,
+    lateness: chrono::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         match sink.finalize_expiries(lateness, 500).await {
             Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),

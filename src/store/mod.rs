@@ -16,15 +16,25 @@ mod embedded {
 /// A pool on `url`, creating the database first when it does not exist
 /// (so a fresh local cluster needs no setup).
 pub async fn connect(url: &str, max_size: usize) -> anyhow::Result<Pool> {
-    let config: tokio_postgres::Config = url.parse().map_err(|e| anyhow::anyhow!("DATABASE_URL `{url}` is not a Postgres URL: {e}"))?;
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL `{url}` is not a Postgres URL: {e}"))?;
     create_database_if_missing(&config).await?;
-    let mgr = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let mgr = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     let pool = Pool::builder(mgr).max_size(max_size).build()?;
     Ok(pool)
 }
 
 async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::Result<()> {
-    let Some(db) = config.get_dbname().map(str::to_string) else { return Ok(()) };
+    let Some(db) = config.get_dbname().map(str::to_string) else {
+        return Ok(());
+    };
     match config.connect(NoTls).await {
         Ok(_) => return Ok(()),
         Err(e) if e.as_db_error().map(|d| d.code().code()) == Some("3D000") => {}
@@ -32,10 +42,16 @@ async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::
     }
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin.connect(NoTls).await.map_err(|e| anyhow::anyhow!("cannot connect to Postgres: {e}"))?;
+    let (client, conn) = admin
+        .connect(NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to Postgres: {e}"))?;
     tokio::spawn(conn);
     let quoted = format!("\"{}\"", db.replace('"', "\"\""));
-    match client.batch_execute(&format!("CREATE DATABASE {quoted}")).await {
+    match client
+        .batch_execute(&format!("CREATE DATABASE {quoted}"))
+        .await
+    {
         Ok(()) => tracing::info!(database = %db, "created database"),
         // Another process created it meanwhile.
         Err(e) if e.as_db_error().map(|d| d.code().code()) == Some("42P04") => {}
@@ -48,9 +64,15 @@ async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::
 /// `serve` processes may start at once.
 pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     let mut client = pool.get().await?;
-    client.batch_execute("SELECT pg_advisory_lock(7243001)").await?;
-    let result = embedded::migrations::runner().run_async(&mut **client).await;
-    client.batch_execute("SELECT pg_advisory_unlock(7243001)").await?;
+    client
+        .batch_execute("SELECT pg_advisory_lock(7243001)")
+        .await?;
+    let result = embedded::migrations::runner()
+        .run_async(&mut **client)
+        .await;
+    client
+        .batch_execute("SELECT pg_advisory_unlock(7243001)")
+        .await?;
     let report = result?;
     for m in report.applied_migrations() {
         tracing::info!(migration = %m, "applied migration");

@@ -32,9 +32,20 @@ pub async fn entity_versions(pool: &Pool, kind: EntityKind, id: &str) -> anyhow:
     let mut reg = Registry::default();
     for r in rows {
         let payload: String = r.get(3);
-        let ev = event::decode(Some(payload.as_bytes())).map_err(|e| anyhow::anyhow!("stored registry version does not decode: {}", e.detail))?;
+        let ev = event::decode(Some(payload.as_bytes())).map_err(|e| {
+            anyhow::anyhow!("stored registry version does not decode: {}", e.detail)
+        })?;
         if let EventBody::Upsert(up) = ev.body {
-            reg.insert(kind, id, Version { effective_from: r.get(0), seq: r.get(1), event_id: r.get(2), entity: up.entity });
+            reg.insert(
+                kind,
+                id,
+                Version {
+                    effective_from: r.get(0),
+                    seq: r.get(1),
+                    event_id: r.get(2),
+                    entity: up.entity,
+                },
+            );
         }
     }
     Ok(reg)
@@ -43,10 +54,18 @@ pub async fn entity_versions(pool: &Pool, kind: EntityKind, id: &str) -> anyhow:
 /// The balance of one account now, or as the ledger stood at `at`
 /// (entries recorded up to then). `None` when the ledger has never heard of
 /// the account.
-pub async fn balance(pool: &Pool, account: &AccountRef, now: DateTime<Utc>, at: Option<DateTime<Utc>>) -> anyhow::Result<Option<BalanceView>> {
+pub async fn balance(
+    pool: &Pool,
+    account: &AccountRef,
+    now: DateTime<Utc>,
+    at: Option<DateTime<Utc>>,
+) -> anyhow::Result<Option<BalanceView>> {
     let client = pool.get().await?;
     let Some(row) = client
-        .query_opt("SELECT registered, balance, debt FROM accounts WHERE kind = $1 AND id = $2", &[&account.kind.as_str(), &account.id])
+        .query_opt(
+            "SELECT registered, balance, debt FROM accounts WHERE kind = $1 AND id = $2",
+            &[&account.kind.as_str(), &account.id],
+        )
         .await?
     else {
         return Ok(None);

@@ -40,7 +40,11 @@ impl Changes {
         let mut out = Vec::new();
         let mut cur = Changes::default();
         let mut size = 0;
-        let items = self.a.iter().map(|x| (true, x)).chain(self.e.iter().map(|x| (false, x)));
+        let items = self
+            .a
+            .iter()
+            .map(|x| (true, x))
+            .chain(self.e.iter().map(|x| (false, x)));
         for (is_account, (k, i)) in items {
             let item = k.len() + i.len() + 8;
             if size + item > 7000 {
@@ -78,7 +82,10 @@ fn record_mut<'a>(view: &'a mut View, kind: EntityKind, id: &str) -> &'a mut Rec
 type VersionRow = (EntityKind, String, DateTime<Utc>, i64, Entity);
 type LedgerRows = HashMap<(AccountKind, String), Ledger>;
 
-async fn versions(pool: &Pool, only: Option<&BTreeSet<(String, String)>>) -> anyhow::Result<Vec<VersionRow>> {
+async fn versions(
+    pool: &Pool,
+    only: Option<&BTreeSet<(String, String)>>,
+) -> anyhow::Result<Vec<VersionRow>> {
     let client = pool.get().await?;
     let rows = match only {
         None => client.query("SELECT kind, id, effective_from, version_seq, payload::text FROM registry_versions ORDER BY version_seq", &[]).await?,
@@ -95,7 +102,9 @@ async fn versions(pool: &Pool, only: Option<&BTreeSet<(String, String)>>) -> any
     };
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let Some(kind) = EntityKind::parse(r.get(0)) else { continue };
+        let Some(kind) = EntityKind::parse(r.get(0)) else {
+            continue;
+        };
         let payload: String = r.get(4);
         match event::decode(Some(payload.as_bytes())) {
             Ok(ev) => {
@@ -103,37 +112,67 @@ async fn versions(pool: &Pool, only: Option<&BTreeSet<(String, String)>>) -> any
                     out.push((kind, r.get(1), r.get(2), r.get(3), up.entity));
                 }
             }
-            Err(e) => tracing::error!(detail = %e.detail, "stored registry version does not decode"),
+            Err(e) => {
+                tracing::error!(detail = %e.detail, "stored registry version does not decode")
+            }
         }
     }
     Ok(out)
 }
 
-async fn ledgers(pool: &Pool, only: Option<&BTreeSet<(String, String)>>) -> anyhow::Result<LedgerRows> {
+async fn ledgers(
+    pool: &Pool,
+    only: Option<&BTreeSet<(String, String)>>,
+) -> anyhow::Result<LedgerRows> {
     let client = pool.get().await?;
-    let (kinds, ids): (Vec<&str>, Vec<&str>) = only.map(|s| s.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip()).unwrap_or_default();
+    let (kinds, ids): (Vec<&str>, Vec<&str>) = only
+        .map(|s| s.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip())
+        .unwrap_or_default();
     // Either every account, or those named.
-    let join = if only.is_some() { "JOIN unnest($1::text[], $2::text[]) u(k, i) ON x.kind = u.k AND x.id = u.i" } else { "CROSS JOIN (SELECT $1::text[], $2::text[]) AS unused" };
+    let join = if only.is_some() {
+        "JOIN unnest($1::text[], $2::text[]) u(k, i) ON x.kind = u.k AND x.id = u.i"
+    } else {
+        "CROSS JOIN (SELECT $1::text[], $2::text[]) AS unused"
+    };
     let mut out: LedgerRows = HashMap::new();
-    let accounts = client.query(&format!("SELECT x.kind, x.id, x.debt FROM accounts x {join}"), &[&kinds, &ids]).await?;
+    let accounts = client
+        .query(
+            &format!("SELECT x.kind, x.id, x.debt FROM accounts x {join}"),
+            &[&kinds, &ids],
+        )
+        .await?;
     for r in accounts {
-        let Some(kind) = AccountKind::parse(r.get(0)) else { continue };
-        out.insert((kind, r.get(1)), Ledger { blocks: Vec::new(), debt: r.get(2) });
+        let Some(kind) = AccountKind::parse(r.get(0)) else {
+            continue;
+        };
+        out.insert(
+            (kind, r.get(1)),
+            Ledger {
+                blocks: Vec::new(),
+                debt: r.get(2),
+            },
+        );
     }
     let blocks = client
         .query(&format!("SELECT x.kind, x.id, x.effective_at, x.expires_at, x.remaining FROM credit_blocks x {join} WHERE x.remaining > 0 AND NOT x.voided"), &[&kinds, &ids])
         .await?;
     for r in blocks {
-        let Some(kind) = AccountKind::parse(r.get(0)) else { continue };
+        let Some(kind) = AccountKind::parse(r.get(0)) else {
+            continue;
+        };
         let remaining: Decimal = r.get(4);
-        out.entry((kind, r.get(1))).or_default().blocks.push((r.get(2), r.get(3), remaining));
+        out.entry((kind, r.get(1)))
+            .or_default()
+            .blocks
+            .push((r.get(2), r.get(3), remaining));
     }
     Ok(out)
 }
 
 fn apply_versions(view: &mut View, rows: Vec<VersionRow>, replace: bool) {
     if replace {
-        let touched: BTreeSet<(EntityKind, String)> = rows.iter().map(|(k, i, ..)| (*k, i.clone())).collect();
+        let touched: BTreeSet<(EntityKind, String)> =
+            rows.iter().map(|(k, i, ..)| (*k, i.clone())).collect();
         for (k, i) in &touched {
             record_mut(view, *k, i).versions.clear();
         }
@@ -164,9 +203,19 @@ pub async fn load(pool: &Pool) -> anyhow::Result<View> {
 pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyhow::Result<()> {
     let entities: BTreeSet<(String, String)> = changes.e.iter().cloned().collect();
     let accounts: BTreeSet<(String, String)> = changes.a.iter().cloned().collect();
-    let v = if entities.is_empty() { Vec::new() } else { versions(pool, Some(&entities)).await? };
-    let l = if accounts.is_empty() { HashMap::new() } else { ledgers(pool, Some(&accounts)).await? };
-    let mut guard = view.write().map_err(|_| anyhow::anyhow!("admission view lock poisoned"))?;
+    let v = if entities.is_empty() {
+        Vec::new()
+    } else {
+        versions(pool, Some(&entities)).await?
+    };
+    let l = if accounts.is_empty() {
+        HashMap::new()
+    } else {
+        ledgers(pool, Some(&accounts)).await?
+    };
+    let mut guard = view
+        .write()
+        .map_err(|_| anyhow::anyhow!("admission view lock poisoned"))?;
     apply_versions(&mut guard, v, true);
     apply_ledgers(&mut guard, l);
     Ok(())
@@ -174,7 +223,13 @@ pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyho
 
 /// Listen for changes until `shutdown`; `synced_ms` holds the Unix time
 /// (ms) at which the view was last known current.
-pub async fn run_listener(database_url: String, pool: Pool, view: SharedView, synced_ms: Arc<AtomicI64>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_listener(
+    database_url: String,
+    pool: Pool,
+    view: SharedView,
+    synced_ms: Arc<AtomicI64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         match listen_once(&database_url, &pool, &view, &synced_ms, &mut shutdown).await {
             Ok(()) => return,
@@ -189,7 +244,13 @@ pub async fn run_listener(database_url: String, pool: Pool, view: SharedView, sy
     }
 }
 
-async fn listen_once(database_url: &str, pool: &Pool, view: &SharedView, synced_ms: &AtomicI64, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+async fn listen_once(
+    database_url: &str,
+    pool: &Pool,
+    view: &SharedView,
+    synced_ms: &AtomicI64,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let (client, mut conn) = tokio_postgres::connect(database_url, NoTls).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let driver = tokio::spawn(async move {
@@ -212,14 +273,18 @@ async fn listen_once(database_url: &str, pool: &Pool, view: &SharedView, synced_
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     // Anything committed before LISTEN took effect is in this reload.
     let fresh = load(pool).await?;
-    *view.write().map_err(|_| anyhow::anyhow!("admission view lock poisoned"))? = fresh;
+    *view
+        .write()
+        .map_err(|_| anyhow::anyhow!("admission view lock poisoned"))? = fresh;
     synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
     let result = loop {
         let first = tokio::select! {
             _ = shutdown.changed() => break Ok(()),
             m = rx.recv() => m,
         };
-        let Some(first) = first else { break Err(anyhow::anyhow!("listener connection closed")) };
+        let Some(first) = first else {
+            break Err(anyhow::anyhow!("listener connection closed"));
+        };
         let mut changes = Changes::default();
         for payload in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match serde_json::from_str::<Changes>(&payload) {

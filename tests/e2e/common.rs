@@ -19,7 +19,10 @@ fn with_dbname(url: &str, name: &str) -> String {
     let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
     let (head, tail) = url.split_at(scheme_end);
     let (authority, rest) = tail.split_once('/').unwrap_or((tail, ""));
-    let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = rest
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{head}{authority}/{name}{query}")
 }
 
@@ -40,16 +43,30 @@ pub struct TestCtx {
 impl TestCtx {
     /// A fresh database (migrated), fresh topics and a fresh group.
     pub async fn new(name: &str) -> TestCtx {
-        TestCtx::on(name, &required_env("DATABASE_URL"), &required_env("KAFKA_BROKERS")).await
+        TestCtx::on(
+            name,
+            &required_env("DATABASE_URL"),
+            &required_env("KAFKA_BROKERS"),
+        )
+        .await
     }
 
     /// A test context on a given Postgres and broker.
     pub async fn on(name: &str, base: &str, brokers: &str) -> TestCtx {
         let (base, brokers) = (base.to_string(), brokers.to_string());
-        let uniq = format!("{name}_{}_{}_{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst), chrono::Utc::now().timestamp_micros() % 1_000_000_000);
+        let uniq = format!(
+            "{name}_{}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst),
+            chrono::Utc::now().timestamp_micros() % 1_000_000_000
+        );
         let db_url = with_dbname(&base, &format!("t_{uniq}"));
-        let pool = quota_engine::store::connect(&db_url, 4).await.expect("test database");
-        quota_engine::store::migrate(&pool).await.expect("migrations");
+        let pool = quota_engine::store::connect(&db_url, 4)
+            .await
+            .expect("test database");
+        quota_engine::store::migrate(&pool)
+            .await
+            .expect("migrations");
         let topics = Topics {
             usage: format!("{uniq}.usage"),
             errors: format!("{uniq}.errors"),
@@ -57,7 +74,9 @@ impl TestCtx {
             dlq: format!("{uniq}.dlq"),
         };
         let list: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, 3)).collect();
-        quota_consumers::ensure_topics(&brokers, &list).await.expect("topics");
+        quota_consumers::ensure_topics(&brokers, &list)
+            .await
+            .expect("topics");
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             // Not idempotent: after a tansu restart an idempotent producer
@@ -66,11 +85,20 @@ impl TestCtx {
             .set("linger.ms", "2")
             .create()
             .expect("producer");
-        TestCtx { name: name.into(), db_url, brokers, topics, group: format!("g-{uniq}"), pool, producer }
+        TestCtx {
+            name: name.into(),
+            db_url,
+            brokers,
+            topics,
+            group: format!("g-{uniq}"),
+            pool,
+            producer,
+        }
     }
 
     pub async fn produce(&self, topic: &str, key: &str, v: &Value) {
-        self.produce_raw(topic, Some(key), v.to_string().as_bytes()).await;
+        self.produce_raw(topic, Some(key), v.to_string().as_bytes())
+            .await;
     }
 
     pub async fn produce_raw(&self, topic: &str, key: Option<&str>, payload: &[u8]) {
@@ -98,7 +126,12 @@ impl TestCtx {
     pub async fn produce_control(&self, events: impl IntoIterator<Item = Value>) -> i64 {
         let mut n = 0;
         for e in events {
-            let key = e.get("id").or(e["account"].get("id")).and_then(Value::as_str).unwrap_or("x").to_string();
+            let key = e
+                .get("id")
+                .or(e["account"].get("id"))
+                .and_then(Value::as_str)
+                .unwrap_or("x")
+                .to_string();
             self.produce(&self.topics.control, &key, &e).await;
             n += 1;
         }
@@ -110,14 +143,31 @@ impl TestCtx {
     }
 
     pub async fn counts(&self) -> Vec<PartitionCounts> {
-        quota_engine::store::read::partition_counts(&self.pool).await.expect("counts")
+        quota_engine::store::read::partition_counts(&self.pool)
+            .await
+            .expect("counts")
     }
 
     /// Sum of the counts over a topic's partitions.
     pub async fn topic_counts(&self, topic: &str) -> PartitionCounts {
-        let mut total = PartitionCounts { topic: topic.into(), partition: -1, next_offset: None, consumed: 0, applied: 0, duplicates: 0, rejected: 0, waiting: 0 };
+        let mut total = PartitionCounts {
+            topic: topic.into(),
+            partition: -1,
+            next_offset: None,
+            consumed: 0,
+            applied: 0,
+            duplicates: 0,
+            rejected: 0,
+            waiting: 0,
+        };
         for c in self.counts().await.into_iter().filter(|c| c.topic == topic) {
-            assert_eq!(c.consumed, c.applied + c.duplicates + c.rejected + c.waiting, "counts add up on {}/{}", c.topic, c.partition);
+            assert_eq!(
+                c.consumed,
+                c.applied + c.duplicates + c.rejected + c.waiting,
+                "counts add up on {}/{}",
+                c.topic,
+                c.partition
+            );
             total.consumed += c.consumed;
             total.applied += c.applied;
             total.duplicates += c.duplicates;
@@ -135,14 +185,26 @@ impl TestCtx {
             if c.consumed >= n {
                 return c;
             }
-            assert!(Instant::now() < deadline, "{}: {topic} consumed {} of {n} within {timeout:?}", self.name, c.consumed);
+            assert!(
+                Instant::now() < deadline,
+                "{}: {topic} consumed {} of {n} within {timeout:?}",
+                self.name,
+                c.consumed
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    pub async fn sql_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> T {
+    pub async fn sql_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> T {
         let c = self.pool.get().await.unwrap();
-        c.query_one(sql, params).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+        c.query_one(sql, params)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
     }
 }
 
@@ -154,7 +216,11 @@ pub struct Service {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Service {
@@ -204,7 +270,11 @@ impl Service {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("serve exited with {status}; log: {}", self.log);
             }
-            assert!(Instant::now() < deadline, "serve not ready in 60 s; log: {}", self.log);
+            assert!(
+                Instant::now() < deadline,
+                "serve not ready in 60 s; log: {}",
+                self.log
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -223,13 +293,20 @@ impl Service {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "serve did not stop on SIGTERM; log: {}", self.log);
+            assert!(
+                Instant::now() < deadline,
+                "serve did not stop on SIGTERM; log: {}",
+                self.log
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -254,7 +331,11 @@ pub struct PrivateStack {
 
 impl PrivateStack {
     pub fn start(name: &str) -> PrivateStack {
-        let dir = format!("{}/target/test-stacks/{name}-{}", env!("CARGO_MANIFEST_DIR"), std::process::id());
+        let dir = format!(
+            "{}/target/test-stacks/{name}-{}",
+            env!("CARGO_MANIFEST_DIR"),
+            std::process::id()
+        );
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (pg_port, kafka_port) = (free_port(), free_port());

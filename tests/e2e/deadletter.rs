@@ -26,7 +26,8 @@ async fn read_dlq(ctx: &TestCtx, n: usize) -> Vec<(String, String, String, Vec<u
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {
-        tpl.add_partition_offset(&ctx.topics.dlq, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&ctx.topics.dlq, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
@@ -36,7 +37,12 @@ async fn read_dlq(ctx: &TestCtx, n: usize) -> Vec<(String, String, String, Vec<u
             let h = m.headers().expect("dead letters carry headers");
             let get = |k| quota_consumers::header_value(h, k).unwrap_or_default();
             assert!(get("original_partition").parse::<i32>().is_ok());
-            out.push((get("reason"), get("original_topic"), get("original_offset"), m.payload().unwrap_or_default().to_vec()));
+            out.push((
+                get("reason"),
+                get("original_topic"),
+                get("original_offset"),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
         }
     }
     out
@@ -48,19 +54,65 @@ async fn bad_events_are_dead_lettered_and_waiting_ones_applied_once() {
     let mut svc = ctx.serve();
     svc.ready().await;
     register_world(&ctx).await;
-    let good = usage("g-1", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 100})); // 200
+    let good = usage(
+        "g-1",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 100}),
+    ); // 200
     let mut conflicting = good.clone();
     conflicting["usage"]["input_tokens"] = json!(101);
-    let mut missing_key = usage("b-schema", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 1}));
+    let mut missing_key = usage(
+        "b-schema",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 1}),
+    );
     missing_key.as_object_mut().unwrap().remove("key_id");
-    let mut new_type = usage("b-type", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 1}));
+    let mut new_type = usage(
+        "b-type",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 1}),
+    );
     new_type["type"] = json!("usage.v2");
-    let mut v2 = usage("b-version", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 1}));
+    let mut v2 = usage(
+        "b-version",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 1}),
+    );
     v2["schema_version"] = json!(2);
-    let unknown_member = usage("b-member", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 1, "image_tokens": 2}));
-    let overflow = usage("b-overflow", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 99999999999999999999999u128 as f64}));
-    let unpriced = usage("w-unpriced", "brand-new", "/v1/chat/completions", "success", json!({"input_tokens": 40})); // 40 × 5 × 0.8 = 160 later
-    let reversal = control("w-rev", "usage.reversed", json!({"reversal_id": "rv-1", "usage_event_id": "g-later", "reason": "refund"}));
+    let unknown_member = usage(
+        "b-member",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 1, "image_tokens": 2}),
+    );
+    let overflow = usage(
+        "b-overflow",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 99999999999999999999999u128 as f64}),
+    );
+    let unpriced = usage(
+        "w-unpriced",
+        "brand-new",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 40}),
+    ); // 40 × 5 × 0.8 = 160 later
+    let reversal = control(
+        "w-rev",
+        "usage.reversed",
+        json!({"reversal_id": "rv-1", "usage_event_id": "g-later", "reason": "refund"}),
+    );
     let t = ctx.topics.usage.clone();
     ctx.produce(&t, "u_1", &good).await;
     ctx.produce_raw(&t, Some("u_1"), b"{not json").await;
@@ -74,21 +126,41 @@ async fn bad_events_are_dead_lettered_and_waiting_ones_applied_once() {
     ctx.produce(&ctx.topics.control, "g-later", &reversal).await;
     let c = ctx.wait_consumed(&t, 9, Duration::from_secs(60)).await;
     assert_eq!((c.applied, c.rejected, c.waiting), (1, 7, 1));
-    ctx.wait_consumed(&ctx.topics.control, 13, Duration::from_secs(60)).await;
+    ctx.wait_consumed(&ctx.topics.control, 13, Duration::from_secs(60))
+        .await;
 
     let dlq = read_dlq(&ctx, 9).await;
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for (reason, topic, offset, _) in &dlq {
-        assert!(topic == &ctx.topics.usage || topic == &ctx.topics.control, "{topic}");
+        assert!(
+            topic == &ctx.topics.usage || topic == &ctx.topics.control,
+            "{topic}"
+        );
         assert!(offset.parse::<i64>().is_ok());
         *reasons.entry(reason.clone()).or_default() += 1;
     }
-    let want: BTreeMap<String, usize> = ["invalid_json", "schema", "unknown_type", "unsupported_version", "unknown_usage", "overflow", "conflict", "unpriced", "unknown_target"]
-        .iter()
-        .map(|r| (r.to_string(), 1))
-        .collect();
-    assert_eq!(reasons, want, "one dead letter per bad event, with its reason");
-    assert!(dlq.iter().any(|(_, _, _, p)| p == b"{not json"), "the original value is kept");
+    let want: BTreeMap<String, usize> = [
+        "invalid_json",
+        "schema",
+        "unknown_type",
+        "unsupported_version",
+        "unknown_usage",
+        "overflow",
+        "conflict",
+        "unpriced",
+        "unknown_target",
+    ]
+    .iter()
+    .map(|r| (r.to_string(), 1))
+    .collect();
+    assert_eq!(
+        reasons, want,
+        "one dead letter per bad event, with its reason"
+    );
+    assert!(
+        dlq.iter().any(|(_, _, _, p)| p == b"{not json"),
+        "the original value is kept"
+    );
     let quarantined: i64 = ctx.sql_one("SELECT count(*) FROM quarantine", &[]).await;
     assert_eq!(quarantined, 9);
     // Only the good event moved money.
@@ -97,14 +169,33 @@ async fn bad_events_are_dead_lettered_and_waiting_ones_applied_once() {
     // The missing price arrives: the waiting usage is applied by itself.
     ctx.produce(&ctx.topics.control, "brand-new", &control("c-new", "model.upserted", json!({"id": "brand-new", "status": "enabled", "prices": [{"path": "*", "input": "5"}]}))).await;
     // The reversal's target arrives: the reversal is applied by itself.
-    ctx.produce(&t, "u_1", &usage("g-later", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 50}))).await;
+    ctx.produce(
+        &t,
+        "u_1",
+        &usage(
+            "g-later",
+            "gpt-4o",
+            "/v1/chat/completions",
+            "success",
+            json!({"input_tokens": 50}),
+        ),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let waiting: i64 = ctx.sql_one("SELECT count(*) FROM quarantine WHERE status = 'waiting'", &[]).await;
+        let waiting: i64 = ctx
+            .sql_one(
+                "SELECT count(*) FROM quarantine WHERE status = 'waiting'",
+                &[],
+            )
+            .await;
         if waiting == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "waiting events not applied: {waiting} left");
+        assert!(
+            Instant::now() < deadline,
+            "waiting events not applied: {waiting} left"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A re-drive now (rejected rows get another look; the waiting ones are
@@ -116,15 +207,32 @@ async fn bad_events_are_dead_lettered_and_waiting_ones_applied_once() {
         .env("QUOTA_TOPIC_DLQ", &ctx.topics.dlq)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // 200 + 160 + (100 charged then reversed) = 360.
     assert_eq!(balance(&svc, "user", "u_1").await, d("5000000") - d("360"));
-    for (event, n) in [("w-unpriced", 5i64), ("g-later", 5), ("w-rev", 5), ("g-1", 5)] {
-        let got: i64 = ctx.sql_one("SELECT count(*) FROM ledger_entries WHERE event_id = $1", &[&event]).await;
+    for (event, n) in [
+        ("w-unpriced", 5i64),
+        ("g-later", 5),
+        ("w-rev", 5),
+        ("g-1", 5),
+    ] {
+        let got: i64 = ctx
+            .sql_one(
+                "SELECT count(*) FROM ledger_entries WHERE event_id = $1",
+                &[&event],
+            )
+            .await;
         assert_eq!(got, n, "entries of {event}");
     }
     let c = ctx.topic_counts(&t).await;
-    assert_eq!((c.consumed, c.applied, c.rejected, c.waiting), (10, 3, 7, 0));
+    assert_eq!(
+        (c.consumed, c.applied, c.rejected, c.waiting),
+        (10, 3, 7, 0)
+    );
     let cc = ctx.topic_counts(&ctx.topics.control).await;
     assert_eq!((cc.rejected, cc.waiting), (0, 0));
     assert!(svc.terminate().success());

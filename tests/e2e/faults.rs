@@ -14,7 +14,13 @@ use crate::world::{balance, d, register_world, usage};
 
 /// Each of these costs 10 × 2.5 × 0.8 = 20 units on every scope.
 fn flat(i: usize) -> Value {
-    usage(&format!("f-{i}"), "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 10}))
+    usage(
+        &format!("f-{i}"),
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 10}),
+    )
 }
 
 /// Produce `n` distinct events at about `per_sec`, each tenth one twice
@@ -24,10 +30,12 @@ async fn produce_stream(ctx: Arc<TestCtx>, n: usize, per_sec: u64) -> i64 {
     let pause = Duration::from_micros(1_000_000 / per_sec.max(1));
     for i in 0..n {
         let e = flat(i);
-        ctx.produce(&ctx.topics.usage, &format!("k{}", i % 11), &e).await;
+        ctx.produce(&ctx.topics.usage, &format!("k{}", i % 11), &e)
+            .await;
         sent += 1;
         if i % 10 == 9 {
-            ctx.produce(&ctx.topics.usage, &format!("k{}", i % 11), &e).await;
+            ctx.produce(&ctx.topics.usage, &format!("k{}", i % 11), &e)
+                .await;
             sent += 1;
         }
         tokio::time::sleep(pause).await;
@@ -45,17 +53,46 @@ async fn check_oracle(ctx: &TestCtx, svc: &crate::common::Service, n: usize, sen
         if c.applied >= n as i64 && c.consumed >= sent {
             break c;
         }
-        assert!(std::time::Instant::now() < deadline, "{}: applied {} of {n}, consumed {} of {sent}", ctx.name, c.applied, c.consumed);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: applied {} of {n}, consumed {} of {sent}",
+            ctx.name,
+            c.applied,
+            c.consumed
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!((c.applied, c.rejected, c.waiting), (n as i64, 0, 0));
-    assert_eq!(c.consumed, c.applied + c.duplicates, "every message counted once");
+    assert_eq!(
+        c.consumed,
+        c.applied + c.duplicates,
+        "every message counted once"
+    );
     let charged = Decimal::from(20 * n as i64);
-    for (kind, id, granted) in [("user", "u_1", "5000000"), ("reseller", "r_1", "100000000"), ("key", "k_1", "1000000"), ("app", "a_1", "2000000"), ("group", "g_1", "10000000")] {
-        assert_eq!(balance(svc, kind, id).await, d(granted) - charged, "{kind}/{id}");
+    for (kind, id, granted) in [
+        ("user", "u_1", "5000000"),
+        ("reseller", "r_1", "100000000"),
+        ("key", "k_1", "1000000"),
+        ("app", "a_1", "2000000"),
+        ("group", "g_1", "10000000"),
+    ] {
+        assert_eq!(
+            balance(svc, kind, id).await,
+            d(granted) - charged,
+            "{kind}/{id}"
+        );
     }
-    let entries: i64 = ctx.sql_one("SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'", &[]).await;
-    assert_eq!(entries, 5 * n as i64, "one entry per scope per event, none twice");
+    let entries: i64 = ctx
+        .sql_one(
+            "SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        entries,
+        5 * n as i64,
+        "one entry per scope per event, none twice"
+    );
     let bad: i64 = ctx.sql_one("SELECT count(*) FROM accounts a WHERE balance <> (SELECT coalesce(sum(amount), 0) FROM ledger_entries e WHERE e.kind = a.kind AND e.id = a.id)", &[]).await;
     assert_eq!(bad, 0, "balances equal the sum of their entries");
 }
@@ -75,7 +112,10 @@ async fn consumers_join_and_leave_during_ingestion() {
     let mut third = ctx.serve();
     third.ready().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(second.terminate().success(), "second consumer leaves cleanly");
+    assert!(
+        second.terminate().success(),
+        "second consumer leaves cleanly"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     third.kill9();
     let sent = producer.await.unwrap();

@@ -18,15 +18,45 @@ async fn usage_debits_every_named_scope_to_the_unit() {
     register_world(&ctx).await;
     let events = vec![
         // 1200 × 2.5 + 350 × 10 = 6500; × 0.8 = 5200
-        usage("u-1", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 1200, "output_tokens": 350})),
+        usage(
+            "u-1",
+            "gpt-4o",
+            "/v1/chat/completions",
+            "success",
+            json!({"input_tokens": 1200, "output_tokens": 350}),
+        ),
         // exact path: 3 × 0.02 = 0.06; × 0.8 = 0.048
-        usage("u-2", "gpt-4o", "/v1/embeddings", "success", json!({"input_tokens": 3})),
+        usage(
+            "u-2",
+            "gpt-4o",
+            "/v1/embeddings",
+            "success",
+            json!({"input_tokens": 3}),
+        ),
         // aborted is billed on what it reports: (100 × 2.5 + 7 × 10) × 0.8 = 256
-        usage("u-3", "gpt-4o", "/v1/chat/completions", "aborted", json!({"input_tokens": 100, "output_tokens": 7})),
+        usage(
+            "u-3",
+            "gpt-4o",
+            "/v1/chat/completions",
+            "aborted",
+            json!({"input_tokens": 100, "output_tokens": 7}),
+        ),
         // failed is free
-        usage("u-4", "gpt-4o", "/v1/chat/completions", "failed", json!({"input_tokens": 100, "output_tokens": 7})),
+        usage(
+            "u-4",
+            "gpt-4o",
+            "/v1/chat/completions",
+            "failed",
+            json!({"input_tokens": 100, "output_tokens": 7}),
+        ),
         // 1 × 0.0000003 × 0.8 = 0.00000024, rounded up once to 0.000001
-        usage("u-5", "tiny", "/v1/chat/completions", "success", json!({"input_tokens": 1})),
+        usage(
+            "u-5",
+            "tiny",
+            "/v1/chat/completions",
+            "success",
+            json!({"input_tokens": 1}),
+        ),
     ];
     for e in &events {
         ctx.produce(&ctx.topics.usage, "u_1", e).await;
@@ -34,17 +64,42 @@ async fn usage_debits_every_named_scope_to_the_unit() {
     // Producer retries: the same event twice more.
     ctx.produce(&ctx.topics.usage, "u_1", &events[0]).await;
     ctx.produce(&ctx.topics.usage, "u_1", &events[0]).await;
-    let c = ctx.wait_consumed(&ctx.topics.usage, 7, Duration::from_secs(60)).await;
-    assert_eq!((c.applied, c.duplicates, c.rejected, c.waiting), (5, 2, 0, 0));
+    let c = ctx
+        .wait_consumed(&ctx.topics.usage, 7, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        (c.applied, c.duplicates, c.rejected, c.waiting),
+        (5, 2, 0, 0)
+    );
 
     let charged = d("5456.048001");
-    for (kind, id, granted) in [("user", "u_1", "5000000"), ("reseller", "r_1", "100000000"), ("key", "k_1", "1000000"), ("app", "a_1", "2000000"), ("group", "g_1", "10000000")] {
-        assert_eq!(balance(&svc, kind, id).await, d(granted) - charged, "{kind}/{id}");
+    for (kind, id, granted) in [
+        ("user", "u_1", "5000000"),
+        ("reseller", "r_1", "100000000"),
+        ("key", "k_1", "1000000"),
+        ("app", "a_1", "2000000"),
+        ("group", "g_1", "10000000"),
+    ] {
+        assert_eq!(
+            balance(&svc, kind, id).await,
+            d(granted) - charged,
+            "{kind}/{id}"
+        );
     }
     // One entry per scope per usage event, each with the event's charge.
-    let n: i64 = ctx.sql_one("SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'", &[]).await;
+    let n: i64 = ctx
+        .sql_one(
+            "SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'",
+            &[],
+        )
+        .await;
     assert_eq!(n, 25);
-    let tiny: Decimal = ctx.sql_one("SELECT charge FROM ledger_entries WHERE event_id = 'u-5' AND kind = 'user'", &[]).await;
+    let tiny: Decimal = ctx
+        .sql_one(
+            "SELECT charge FROM ledger_entries WHERE event_id = 'u-5' AND kind = 'user'",
+            &[],
+        )
+        .await;
     assert_eq!(tiny, d("0.000001"));
     // The balance is the sum of the entries, on every account.
     let bad: i64 = ctx.sql_one("SELECT count(*) FROM accounts a WHERE balance <> (SELECT coalesce(sum(amount), 0) FROM ledger_entries e WHERE e.kind = a.kind AND e.id = a.id)", &[]).await;
@@ -67,14 +122,23 @@ async fn killed_service_resumes_without_applying_twice_or_skipping() {
     let ctx = TestCtx::new("restart").await;
     register_world(&ctx).await;
     // Each event: 10 × 2.5 × 0.8 = 20.
-    let ev = |i: usize| usage(&format!("k-{i}"), "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 10}));
+    let ev = |i: usize| {
+        usage(
+            &format!("k-{i}"),
+            "gpt-4o",
+            "/v1/chat/completions",
+            "success",
+            json!({"input_tokens": 10}),
+        )
+    };
     let total = 600usize;
     let mut svc = ctx.serve();
     svc.ready().await;
     let mut killed = 0;
     let mut produced = 0i64;
     for i in 0..total {
-        ctx.produce(&ctx.topics.usage, &format!("u{}", i % 7), &ev(i)).await;
+        ctx.produce(&ctx.topics.usage, &format!("u{}", i % 7), &ev(i))
+            .await;
         produced += 1;
         // Producer retry of an earlier event now and then.
         if i % 50 == 49 {
@@ -83,7 +147,8 @@ async fn killed_service_resumes_without_applying_twice_or_skipping() {
         }
         // Kill -9 twice while the stream is flowing, then start again.
         if i == 200 || i == 400 {
-            ctx.wait_consumed(&ctx.topics.usage, produced - 30, Duration::from_secs(60)).await;
+            ctx.wait_consumed(&ctx.topics.usage, produced - 30, Duration::from_secs(60))
+                .await;
             svc.kill9();
             killed += 1;
             svc = ctx.serve();
@@ -91,16 +156,35 @@ async fn killed_service_resumes_without_applying_twice_or_skipping() {
         }
     }
     assert_eq!(killed, 2);
-    let c = ctx.wait_consumed(&ctx.topics.usage, produced, Duration::from_secs(120)).await;
+    let c = ctx
+        .wait_consumed(&ctx.topics.usage, produced, Duration::from_secs(120))
+        .await;
     assert_eq!(c.consumed, produced, "every offset counted exactly once");
     assert_eq!(c.applied, total as i64);
     assert_eq!(c.duplicates, produced - total as i64);
     let charged = Decimal::from(20 * total as i64);
     assert_eq!(balance(&svc, "user", "u_1").await, d("5000000") - charged);
-    assert_eq!(balance(&svc, "reseller", "r_1").await, d("100000000") - charged);
-    let n: i64 = ctx.sql_one("SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'", &[]).await;
-    assert_eq!(n, 5 * total as i64, "one entry per scope per event, none twice");
-    let distinct: i64 = ctx.sql_one("SELECT count(DISTINCT event_id) FROM applied_events WHERE event_type = 'usage'", &[]).await;
+    assert_eq!(
+        balance(&svc, "reseller", "r_1").await,
+        d("100000000") - charged
+    );
+    let n: i64 = ctx
+        .sql_one(
+            "SELECT count(*) FROM ledger_entries WHERE entry_type = 'usage'",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        n,
+        5 * total as i64,
+        "one entry per scope per event, none twice"
+    );
+    let distinct: i64 = ctx
+        .sql_one(
+            "SELECT count(DISTINCT event_id) FROM applied_events WHERE event_type = 'usage'",
+            &[],
+        )
+        .await;
     assert_eq!(distinct, total as i64);
 }
 
@@ -117,12 +201,20 @@ async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
     ctx.produce(&ctx.topics.control, "u_1", &g).await;
     // Attribution still follows arrival order across topics (#5): let the
     // grant land first.
-    ctx.wait_consumed(&ctx.topics.control, 13, Duration::from_secs(60)).await;
+    ctx.wait_consumed(&ctx.topics.control, 13, Duration::from_secs(60))
+        .await;
     // 10 × 2.5 × 0.8 = 20, burned from the expiring block first.
-    let mut u = usage("e-1", "gpt-4o", "/v1/chat/completions", "success", json!({"input_tokens": 10}));
+    let mut u = usage(
+        "e-1",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 10}),
+    );
     u["occurred_at"] = json!(now.to_rfc3339());
     ctx.produce(&ctx.topics.usage, "u_1", &u).await;
-    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60)).await;
+    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60))
+        .await;
     assert_eq!(balance(&svc, "user", "u_1").await, d("5000980"));
     // After expires_at and the 1 s lateness window: one expiry entry.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -131,11 +223,17 @@ async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
         if let Some(r) = c.query_opt("SELECT amount FROM ledger_entries WHERE entry_type = 'expiry' AND kind = 'user' AND id = 'u_1'", &[]).await.unwrap() {
             break r.get(0);
         }
-        assert!(std::time::Instant::now() < deadline, "expiry never finalized");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expiry never finalized"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(amount, d("-980"), "exactly what the block had left");
-    assert!(chrono::Utc::now() >= expires + chrono::Duration::seconds(1), "not before the lateness window");
+    assert!(
+        chrono::Utc::now() >= expires + chrono::Duration::seconds(1),
+        "not before the lateness window"
+    );
     assert_eq!(balance(&svc, "user", "u_1").await, d("5000000"));
     let fired: i64 = ctx.sql_one("SELECT count(*) FROM applied_events WHERE event_id = 'expiry:user:u_1:gr-exp' AND event_type = 'expiry'", &[]).await;
     assert_eq!(fired, 1, "recorded in the applied-event store");
