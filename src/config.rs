@@ -38,6 +38,16 @@ pub struct Config {
     /// before this process re-joins the group to get it reassigned.
     #[arg(long, env = "QUOTA_STALL_SECS", default_value_t = 45)]
     pub stall_secs: u64,
+    /// Operator setting, off by default: this many seconds after an
+    /// account's `quota_expires_at`, what is left of its positive balance
+    /// expires (one `expiry` entry per block with credit left).
+    #[arg(long, env = "QUOTA_EXPIRE_BALANCE_AFTER_SECS")]
+    pub expire_balance_after_secs: Option<u64>,
+    /// Test hook, off by default: `PUT /v1/test/clock` moves the service's
+    /// clock (admission, batch times, expiry finalization). Never in
+    /// production.
+    #[arg(long, env = "QUOTA_TEST_CLOCK", default_value_t = false)]
+    pub test_clock: bool,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -88,6 +98,10 @@ impl Topics {
 }
 
 impl Config {
+    pub fn lateness(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.allowed_lateness_secs.min(i64::MAX as u64 / 1000) as i64)
+    }
+
     pub fn batch_linger(&self) -> Duration {
         Duration::from_millis(self.batch_linger_ms)
     }

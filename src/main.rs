@@ -145,6 +145,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                     topic: config.topics.dlq.clone(),
                 }),
                 clock: store::apply::system_clock(),
+                lateness: config.lateness(),
             };
             let n = sink
                 .redrive(reason.as_deref(), id)

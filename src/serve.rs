@@ -36,7 +36,19 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         .set("acks", "all")
         .set("linger.ms", "5")
         .create()?;
-    let clock = apply::system_clock();
+    // The clock: the system's, moved by `PUT /v1/test/clock` only when
+    // QUOTA_TEST_CLOCK is on.
+    let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let clock: apply::Clock = if cfg.test_clock {
+        tracing::warn!("QUOTA_TEST_CLOCK is on: PUT /v1/test/clock moves this service's clock");
+        let off = clock_offset_ms.clone();
+        Arc::new(move || {
+            chrono::Utc::now() + chrono::Duration::milliseconds(off.load(Ordering::SeqCst))
+        })
+    } else {
+        apply::system_clock()
+    };
+    let lateness = cfg.lateness();
     let sink = LedgerSink {
         pool: pool.clone(),
         dead_letters: Some(DeadLetters {
@@ -44,6 +56,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
             topic: cfg.topics.dlq.clone(),
         }),
         clock: clock.clone(),
+        lateness,
     };
     let consuming = Arc::new(AtomicBool::new(true));
 
@@ -71,10 +84,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
             r
         })
     };
-    let lateness = chrono::Duration::seconds(cfg.allowed_lateness_secs.min(i64::MAX as u64) as i64);
+    let expire_balance_after = cfg
+        .expire_balance_after_secs
+        .map(|s| chrono::Duration::seconds(s.min(i64::MAX as u64 / 1000) as i64));
     let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
         sink.clone(),
-        lateness,
+        expire_balance_after,
         shutdown.clone(),
     ));
 
@@ -98,6 +113,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
         let _ = s.set_nodelay(true);
     });
+    let test_clock = cfg.test_clock.then_some(clock_offset_ms);
     let router = api::app(AppState {
         pool,
         clock,
@@ -105,6 +121,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         view,
         view_synced_ms,
         admission: Default::default(),
+        test_clock,
     });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();

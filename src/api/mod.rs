@@ -34,10 +34,18 @@ pub struct AppState {
     /// Unix ms at which the view was last known current.
     pub view_synced_ms: Arc<AtomicI64>,
     pub admission: Arc<AdmissionCounters>,
+    /// The test clock's offset (ms), when QUOTA_TEST_CLOCK is on.
+    pub test_clock: Option<Arc<AtomicI64>>,
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new();
+    let router = if state.test_clock.is_some() {
+        router.route("/v1/test/clock", axum::routing::put(set_test_clock))
+    } else {
+        router
+    };
+    router
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -203,4 +211,28 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     }
     st.admission.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockBody {
+    /// The time the service should believe it is.
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+/// `PUT /v1/test/clock {"now": "..."}`: only routed with QUOTA_TEST_CLOCK.
+async fn set_test_clock(
+    State(st): State<AppState>,
+    body: Result<Json<ClockBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(b) = body.map_err(|e| ApiError::invalid("now", e.body_text()))?;
+    let off = st
+        .test_clock
+        .as_ref()
+        .expect("routed only with a test clock");
+    off.store(
+        (b.now - chrono::Utc::now()).num_milliseconds(),
+        Ordering::SeqCst,
+    );
+    Ok(Json(json!({"now": (st.clock)()})))
 }

@@ -67,20 +67,58 @@ pub struct Block {
     pub source: &'static str,
     pub category: Option<GrantCategory>,
     pub effective_at: DateTime<Utc>,
+    /// When the block opens in the attribution sweep: `effective_at`, or
+    /// the arrival time when that is earlier than the lateness window.
+    pub active_from: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub amount: Decimal,
     pub remaining: Decimal,
-    pub voided: bool,
+    /// When a void closed it (sweep time), and what the void entries took.
+    pub voided_at: Option<DateTime<Utc>>,
+    pub void_amount: Decimal,
+    /// What the finalized expiry entry took, once it fired.
+    pub expired_amount: Option<Decimal>,
     pub dirty: bool,
 }
 
 impl Block {
-    fn open_at(&self, t: DateTime<Utc>) -> bool {
-        !self.voided && self.effective_at <= t && self.expires_at.is_none_or(|e| t < e)
+    pub fn open_at(&self, t: DateTime<Utc>) -> bool {
+        self.active_from <= t
+            && self.expires_at.is_none_or(|e| t < e)
+            && self.voided_at.is_none_or(|v| t < v)
+    }
+
+    /// Burn order: earliest expiry first, non-expiring last, then
+    /// effective_at, then id.
+    fn burn_key(&self) -> (bool, Option<DateTime<Utc>>, DateTime<Utc>, &str) {
+        (
+            self.expires_at.is_none(),
+            self.expires_at,
+            self.effective_at,
+            &self.block_id,
+        )
+    }
+
+    /// The moments at which the set of open blocks changes because of it.
+    fn boundaries(&self) -> impl Iterator<Item = DateTime<Utc>> {
+        [Some(self.active_from), self.expires_at, self.voided_at]
+            .into_iter()
+            .flatten()
     }
 }
 
 /// A ledger account as the fold sees it (locked by the store).
+///
+/// Attribution is a sweep over time: blocks open at their `active_from`
+/// (repaying debt first), debits burn the blocks open at their time, voids
+/// close a block. `hwm` is how far the sweep has gone. Events arriving in
+/// time order extend the sweep exactly; one arriving behind `hwm` with no
+/// block boundary in between burns the same blocks it would have burned
+/// in order (within an interval without boundaries the open set is fixed,
+/// so greedy burns commute). Anything else sets `needs_resweep`, and the
+/// store re-runs the sweep from the account's whole history
+/// ([`resweep`]) in the same transaction, so the state written is always
+/// the one arrival in time order would have given.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AccountState {
     pub account: AccountRef,
@@ -90,8 +128,11 @@ pub struct AccountState {
     /// Entries so far (the next entry's seq is `seq + 1`).
     pub seq: i64,
     pub last_hash: [u8; 32],
-    /// Blocks with credit left (exhausted ones need not be loaded).
+    /// Blocks with credit left or a boundary inside the lateness window
+    /// (all blocks when resweeping).
     pub blocks: Vec<Block>,
+    pub hwm: Option<DateTime<Utc>>,
+    pub needs_resweep: bool,
     pub dirty: bool,
 }
 
@@ -105,6 +146,8 @@ impl AccountState {
             seq: 0,
             last_hash: [0; 32],
             blocks: Vec::new(),
+            hwm: None,
+            needs_resweep: false,
             dirty: false,
         }
     }
@@ -133,30 +176,19 @@ impl AccountState {
         open - self.debt
     }
 
-    /// Burn `amount` from the blocks open at `t`, earliest expiry first,
-    /// non-expiring last, ties by effective_at then id; the rest is debt.
-    fn burn(&mut self, amount: Decimal, t: DateTime<Utc>) -> Vec<(String, Decimal)> {
+    fn burn_order(&self, filter: impl Fn(&Block) -> bool) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.blocks.len())
-            .filter(|&i| self.blocks[i].open_at(t) && self.blocks[i].remaining > Decimal::ZERO)
+            .filter(|&i| filter(&self.blocks[i]))
             .collect();
-        order.sort_by(|&a, &b| {
-            let (x, y) = (&self.blocks[a], &self.blocks[b]);
-            (
-                x.expires_at.is_none(),
-                x.expires_at,
-                x.effective_at,
-                &x.block_id,
-            )
-                .cmp(&(
-                    y.expires_at.is_none(),
-                    y.expires_at,
-                    y.effective_at,
-                    &y.block_id,
-                ))
-        });
+        order.sort_by(|&a, &b| self.blocks[a].burn_key().cmp(&self.blocks[b].burn_key()));
+        order
+    }
+
+    /// Take `amount` from the blocks open at `t` in burn order; the rest
+    /// becomes debt. The balance is the caller's.
+    fn burn_blocks(&mut self, amount: Decimal, t: DateTime<Utc>) {
         let mut left = amount;
-        let mut taken = Vec::new();
-        for i in order {
+        for i in self.burn_order(|b| b.open_at(t) && b.remaining > Decimal::ZERO) {
             if left.is_zero() {
                 break;
             }
@@ -165,25 +197,172 @@ impl AccountState {
             b.remaining -= take;
             b.dirty = true;
             left -= take;
-            taken.push((b.block_id.clone(), take));
         }
         self.debt += left;
-        self.balance -= amount;
         self.dirty = true;
-        taken
     }
 
-    /// Add a block; it repays outstanding debt first.
-    fn credit(&mut self, mut block: Block) -> Decimal {
-        let repay = self.debt.min(block.remaining);
-        self.debt -= repay;
-        block.remaining -= repay;
-        block.dirty = true;
-        self.balance += block.amount;
-        self.blocks.push(block);
-        self.dirty = true;
-        repay
+    /// Open block `i` at its `active_from`: it repays debt first.
+    fn activate(&mut self, i: usize) {
+        let b = &mut self.blocks[i];
+        if self.debt > Decimal::ZERO && b.open_at(b.active_from) {
+            let repay = self.debt.min(b.remaining);
+            b.remaining -= repay;
+            b.dirty = true;
+            self.debt -= repay;
+            self.dirty = true;
+        }
     }
+
+    /// Move the sweep forward to `to`, opening the blocks that become
+    /// active on the way, in time then burn order.
+    fn advance(&mut self, to: DateTime<Utc>) {
+        if self.hwm.is_some_and(|h| to <= h) {
+            return;
+        }
+        let from = self.hwm;
+        let mut acts =
+            self.burn_order(|b| from.is_none_or(|h| b.active_from > h) && b.active_from <= to);
+        acts.sort_by_key(|&i| self.blocks[i].active_from);
+        for i in acts {
+            self.activate(i);
+        }
+        self.hwm = Some(to);
+        self.dirty = true;
+    }
+
+    /// Whether the set of open blocks changes anywhere in `(lo, hi]`.
+    fn boundary_in(&self, lo: DateTime<Utc>, hi: DateTime<Utc>) -> bool {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.boundaries())
+            .any(|x| lo < x && x <= hi)
+    }
+
+    /// A debit (usage or negative adjustment) at sweep time `t`.
+    fn debit(&mut self, amount: Decimal, t: DateTime<Utc>) {
+        match self.hwm {
+            Some(h) if t < h => {
+                if self.boundary_in(t, h) {
+                    self.needs_resweep = true;
+                }
+            }
+            _ => self.advance(t),
+        }
+        self.burn_blocks(amount, t);
+        self.balance -= amount;
+    }
+
+    /// A new block (grant or credit-back).
+    fn add_block(&mut self, block: Block) {
+        self.balance += block.amount;
+        let behind = self.hwm.is_some_and(|h| block.active_from <= h);
+        self.blocks.push(block);
+        if behind {
+            // It should have opened earlier: open it now, and let the
+            // resweep put every debit since where it belongs.
+            let i = self.blocks.len() - 1;
+            self.activate(i);
+            self.needs_resweep = true;
+        }
+        self.dirty = true;
+    }
+
+    /// Void block `i` at sweep time `v`; returns what the void entry takes.
+    fn void(&mut self, i: usize, v: DateTime<Utc>) -> Decimal {
+        // Closed from `v` on: a block voided by the time it would open
+        // never opens (so repays nothing), as in the resweep.
+        self.blocks[i].voided_at = Some(v);
+        match self.hwm {
+            Some(h) if v <= h => self.needs_resweep = true,
+            _ => self.advance(v),
+        }
+        let b = &mut self.blocks[i];
+        let left = b.remaining;
+        b.remaining = Decimal::ZERO;
+        b.void_amount += left;
+        b.dirty = true;
+        self.balance -= left;
+        self.dirty = true;
+        left
+    }
+}
+
+/// Re-run the attribution sweep of one account from its whole history:
+/// every block it ever had (`acct.blocks` must hold all of them) and its
+/// debits as (sweep time, amount), in any order; amounts at one time may be
+/// pre-summed. Sets the canonical block remainders, debt and `hwm`, and
+/// returns the void corrections: (block id, extra amount the block's void
+/// must take; negative gives back). The balance is not touched; the caller
+/// writes the corrections as entries. A finalized expiry that the sweep
+/// disagrees with is a broken invariant.
+pub fn resweep(
+    acct: &mut AccountState,
+    debits: &[(DateTime<Utc>, Decimal)],
+) -> Result<Vec<(String, Decimal)>, String> {
+    // The sweep goes as far as the account's debits and voids, or as far
+    // as it was advanced before (expiry finalization advances it); blocks
+    // that open later wait, as they do in the incremental sweep.
+    let horizon = debits
+        .iter()
+        .map(|d| d.0)
+        .chain(acct.blocks.iter().filter_map(|b| b.voided_at))
+        .chain(acct.hwm)
+        .max();
+    let mut moments: Vec<DateTime<Utc>> = debits.iter().map(|d| d.0).collect();
+    for b in &mut acct.blocks {
+        b.remaining = b.amount;
+        b.dirty = true;
+        moments.push(b.active_from);
+        moments.extend(b.voided_at);
+    }
+    moments.retain(|m| horizon.is_some_and(|h| *m <= h));
+    moments.sort();
+    moments.dedup();
+    let mut per_time: BTreeMap<DateTime<Utc>, Decimal> = BTreeMap::new();
+    for (t, a) in debits {
+        *per_time.entry(*t).or_default() += *a;
+    }
+    acct.debt = Decimal::ZERO;
+    let mut canon_void: HashMap<usize, Decimal> = HashMap::new();
+    for t in moments {
+        let mut acts = acct.burn_order(|b| b.active_from == t);
+        acts.sort_by_key(|&i| acct.blocks[i].active_from);
+        for i in acts {
+            acct.activate(i);
+        }
+        for (i, b) in acct.blocks.iter_mut().enumerate() {
+            if b.voided_at == Some(t) {
+                canon_void.insert(i, b.remaining);
+                b.remaining = Decimal::ZERO;
+            }
+        }
+        if let Some(a) = per_time.get(&t) {
+            acct.burn_blocks(*a, t);
+        }
+        acct.hwm = Some(t);
+    }
+    let mut corrections = Vec::new();
+    for (i, b) in acct.blocks.iter_mut().enumerate() {
+        if let Some(v) = canon_void.get(&i) {
+            if *v != b.void_amount {
+                corrections.push((b.block_id.clone(), *v - b.void_amount));
+                b.void_amount = *v;
+            }
+        }
+        if let Some(x) = b.expired_amount {
+            if x != b.remaining {
+                return Err(format!(
+                    "account {}: block {} expired with {} but the sweep leaves it {}",
+                    acct.account, b.block_id, x, b.remaining
+                ));
+            }
+            b.remaining = Decimal::ZERO;
+        }
+    }
+    acct.needs_resweep = false;
+    acct.dirty = true;
+    Ok(corrections)
 }
 
 /// What one usage event moved on one ledger (for reversals).
@@ -195,8 +374,10 @@ pub struct Posting {
 }
 
 /// Everything the fold needs besides the messages; the store loads it.
-#[derive(Default)]
 pub struct FoldState {
+    /// `ALLOWED_LATENESS_SECS`: an event older than this on arrival is
+    /// attributed at its arrival time, and flagged late.
+    pub lateness: chrono::Duration,
     pub registry: Registry,
     pub accounts: BTreeMap<AccountRef, AccountState>,
     /// Applied events among the batch's ids: id -> content hash.
@@ -213,6 +394,39 @@ pub struct FoldState {
     pub grant_accounts: HashMap<String, AccountRef>,
 }
 
+impl Default for FoldState {
+    fn default() -> Self {
+        FoldState::new(chrono::Duration::seconds(300))
+    }
+}
+
+impl FoldState {
+    pub fn new(lateness: chrono::Duration) -> Self {
+        FoldState {
+            lateness,
+            registry: Registry::default(),
+            accounts: BTreeMap::new(),
+            applied: HashMap::new(),
+            waiting: HashMap::new(),
+            idem_keys: HashMap::new(),
+            postings: HashMap::new(),
+            reversed: HashSet::new(),
+            grant_accounts: HashMap::new(),
+        }
+    }
+
+    /// Where the sweep places something that happened at `t`, arriving at
+    /// `now`: at `t`, or at `now` (late) when `t` is before the lateness
+    /// window.
+    pub fn sweep_time(&self, t: DateTime<Utc>, now: DateTime<Utc>) -> (DateTime<Utc>, bool) {
+        if t < now - self.lateness {
+            (now, true)
+        } else {
+            (t, false)
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     pub account: AccountRef,
@@ -223,6 +437,8 @@ pub struct Entry {
     pub balance_after: Decimal,
     pub charge: Option<Decimal>,
     pub occurred_at: DateTime<Utc>,
+    /// Set when the sweep placed it elsewhere than `occurred_at` (late).
+    pub attributed_at: Option<DateTime<Utc>>,
     pub recorded_at: DateTime<Utc>,
     pub source: Option<Source>,
     pub detail: serde_json::Value,
@@ -249,6 +465,11 @@ pub fn entry_hash(prev: &[u8; 32], e: &Entry) -> [u8; 32] {
         e.recorded_at.timestamp_micros().to_string(),
     ];
     for f in fields {
+        h.update((f.len() as u64).to_le_bytes());
+        h.update(f.as_bytes());
+    }
+    if let Some(a) = e.attributed_at {
+        let f = a.timestamp_micros().to_string();
         h.update((f.len() as u64).to_le_bytes());
         h.update(f.as_bytes());
     }
@@ -548,24 +769,30 @@ fn apply_event(
             Outcome::Applied
         }
         EventBody::Granted(g) => {
-            let acct = account(state, &g.account);
+            let (active_from, late) = state.sweep_time(g.effective_at, now);
             let block = Block {
                 block_id: g.grant_id.clone(),
                 account: g.account.clone(),
                 source: "grant",
                 category: Some(g.category),
                 effective_at: g.effective_at,
+                active_from,
                 expires_at: g.expires_at,
                 amount: g.amount,
                 remaining: g.amount,
-                voided: false,
+                voided_at: None,
+                void_amount: Decimal::ZERO,
+                expired_amount: None,
                 dirty: true,
             };
-            let repaid = acct.credit(block);
+            account(state, &g.account).add_block(block);
             state
                 .grant_accounts
                 .insert(g.grant_id.clone(), g.account.clone());
-            let detail = json!({"grant_id": g.grant_id, "category": g.category.as_str(), "effective_at": g.effective_at, "expires_at": g.expires_at, "reference": g.reference, "actor": g.actor, "debt_repaid": repaid.normalize().to_string()});
+            let mut detail = json!({"grant_id": g.grant_id, "category": g.category.as_str(), "effective_at": g.effective_at, "expires_at": g.expires_at, "reference": g.reference, "actor": g.actor});
+            if late {
+                detail["late"] = json!(true);
+            }
             push_entry(
                 state,
                 fx,
@@ -577,24 +804,30 @@ fn apply_event(
                 src,
                 now,
                 detail,
+                late.then_some(active_from),
             );
             Outcome::Applied
         }
         EventBody::Adjusted(a) => {
+            let (t, late) = state.sweep_time(ev.occurred_at, now);
             let acct = account(state, &a.account);
-            let detail = if a.amount > Decimal::ZERO {
-                acct.credit(credit_block(
+            if a.amount > Decimal::ZERO {
+                acct.add_block(credit_block(
                     format!("adjustment:{}", a.adjustment_id),
                     &a.account,
                     "adjustment",
                     a.amount,
                     ev.occurred_at,
+                    t,
                 ));
-                json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor})
             } else {
-                let burned = acct.burn(-a.amount, ev.occurred_at);
-                json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor, "blocks": blocks_json(&burned)})
-            };
+                acct.debit(-a.amount, t);
+            }
+            let mut detail =
+                json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor});
+            if late {
+                detail["late"] = json!(true);
+            }
             push_entry(
                 state,
                 fx,
@@ -606,6 +839,7 @@ fn apply_event(
                 src,
                 now,
                 detail,
+                late.then_some(t),
             );
             Outcome::Applied
         }
@@ -623,18 +857,23 @@ fn apply_event(
                     format!("event:{}", r.usage_event_id),
                 );
             };
+            let (t, late) = state.sweep_time(ev.occurred_at, now);
             for p in &postings {
                 let credit = -p.amount;
                 if credit > Decimal::ZERO {
-                    account(state, &p.account).credit(credit_block(
+                    account(state, &p.account).add_block(credit_block(
                         format!("reversal:{}", r.reversal_id),
                         &p.account,
                         "reversal",
                         credit,
                         ev.occurred_at,
+                        t,
                     ));
                 }
-                let detail = json!({"reversal_id": r.reversal_id, "usage_event_id": r.usage_event_id, "reason": r.reason, "actor": r.actor});
+                let mut detail = json!({"reversal_id": r.reversal_id, "usage_event_id": r.usage_event_id, "reason": r.reason, "actor": r.actor});
+                if late {
+                    detail["late"] = json!(true);
+                }
                 push_entry(
                     state,
                     fx,
@@ -646,6 +885,7 @@ fn apply_event(
                     src,
                     now,
                     detail,
+                    late.then_some(t),
                 );
             }
             state.reversed.insert(r.usage_event_id.clone());
@@ -661,21 +901,26 @@ fn apply_event(
                     format!("grant:{}", v.grant_id),
                 );
             };
+            let (t, late) = state.sweep_time(ev.occurred_at, now);
             let acct = account(state, &acct_ref);
-            let mut left = Decimal::ZERO;
-            if let Some(b) = acct
+            let Some(i) = acct
                 .blocks
-                .iter_mut()
-                .find(|b| b.block_id == v.grant_id && b.source == "grant")
-            {
-                left = b.remaining;
-                b.remaining = Decimal::ZERO;
-                b.voided = true;
-                b.dirty = true;
+                .iter()
+                .position(|b| b.block_id == v.grant_id && b.source == "grant")
+            else {
+                return Outcome::Reject(
+                    Reason::UnknownTarget,
+                    format!("grant `{}` has no block on {}", v.grant_id, acct_ref),
+                );
+            };
+            if acct.blocks[i].voided_at.is_some() {
+                return Outcome::Duplicate;
             }
-            acct.balance -= left;
-            acct.dirty = true;
-            let detail = json!({"grant_id": v.grant_id, "reason": v.reason, "actor": v.actor});
+            let left = acct.void(i, t);
+            let mut detail = json!({"grant_id": v.grant_id, "reason": v.reason, "actor": v.actor});
+            if late {
+                detail["late"] = json!(true);
+            }
             push_entry(
                 state,
                 fx,
@@ -687,6 +932,7 @@ fn apply_event(
                 src,
                 now,
                 detail,
+                late.then_some(t),
             );
             Outcome::Applied
         }
@@ -788,6 +1034,7 @@ fn apply_usage(
         }
     };
     let price_version = json!({"model_version": model.event_id, "effective_from": model.effective_from, "group_version": group_version});
+    let (sweep_t, late) = state.sweep_time(t, now);
     let mut postings = Vec::new();
     for acct_ref in u.accounts() {
         let limited = state.registry.limited_at(acct_ref.kind, &acct_ref.id, t);
@@ -796,12 +1043,10 @@ fn apply_usage(
         } else {
             Decimal::ZERO
         };
-        let burned = if limited && !priced.charge.is_zero() {
-            account(state, &acct_ref).burn(priced.charge, t)
-        } else {
-            Vec::new()
-        };
-        let detail = json!({
+        if !amount.is_zero() {
+            account(state, &acct_ref).debit(priced.charge, sweep_t);
+        }
+        let mut detail = json!({
             "price": price_version,
             "prices": priced.entry,
             "discount": priced.discount.normalize().to_string(),
@@ -809,8 +1054,10 @@ fn apply_usage(
             "usage": {"input_tokens": u.usage.input_tokens, "output_tokens": u.usage.output_tokens, "cache_read_tokens": u.usage.cache_read_tokens, "cache_write_tokens": u.usage.cache_write_tokens, "reasoning_tokens": u.usage.reasoning_tokens, "calls": u.usage.calls},
             "status": match u.status { UsageStatus::Success => "success", UsageStatus::Aborted => "aborted", UsageStatus::Failed => "failed" },
             "limited": limited,
-            "blocks": blocks_json(&burned),
         });
+        if late {
+            detail["late"] = json!(true);
+        }
         push_entry(
             state,
             fx,
@@ -822,6 +1069,7 @@ fn apply_usage(
             src,
             now,
             detail,
+            late.then_some(sweep_t),
         );
         postings.push(Posting {
             account: acct_ref,
@@ -833,54 +1081,138 @@ fn apply_usage(
     Outcome::Applied
 }
 
-/// Finalize the expiry of credit blocks whose `expires_at` is past the
-/// lateness window: one `expiry` entry for exactly what each has left. Each
-/// finalization is recorded like an event (id `expiry:<kind>:<id>:<block>`,
-/// `occurred_at` the block's `expires_at`, applied at `now`), so a replay
-/// fires it at the same point. `due` names (account, block id).
-pub fn expire_blocks(
+/// Resweep the accounts the fold flagged (their `blocks` must hold every
+/// block they ever had) from their debits as (sweep time, amount), and
+/// write a `grant_void` correction entry for each void the sweep says took
+/// a different amount. Returns the correction entries.
+pub fn settle(
     state: &mut FoldState,
-    due: &[(AccountRef, String)],
+    debits: &HashMap<AccountRef, Vec<(DateTime<Utc>, Decimal)>>,
     now: DateTime<Utc>,
 ) -> Result<Effects, String> {
     let mut fx = Effects::default();
-    for (acct_ref, block_id) in due {
+    let flagged: Vec<AccountRef> = state
+        .accounts
+        .values()
+        .filter(|a| a.needs_resweep)
+        .map(|a| a.account.clone())
+        .collect();
+    for r in flagged {
+        let acct = state
+            .accounts
+            .get_mut(&r)
+            .expect("flagged account is loaded");
+        let corrections = resweep(acct, debits.get(&r).map(|v| v.as_slice()).unwrap_or(&[]))?;
+        for (block_id, extra) in corrections {
+            let acct = state
+                .accounts
+                .get_mut(&r)
+                .expect("flagged account is loaded");
+            acct.balance -= extra;
+            let detail = json!({"grant_id": block_id, "correction": true, "note": "usage placed before the void arrived after it"});
+            push_entry_from(
+                state,
+                &mut fx,
+                &r,
+                (&format!("void-correction:{block_id}"), now),
+                EntryType::GrantVoid,
+                -extra,
+                None,
+                None,
+                now,
+                detail,
+                None,
+            );
+        }
+        state.accounts[&r].check()?;
+    }
+    Ok(fx)
+}
+
+/// Why an expiry fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiryCause {
+    /// The block's own `expires_at` is past the lateness window.
+    Block,
+    /// The account's `quota_expires_at` plus the operator's
+    /// `QUOTA_EXPIRE_BALANCE_AFTER_SECS` (`closes_at`) is past the lateness
+    /// window: the block closes at `closes_at`.
+    Account { closes_at: DateTime<Utc> },
+}
+
+/// Finalize expiries: one `expiry` entry for exactly what each named block
+/// has left. Each finalization is recorded like an event (id
+/// `expiry:<kind>:<id>:<block>`, or `account-expiry:…` for the account-level
+/// setting; `occurred_at` the block's `expires_at`, or the time it fired),
+/// so a replay fires it at the same point.
+pub fn expire_blocks(
+    state: &mut FoldState,
+    due: &[(AccountRef, String, ExpiryCause)],
+    now: DateTime<Utc>,
+) -> Result<Effects, String> {
+    let mut fx = Effects::default();
+    // Everything before the lateness window is in: sweep every account up
+    // to it first, so blocks that opened meanwhile repay debt before any
+    // credit is called breakage.
+    let cutoff = now - state.lateness;
+    for (acct_ref, _, _) in due {
+        if let Some(acct) = state.accounts.get_mut(acct_ref) {
+            acct.advance(cutoff);
+        }
+    }
+    for (acct_ref, block_id, cause) in due {
         let Some(acct) = state.accounts.get_mut(acct_ref) else {
             continue;
         };
         let Some(b) = acct.blocks.iter_mut().find(|b| &b.block_id == block_id) else {
             continue;
         };
-        let (Some(expires_at), left) = (b.expires_at, b.remaining) else {
-            continue;
+        let left = b.remaining;
+        let at = match cause {
+            ExpiryCause::Block => match b.expires_at {
+                Some(e) => e,
+                None => continue,
+            },
+            ExpiryCause::Account { closes_at } => *closes_at,
         };
-        if left <= Decimal::ZERO || b.voided {
+        if left <= Decimal::ZERO || b.voided_at.is_some() || b.expired_amount.is_some() {
             continue;
         }
         b.remaining = Decimal::ZERO;
+        b.expired_amount = Some(left);
+        if let ExpiryCause::Account { closes_at } = cause {
+            // From then on nothing may burn it (a resweep agrees).
+            b.expires_at = Some(b.expires_at.map_or(*closes_at, |e| e.min(*closes_at)));
+        }
         b.dirty = true;
         acct.balance -= left;
         acct.dirty = true;
+        let prefix = if *cause == ExpiryCause::Block {
+            "expiry"
+        } else {
+            "account-expiry"
+        };
         let event_id = format!(
-            "expiry:{}:{}:{}",
+            "{prefix}:{}:{}:{}",
             acct_ref.kind.as_str(),
             acct_ref.id,
             block_id
         );
-        let body = json!({"event_id": event_id, "type": "expiry", "block_id": block_id, "account": {"kind": acct_ref.kind.as_str(), "id": acct_ref.id}, "amount": left.normalize().to_string(), "expires_at": expires_at, "fired_at": now});
+        let body = json!({"event_id": event_id, "type": "expiry", "cause": prefix, "block_id": block_id, "account": {"kind": acct_ref.kind.as_str(), "id": acct_ref.id}, "amount": left.normalize().to_string(), "expires_at": at, "fired_at": now});
         let (content_hash, canonical) = canonical_hash(&body);
-        let detail = json!({"block_id": block_id, "category": b.category.map(|c| c.as_str()), "source": b.source, "fired_at": now});
+        let detail = json!({"block_id": block_id, "category": b.category.map(|c| c.as_str()), "source": b.source, "cause": prefix, "fired_at": now});
         push_entry_from(
             state,
             &mut fx,
             acct_ref,
-            (&event_id, expires_at),
+            (&event_id, at),
             EntryType::Expiry,
             -left,
             None,
             None,
             now,
             detail,
+            None,
         );
         fx.applied.push(AppliedEvent {
             event_id,
@@ -889,7 +1221,7 @@ pub fn expire_blocks(
             idem_key: None,
             idem_hash: None,
             canonical,
-            occurred_at: expires_at,
+            occurred_at: at,
             source: None,
         });
     }
@@ -914,6 +1246,7 @@ fn credit_block(
     source: &'static str,
     amount: Decimal,
     at: DateTime<Utc>,
+    active_from: DateTime<Utc>,
 ) -> Block {
     Block {
         block_id: id,
@@ -921,19 +1254,15 @@ fn credit_block(
         source,
         category: None,
         effective_at: at,
+        active_from,
         expires_at: None,
         amount,
         remaining: amount,
-        voided: false,
+        voided_at: None,
+        void_amount: Decimal::ZERO,
+        expired_amount: None,
         dirty: true,
     }
-}
-
-fn blocks_json(burned: &[(String, Decimal)]) -> serde_json::Value {
-    burned
-        .iter()
-        .map(|(id, amt)| json!({"block": id, "amount": amt.normalize().to_string()}))
-        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -948,6 +1277,7 @@ fn push_entry(
     src: &Source,
     now: DateTime<Utc>,
     detail: serde_json::Value,
+    attributed_at: Option<DateTime<Utc>>,
 ) {
     push_entry_from(
         state,
@@ -960,6 +1290,7 @@ fn push_entry(
         Some(src.clone()),
         now,
         detail,
+        attributed_at,
     )
 }
 
@@ -975,6 +1306,7 @@ fn push_entry_from(
     source: Option<Source>,
     now: DateTime<Utc>,
     detail: serde_json::Value,
+    attributed_at: Option<DateTime<Utc>>,
 ) {
     let acct = account(state, r);
     acct.seq += 1;
@@ -990,6 +1322,7 @@ fn push_entry_from(
         balance_after: acct.balance,
         charge,
         occurred_at,
+        attributed_at,
         recorded_at: now,
         source,
         detail,
@@ -1037,7 +1370,7 @@ mod tests {
 
     #[test]
     fn given_prices_and_credit_when_usage_then_every_named_ledger_is_debited() {
-        let mut st = FoldState::default();
+        let mut st = FoldState::new(chrono::Duration::hours(24));
         let fx = fold(
             &mut st,
             vec![
@@ -1075,7 +1408,7 @@ mod tests {
 
     #[test]
     fn usage_before_its_price_waits_and_a_conflict_is_rejected() {
-        let mut st = FoldState::default();
+        let mut st = FoldState::new(chrono::Duration::hours(24));
         let changed = USAGE.replace("1200", "1300");
         let fx = fold(&mut st, vec![input(0, USAGE), input(1, &changed)], now()).unwrap();
         assert_eq!(fx.quarantined[0].reason, Reason::Unpriced);
@@ -1090,7 +1423,7 @@ mod tests {
 
     #[test]
     fn debt_is_repaid_by_the_next_grant_and_a_reversal_credits_back_exactly() {
-        let mut st = FoldState::default();
+        let mut st = FoldState::new(chrono::Duration::hours(24));
         let rev = r#"{"event_id":"c-r","type":"usage.reversed","schema_version":1,"occurred_at":"2026-11-27T11:00:00Z","reversal_id":"rv-1","usage_event_id":"u-1","reason":"bad stream"}"#;
         fold(
             &mut st,
@@ -1113,7 +1446,7 @@ mod tests {
 
     #[test]
     fn expiry_removes_exactly_what_the_block_has_left() {
-        let mut st = FoldState::default();
+        let mut st = FoldState::new(chrono::Duration::hours(24));
         let grant = GRANT.replace(
             "\"expires_at\":null",
             "\"expires_at\":\"2026-11-27T11:00:00Z\"",
@@ -1130,7 +1463,12 @@ mod tests {
         )
         .unwrap();
         let user = AccountRef::new(AccountKind::User, "u_1");
-        let fx = expire_blocks(&mut st, &[(user.clone(), "gr-1".into())], now()).unwrap();
+        let fx = expire_blocks(
+            &mut st,
+            &[(user.clone(), "gr-1".into(), ExpiryCause::Block)],
+            now(),
+        )
+        .unwrap();
         // 10000 granted, 5200 used before expiry: 4800 expire.
         assert_eq!(fx.entries.len(), 1);
         assert_eq!(
@@ -1140,15 +1478,17 @@ mod tests {
         assert_eq!(st.accounts[&user].balance, Decimal::ZERO);
         assert_eq!(fx.applied[0].event_id, "expiry:user:u_1:gr-1");
         // Firing again finds nothing left.
-        assert!(expire_blocks(&mut st, &[(user, "gr-1".into())], now())
-            .unwrap()
-            .entries
-            .is_empty());
+        assert!(
+            expire_blocks(&mut st, &[(user, "gr-1".into(), ExpiryCause::Block)], now())
+                .unwrap()
+                .entries
+                .is_empty()
+        );
     }
 
     #[test]
     fn hash_chain_links_entries() {
-        let mut st = FoldState::default();
+        let mut st = FoldState::new(chrono::Duration::hours(24));
         let fx = fold(
             &mut st,
             vec![
@@ -1167,5 +1507,78 @@ mod tests {
             .collect();
         assert_eq!(user[1].prev_hash, user[0].hash);
         assert_eq!(user[1].hash, entry_hash(&user[0].hash, user[1]));
+    }
+
+    #[test]
+    fn usage_is_priced_by_the_version_in_force_at_its_occurred_at() {
+        let mut st = FoldState::new(chrono::Duration::hours(24));
+        // From 10:30 the input price doubles.
+        let v2 = MODEL
+            .replace("c-m", "c-m2")
+            .replace("09:00:00Z", "10:30:00Z")
+            .replace("\"input\":\"2.5\"", "\"input\":\"5\"");
+        let late = USAGE
+            .replace("u-1", "u-2")
+            .replace("10:00:00Z", "11:00:00Z");
+        let fx = fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, &v2),
+                input(3, USAGE),
+                input(4, &late),
+            ],
+            now(),
+        )
+        .unwrap();
+        let user: Vec<&Entry> = fx
+            .entries
+            .iter()
+            .filter(|e| e.account.kind == AccountKind::User)
+            .collect();
+        // (1200 × 2.5 + 350 × 10) × 0.8 = 5200; (1200 × 5 + 350 × 10) × 0.8 = 7600.
+        assert_eq!(
+            user.iter().map(|e| e.charge.unwrap()).collect::<Vec<_>>(),
+            vec![d("5200"), d("7600")]
+        );
+        assert_eq!(user[0].detail["price"]["model_version"], "c-m");
+        assert_eq!(user[1].detail["price"]["model_version"], "c-m2");
+    }
+
+    #[test]
+    fn usage_older_than_the_lateness_window_is_placed_at_arrival_and_flagged() {
+        let mut st = FoldState::new(chrono::Duration::minutes(5));
+        // The block expired at 11:00; usage from 10:00 arrives at 12:00:
+        // it burns what is open at 12:00 (nothing), so it is debt.
+        let grant = GRANT.replace(
+            "\"expires_at\":null",
+            "\"expires_at\":\"2026-11-27T11:00:00Z\"",
+        );
+        let fx = fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, &grant),
+                input(3, USAGE),
+            ],
+            now(),
+        )
+        .unwrap();
+        let e = fx
+            .entries
+            .iter()
+            .find(|e| e.account.kind == AccountKind::User && e.entry_type == EntryType::Usage)
+            .unwrap();
+        assert_eq!(
+            (e.detail["late"].as_bool(), e.attributed_at),
+            (Some(true), Some(now()))
+        );
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        assert_eq!(
+            (user.debt, user.blocks[0].remaining),
+            (d("5200"), d("10000"))
+        );
     }
 }

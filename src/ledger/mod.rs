@@ -4,3 +4,6 @@
 pub mod fold;
 pub mod pricing;
 pub mod registry;
+
+#[cfg(test)]
+mod proptest;

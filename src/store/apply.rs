@@ -41,6 +41,8 @@ pub struct LedgerSink {
     pub pool: Pool,
     pub dead_letters: Option<DeadLetters>,
     pub clock: Clock,
+    /// `ALLOWED_LATENESS_SECS`.
+    pub lateness: chrono::Duration,
 }
 
 #[derive(Debug)]
@@ -165,7 +167,7 @@ impl LedgerSink {
             *e = (*e).max(r.offset + 1);
         }
         let now = self.now();
-        let fx = fold_and_write(&tx, inputs, now).await?;
+        let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
         for ((topic, partition), next_offset) in &new_next {
             tx.execute("UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2", &[topic, partition, next_offset]).await?;
         }
@@ -221,7 +223,7 @@ impl LedgerSink {
             })
             .collect();
         let n = inputs.len();
-        let fx = fold_and_write(&tx, inputs, now).await?;
+        let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
         self.dead_letter(&fx).await?;
         tx.commit().await?;
         Ok(n)
@@ -268,10 +270,13 @@ impl LedgerSink {
     }
 
     /// Finalize expiries that are due: blocks with credit left whose
-    /// `expires_at` is more than `lateness` ago. Returns how many fired.
+    /// `expires_at` is more than the lateness window ago; and, when the
+    /// operator setting `expire_balance_after` is on, every block with
+    /// credit left of an account whose `quota_expires_at` (as registered
+    /// now) is that long past. Returns how many fired.
     pub async fn finalize_expiries(
         &self,
-        lateness: chrono::Duration,
+        expire_balance_after: Option<chrono::Duration>,
         limit: i64,
     ) -> Result<usize, ApplyError> {
         let mut client = self
@@ -281,10 +286,31 @@ impl LedgerSink {
             .map_err(|e| ApplyError::Pool(e.to_string()))?;
         let tx = client.transaction().await?;
         let now = self.now();
-        let cutoff = now - lateness;
-        let rows = tx
-            .query("SELECT kind, id, block_id FROM credit_blocks WHERE remaining > 0 AND NOT voided AND expires_at <= $1 ORDER BY kind, id, block_id LIMIT $2", &[&cutoff, &limit])
+        let cutoff = now - self.lateness;
+        let mut rows = tx
+            .query(
+                "SELECT kind, id, block_id, NULL::timestamptz FROM credit_blocks WHERE remaining > 0 AND voided_at IS NULL AND expired_amount IS NULL AND expires_at <= $1 ORDER BY kind, id, block_id LIMIT $2",
+                &[&cutoff, &limit],
+            )
             .await?;
+        if let Some(after) = expire_balance_after {
+            // Like block expiry, it waits out the lateness window, so usage
+            // from before the account expired is all in.
+            let account_cutoff = cutoff - after;
+            rows.extend(
+                tx.query(
+                    "SELECT b.kind, b.id, b.block_id, r.qx FROM credit_blocks b JOIN (
+                         SELECT DISTINCT ON (kind, id) kind, id, (payload->>'quota_expires_at')::timestamptz AS qx FROM registry_versions
+                         WHERE kind IN ('key', 'app', 'user', 'group', 'reseller') AND effective_from <= $1
+                         ORDER BY kind, id, effective_from DESC, version_seq DESC) r ON r.kind = b.kind AND r.id = b.id
+                     WHERE r.qx <= $2 AND b.remaining > 0 AND b.voided_at IS NULL AND b.expired_amount IS NULL
+                       AND (b.expires_at IS NULL OR b.expires_at > r.qx + $5 * interval '1 second')
+                     ORDER BY b.kind, b.id, b.block_id LIMIT $4",
+                    &[&now, &account_cutoff, &cutoff, &limit, &(after.num_seconds() as f64)],
+                )
+                .await?,
+            );
+        }
         if rows.is_empty() {
             return Ok(0);
         }
@@ -295,10 +321,17 @@ impl LedgerSink {
                 .ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
             let a = AccountRef::new(kind, r.get::<_, String>(1));
             accounts.insert(a.clone());
-            due.push((a, r.get::<_, String>(2)));
+            let qx: Option<DateTime<Utc>> = r.get(3);
+            let cause = match (qx, expire_balance_after) {
+                (Some(qx), Some(after)) => fold::ExpiryCause::Account {
+                    closes_at: qx + after,
+                },
+                _ => fold::ExpiryCause::Block,
+            };
+            due.push((a, r.get::<_, String>(2), cause));
         }
-        let mut state = FoldState::default();
-        lock_accounts(&tx, &accounts, &mut state).await?;
+        let mut state = FoldState::new(self.lateness);
+        lock_accounts(&tx, &accounts, &mut state, Blocks::All).await?;
         // Another process may have fired some meanwhile: the fold skips
         // blocks that have nothing left, and the applied-event id is unique.
         let fx = fold::expire_blocks(&mut state, &due, now).map_err(ApplyError::Invariant)?;
@@ -389,15 +422,68 @@ async fn fold_and_write(
     tx: &Transaction<'_>,
     inputs: Vec<Input>,
     now: DateTime<Utc>,
+    lateness: chrono::Duration,
 ) -> Result<Effects, ApplyError> {
-    let mut state = load_state(tx, &inputs).await?;
+    let mut state = load_state(tx, &inputs, now, lateness).await?;
     let fx = fold::fold(&mut state, inputs, now).map_err(ApplyError::Invariant)?;
     write_effects(tx, &state, &fx, now).await?;
+    let flagged: BTreeSet<AccountRef> = state
+        .accounts
+        .values()
+        .filter(|a| a.needs_resweep)
+        .map(|a| a.account.clone())
+        .collect();
+    resweep_accounts(tx, &flagged, now, lateness).await?;
     Ok(fx)
 }
 
-async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState, ApplyError> {
-    let mut st = FoldState::default();
+/// Re-run the attribution sweep of `accounts` from their whole history
+/// (every block, every debit entry, including the ones this transaction
+/// just wrote) and write the result and any void corrections.
+async fn resweep_accounts(
+    tx: &Transaction<'_>,
+    accounts: &BTreeSet<AccountRef>,
+    now: DateTime<Utc>,
+    lateness: chrono::Duration,
+) -> Result<(), ApplyError> {
+    if accounts.is_empty() {
+        return Ok(());
+    }
+    let mut st = FoldState::new(lateness);
+    lock_accounts(tx, accounts, &mut st, Blocks::All).await?;
+    let sorted = sorted_accounts(accounts);
+    let kinds: Vec<&str> = sorted.iter().map(|(k, _)| *k).collect();
+    let ids: Vec<&str> = sorted.iter().map(|(_, i)| *i).collect();
+    let rows = tx
+        .query(
+            "SELECT e.kind, e.id, coalesce(e.attributed_at, e.occurred_at), sum(-e.amount) FROM ledger_entries e JOIN unnest($1::text[], $2::text[]) u(k, i) ON e.kind = u.k AND e.id = u.i
+             WHERE e.amount < 0 AND e.entry_type IN ('usage', 'adjustment') GROUP BY 1, 2, 3",
+            &[&kinds, &ids],
+        )
+        .await?;
+    let mut debits: HashMap<AccountRef, Vec<(DateTime<Utc>, Decimal)>> = HashMap::new();
+    for r in rows {
+        let kind = AccountKind::parse(r.get(0))
+            .ok_or_else(|| ApplyError::Invariant("bad account kind in ledger".into()))?;
+        debits
+            .entry(AccountRef::new(kind, r.get::<_, String>(1)))
+            .or_default()
+            .push((r.get(2), r.get(3)));
+    }
+    for a in st.accounts.values_mut() {
+        a.needs_resweep = true;
+    }
+    let fx = fold::settle(&mut st, &debits, now).map_err(ApplyError::Invariant)?;
+    write_effects(tx, &st, &fx, now).await
+}
+
+async fn load_state(
+    tx: &Transaction<'_>,
+    inputs: &[Input],
+    now: DateTime<Utc>,
+    lateness: chrono::Duration,
+) -> Result<FoldState, ApplyError> {
+    let mut st = FoldState::new(lateness);
     let events: Vec<&event::Event> = inputs
         .iter()
         .filter_map(|i| i.decoded.as_ref().ok())
@@ -523,7 +609,16 @@ async fn load_state(tx: &Transaction<'_>, inputs: &[Input]) -> Result<FoldState,
     }
     // Grants in the batch may be voided in the same batch: their accounts
     // are already in the set.
-    lock_accounts(tx, &accounts, &mut st).await?;
+    lock_accounts(
+        tx,
+        &accounts,
+        &mut st,
+        Blocks::Relevant {
+            floor: now - lateness,
+            grants: &void_targets,
+        },
+    )
+    .await?;
     Ok(st)
 }
 
@@ -536,10 +631,23 @@ fn sorted_accounts(accounts: &BTreeSet<AccountRef>) -> Vec<(&'static str, &str)>
     v
 }
 
+/// Which credit blocks to load with the accounts.
+enum Blocks<'a> {
+    /// Every block (a resweep).
+    All,
+    /// Blocks with credit left or a boundary at or after `floor`, and the
+    /// named grants (void targets): all a batch's fold can touch.
+    Relevant {
+        floor: DateTime<Utc>,
+        grants: &'a [String],
+    },
+}
+
 async fn lock_accounts(
     tx: &Transaction<'_>,
     accounts: &BTreeSet<AccountRef>,
     st: &mut FoldState,
+    which: Blocks<'_>,
 ) -> Result<(), ApplyError> {
     if accounts.is_empty() {
         return Ok(());
@@ -549,7 +657,7 @@ async fn lock_accounts(
     let ids: Vec<&str> = sorted.iter().map(|(_, i)| *i).collect();
     tx.execute("INSERT INTO accounts (kind, id) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING", &[&kinds, &ids]).await?;
     let rows = tx
-        .query("SELECT a.kind, a.id, a.registered, a.balance, a.debt, a.entry_count, a.last_hash FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i ORDER BY a.kind, a.id FOR UPDATE OF a", &[&kinds, &ids])
+        .query("SELECT a.kind, a.id, a.registered, a.balance, a.debt, a.entry_count, a.last_hash, a.hwm FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i ORDER BY a.kind, a.id FOR UPDATE OF a", &[&kinds, &ids])
         .await?;
     for r in rows {
         let kind = AccountKind::parse(r.get(0))
@@ -561,11 +669,17 @@ async fn lock_accounts(
         a.debt = r.get(4);
         a.seq = r.get(5);
         a.last_hash = hash32(r.get(6));
+        a.hwm = r.get(7);
         st.accounts.insert(account, a);
     }
-    let rows = tx
-        .query("SELECT b.kind, b.id, b.block_id, b.source, b.category, b.effective_at, b.expires_at, b.amount, b.remaining, b.voided FROM credit_blocks b JOIN unnest($1::text[], $2::text[]) u(k, i) ON b.kind = u.k AND b.id = u.i WHERE b.remaining > 0", &[&kinds, &ids])
-        .await?;
+    const COLS: &str = "SELECT b.kind, b.id, b.block_id, b.source, b.category, b.effective_at, b.expires_at, b.amount, b.remaining, b.active_from, b.voided_at, b.void_amount, b.expired_amount FROM credit_blocks b JOIN unnest($1::text[], $2::text[]) u(k, i) ON b.kind = u.k AND b.id = u.i";
+    let rows = match which {
+        Blocks::All => tx.query(COLS, &[&kinds, &ids]).await?,
+        Blocks::Relevant { floor, grants } => {
+            let q = format!("{COLS} WHERE b.remaining > 0 OR b.active_from >= $3 OR b.expires_at >= $3 OR b.voided_at >= $3 OR (b.source = 'grant' AND b.block_id = ANY($4))");
+            tx.query(&q, &[&kinds, &ids, &floor, &grants]).await?
+        }
+    };
     for r in rows {
         let kind = AccountKind::parse(r.get(0))
             .ok_or_else(|| ApplyError::Invariant("bad account kind".into()))?;
@@ -589,7 +703,10 @@ async fn lock_accounts(
             expires_at: r.get(6),
             amount: r.get(7),
             remaining: r.get(8),
-            voided: r.get(9),
+            active_from: r.get(9),
+            voided_at: r.get(10),
+            void_amount: r.get(11),
+            expired_amount: r.get(12),
             dirty: false,
         };
         if let Some(a) = st.accounts.get_mut(&account) {
@@ -675,11 +792,12 @@ async fn write_effects(
         let debt: Vec<Decimal> = dirty.iter().map(|a| a.debt).collect();
         let cnt: Vec<i64> = dirty.iter().map(|a| a.seq).collect();
         let hashes: Vec<&[u8]> = dirty.iter().map(|a| a.last_hash.as_slice()).collect();
+        let hwm: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|a| a.hwm).collect();
         tx.execute(
-            "UPDATE accounts a SET registered = u.r, balance = u.b, debt = u.d, entry_count = u.c, last_hash = u.h, updated_at = $8
-             FROM unnest($1::text[], $2::text[], $3::bool[], $4::numeric[], $5::numeric[], $6::bigint[], $7::bytea[]) AS u(k, i, r, b, d, c, h)
+            "UPDATE accounts a SET registered = u.r, balance = u.b, debt = u.d, entry_count = u.c, last_hash = u.h, hwm = u.w, updated_at = $9
+             FROM unnest($1::text[], $2::text[], $3::bool[], $4::numeric[], $5::numeric[], $6::bigint[], $7::bytea[], $8::timestamptz[]) AS u(k, i, r, b, d, c, h, w)
              WHERE a.kind = u.k AND a.id = u.i",
-            &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &now],
+            &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &hwm, &now],
         )
         .await?;
         let blocks: Vec<&Block> = dirty
@@ -700,12 +818,15 @@ async fn write_effects(
             let exp: Vec<Option<DateTime<Utc>>> = blocks.iter().map(|b| b.expires_at).collect();
             let amt: Vec<Decimal> = blocks.iter().map(|b| b.amount).collect();
             let rem: Vec<Decimal> = blocks.iter().map(|b| b.remaining).collect();
-            let void: Vec<bool> = blocks.iter().map(|b| b.voided).collect();
+            let act: Vec<DateTime<Utc>> = blocks.iter().map(|b| b.active_from).collect();
+            let vat: Vec<Option<DateTime<Utc>>> = blocks.iter().map(|b| b.voided_at).collect();
+            let vam: Vec<Decimal> = blocks.iter().map(|b| b.void_amount).collect();
+            let xam: Vec<Option<Decimal>> = blocks.iter().map(|b| b.expired_amount).collect();
             tx.execute(
-                "INSERT INTO credit_blocks (kind, id, block_id, source, category, effective_at, expires_at, amount, remaining, voided)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::numeric[], $9::numeric[], $10::bool[])
-                 ON CONFLICT (kind, id, block_id) DO UPDATE SET remaining = excluded.remaining, voided = excluded.voided",
-                &[&kinds, &ids, &bids, &src, &cat, &eff, &exp, &amt, &rem, &void],
+                "INSERT INTO credit_blocks (kind, id, block_id, source, category, effective_at, expires_at, amount, remaining, active_from, voided_at, void_amount, expired_amount, voided)
+                 SELECT *, v IS NOT NULL FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::timestamptz[], $12::numeric[], $13::numeric[]) AS u(k, i, b, s, c, e, x, a, r, af, v, va, xa)
+                 ON CONFLICT (kind, id, block_id) DO UPDATE SET remaining = excluded.remaining, expires_at = excluded.expires_at, voided = excluded.voided, voided_at = excluded.voided_at, void_amount = excluded.void_amount, expired_amount = excluded.expired_amount",
+                &[&kinds, &ids, &bids, &src, &cat, &eff, &exp, &amt, &rem, &act, &vat, &vam, &xam],
             )
             .await?;
         }
@@ -721,6 +842,7 @@ async fn write_effects(
         let after: Vec<Decimal> = e.iter().map(|x| x.balance_after).collect();
         let charges: Vec<Option<Decimal>> = e.iter().map(|x| x.charge).collect();
         let occurred: Vec<DateTime<Utc>> = e.iter().map(|x| x.occurred_at).collect();
+        let attributed: Vec<Option<DateTime<Utc>>> = e.iter().map(|x| x.attributed_at).collect();
         let topics: Vec<Option<&str>> = e
             .iter()
             .map(|x| x.source.as_ref().map(|s| s.topic.as_str()))
@@ -737,11 +859,11 @@ async fn write_effects(
         let prev: Vec<&[u8]> = e.iter().map(|x| x.prev_hash.as_slice()).collect();
         let hashes: Vec<&[u8]> = e.iter().map(|x| x.hash.as_slice()).collect();
         tx.execute(
-            "INSERT INTO ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, detail, prev_hash, hash)
-             SELECT k, i, s, e, t, a, b, c, o, $16, tp, pa, of, d, ph, h
-             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::text[], $11::int[], $12::bigint[], $13::jsonb[], $14::bytea[], $15::bytea[])
-                  WITH ORDINALITY AS u(k, i, s, e, t, a, b, c, o, tp, pa, of, d, ph, h, n) ORDER BY n",
-            &[&kinds, &ids, &seqs, &eids, &types, &amounts, &after, &charges, &occurred, &topics, &parts, &offsets, &details, &prev, &hashes, &now],
+            "INSERT INTO ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, detail, prev_hash, hash, attributed_at)
+             SELECT k, i, s, e, t, a, b, c, o, $16, tp, pa, of, d, ph, h, at
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::text[], $11::int[], $12::bigint[], $13::jsonb[], $14::bytea[], $15::bytea[], $17::timestamptz[])
+                  WITH ORDINALITY AS u(k, i, s, e, t, a, b, c, o, tp, pa, of, d, ph, h, at, n) ORDER BY n",
+            &[&kinds, &ids, &seqs, &eids, &types, &amounts, &after, &charges, &occurred, &topics, &parts, &offsets, &details, &prev, &hashes, &now, &attributed],
         )
         .await?;
     }
@@ -822,11 +944,11 @@ async fn write_effects(
 /// `shutdown`.
 pub async fn run_quarantine_sweeper(
     sink: LedgerSink,
-    lateness: chrono::Duration,
+    expire_balance_after: Option<chrono::Duration>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        match sink.finalize_expiries(lateness, 500).await {
+        match sink.finalize_expiries(expire_balance_after, 500).await {
             Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),
             Ok(_) => {}
             Err(ApplyError::Invariant(m)) => {

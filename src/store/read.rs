@@ -15,6 +15,8 @@ pub struct BalanceView {
     pub balance: String,
     /// Null for a balance in the past (`?at=`).
     pub available: Option<String>,
+    /// Outstanding debt (usage no open block covered); null with `?at=`.
+    pub debt: Option<String>,
     pub limited: bool,
     pub expires_at: Option<DateTime<Utc>>,
     /// Null while the account is unregistered.
@@ -76,18 +78,18 @@ pub async fn balance(
     let version = reg.at(EntityKind::Account(account.kind), &account.id, moment);
     let quota = version.and_then(|v| v.entity.quota());
     let limited = reg.limited_at(account.kind, &account.id, moment);
-    let (balance, available) = match at {
+    let (balance, available, debt) = match at {
         None => {
             let balance: Decimal = row.get(1);
             let debt: Decimal = row.get(2);
             let open: Decimal = client
                 .query_one(
-                    "SELECT coalesce(sum(remaining), 0) FROM credit_blocks WHERE kind = $1 AND id = $2 AND remaining > 0 AND NOT voided AND effective_at <= $3 AND (expires_at IS NULL OR expires_at > $3)",
+                    "SELECT coalesce(sum(remaining), 0) FROM credit_blocks WHERE kind = $1 AND id = $2 AND remaining > 0 AND voided_at IS NULL AND active_from <= $3 AND (expires_at IS NULL OR expires_at > $3)",
                     &[&account.kind.as_str(), &account.id, &now],
                 )
                 .await?
                 .get(0);
-            (balance, Some(open - debt))
+            (balance, Some(open - debt), Some(debt))
         }
         Some(at) => {
             let b: Option<Decimal> = client
@@ -97,7 +99,7 @@ pub async fn balance(
                 )
                 .await?
                 .map(|r| r.get(0));
-            (b.unwrap_or_default(), None)
+            (b.unwrap_or_default(), None, None)
         }
     };
     Ok(Some(BalanceView {
@@ -105,6 +107,7 @@ pub async fn balance(
         id: account.id.clone(),
         balance: balance.normalize().to_string(),
         available: available.map(|a| a.normalize().to_string()),
+        debt: debt.map(|d| d.normalize().to_string()),
         limited,
         expires_at: quota.and_then(|q| q.quota_expires_at),
         status: quota.map(|q| q.status.as_str()),

@@ -154,7 +154,7 @@ async fn ledgers(
         );
     }
     let blocks = client
-        .query(&format!("SELECT x.kind, x.id, x.effective_at, x.expires_at, x.remaining FROM credit_blocks x {join} WHERE x.remaining > 0 AND NOT x.voided"), &[&kinds, &ids])
+        .query(&format!("SELECT x.kind, x.id, x.active_from, x.expires_at, x.remaining FROM credit_blocks x {join} WHERE x.remaining > 0 AND x.voided_at IS NULL"), &[&kinds, &ids])
         .await?;
     for r in blocks {
         let Some(kind) = AccountKind::parse(r.get(0)) else {

@@ -225,6 +225,11 @@ fn free_port() -> u16 {
 
 impl Service {
     pub fn start(ctx: &TestCtx) -> Service {
+        Service::start_with(ctx, &[])
+    }
+
+    /// Start `serve` with extra (or overriding) environment variables.
+    pub fn start_with(ctx: &TestCtx, extra: &[(&str, &str)]) -> Service {
         let addr = format!("127.0.0.1:{}", free_port());
         let dir = format!("{}/target/test-logs", env!("CARGO_MANIFEST_DIR"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -246,6 +251,8 @@ impl Service {
             .env("QUOTA_STALL_SECS", "15")
             .env("ALLOWED_LATENESS_SECS", "1")
             .env("RUST_LOG", "info,rdkafka=warn")
+            .env("QUOTA_TEST_CLOCK", "true")
+            .envs(extra.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -277,6 +284,22 @@ impl Service {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Move the service's clock (QUOTA_TEST_CLOCK) to `now`.
+    pub async fn set_clock(&self, now: &str) {
+        let r = reqwest::Client::new()
+            .put(self.url("/v1/test/clock"))
+            .json(&serde_json::json!({"now": now}))
+            .send()
+            .await
+            .expect("HTTP");
+        assert_eq!(
+            r.status().as_u16(),
+            200,
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {

@@ -3,6 +3,7 @@
 //! them); each test makes its own database, topics and consumer group.
 
 mod admission;
+mod billing;
 mod common;
 mod deadletter;
 mod faults;
