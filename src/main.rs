@@ -19,6 +19,25 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ReplaySource {
+    /// The applied-event store at DATABASE_URL.
+    Store,
+    /// An export written by `quota-engine export --what events`.
+    File,
+    /// The consumed topics on KAFKA_BROKERS.
+    Kafka,
+}
+
+fn time_arg(name: &str, v: Option<&str>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    v.map(|s| {
+        quota_engine::event::parse_time(s).ok_or_else(|| {
+            anyhow::anyhow!("--{name} `{s}` is not an RFC 3339 timestamp with offset")
+        })
+    })
+    .transpose()
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the consumers and the HTTP API.
@@ -40,6 +59,57 @@ enum Command {
         /// Only this quarantine row.
         #[arg(long)]
         id: Option<i64>,
+    },
+    /// Check every ledger invariant (balances, hash chains, usage entries,
+    /// counts); prints the report as JSON. Exits 1 when there is a problem
+    /// (notices alone do not fail it).
+    Reconcile(Config),
+    /// The projection's checksum (balances, debts, block remainders).
+    Checksum(Config),
+    /// Write the applied-event store (replayable) or ledger entries for a
+    /// time range as JSONL or CSV.
+    Export {
+        #[command(flatten)]
+        config: Config,
+        #[arg(long, value_enum, default_value = "events")]
+        what: quota_engine::replay::ExportWhat,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: quota_engine::replay::ExportFormat,
+        /// From this time (applied_at / recorded_at), RFC 3339.
+        #[arg(long)]
+        from: Option<String>,
+        /// Until this time (exclusive), RFC 3339.
+        #[arg(long)]
+        to: Option<String>,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<String>,
+    },
+    /// Rebuild the projection into a fresh database from the applied-event
+    /// store, an export, or the Kafka topics; prints a report with the
+    /// checksum. Exits 1 when an event could not be applied as it was live
+    /// (and, from Kafka with --compare, when results differ).
+    Replay {
+        #[command(flatten)]
+        config: Config,
+        /// Where the events come from.
+        #[arg(long, value_enum, default_value = "store")]
+        source: ReplaySource,
+        /// The export to read (with --source file).
+        #[arg(long)]
+        file: Option<String>,
+        /// With --source kafka: start at the first record at or after this
+        /// time (RFC 3339) instead of the beginning.
+        #[arg(long)]
+        since: Option<String>,
+        /// The fresh database to build (created when missing; must hold no
+        /// events).
+        #[arg(long)]
+        into: String,
+        /// With --source kafka: list the events whose result differs from
+        /// the live projection at DATABASE_URL.
+        #[arg(long)]
+        compare: bool,
     },
     /// Produce simulated gateway traffic (control events first, then usage).
     Simulate {
@@ -154,6 +224,103 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "re-drove {n} quarantined events; `quota-engine status` shows where they went"
             );
+        }
+        Command::Reconcile(cfg) => {
+            let pool = store::connect(&cfg.database_url, 2).await?;
+            let report = store::finance::reconcile(&pool).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.ok {
+                eprintln!("reconcile: {} problem(s)", report.problems.len());
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("reconcile: ok ({} notice(s))", report.notices.len());
+        }
+        Command::Checksum(cfg) => {
+            let pool = store::connect(&cfg.database_url, 1).await?;
+            let c = store::finance::checksum(&pool).await?;
+            println!("{}", serde_json::to_string(&c)?);
+            println!("checksum {}", c.checksum);
+        }
+        Command::Export {
+            config,
+            what,
+            format,
+            from,
+            to,
+            out,
+        } => {
+            let pool = store::connect(&config.database_url, 2).await?;
+            let (from, to) = (
+                time_arg("from", from.as_deref())?,
+                time_arg("to", to.as_deref())?,
+            );
+            let n = match out {
+                Some(path) => {
+                    let f = std::fs::File::create(&path)
+                        .map_err(|e| anyhow::anyhow!("cannot create {path}: {e}"))?;
+                    let mut w = std::io::BufWriter::new(f);
+                    quota_engine::replay::export(&pool, what, format, from, to, &mut w).await?
+                }
+                None => {
+                    let mut w = std::io::BufWriter::new(std::io::stdout());
+                    quota_engine::replay::export(&pool, what, format, from, to, &mut w).await?
+                }
+            };
+            eprintln!("exported {n} rows");
+        }
+        Command::Replay {
+            config,
+            source,
+            file,
+            since,
+            into,
+            compare,
+        } => {
+            use quota_engine::replay;
+            if into == config.database_url {
+                anyhow::bail!("--into must name a fresh database, not DATABASE_URL");
+            }
+            let target = replay::target(&into).await?;
+            let lateness = config.lateness();
+            let report = match source {
+                ReplaySource::Store => {
+                    let live = store::connect(&config.database_url, 2).await?;
+                    replay::from_store(&live, target, lateness).await?
+                }
+                ReplaySource::File => {
+                    let path =
+                        file.ok_or_else(|| anyhow::anyhow!("--source file needs --file PATH"))?;
+                    replay::from_file(&path, target, lateness).await?
+                }
+                ReplaySource::Kafka => {
+                    let live = if compare {
+                        Some(store::connect(&config.database_url, 2).await?)
+                    } else {
+                        None
+                    };
+                    let since = time_arg("since", since.as_deref())?;
+                    replay::from_kafka(
+                        &config.kafka_brokers,
+                        config.topics.consumed(),
+                        since,
+                        target,
+                        live.as_ref(),
+                        lateness,
+                    )
+                    .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!("checksum {}", report.checksum.checksum);
+            let differs = report.differences.as_ref().is_some_and(|d| !d.is_empty());
+            if !report.not_applied.is_empty() || differs {
+                eprintln!(
+                    "replay: {} event(s) not applied as live, {} differing",
+                    report.not_applied.len(),
+                    report.differences.as_ref().map_or(0, |d| d.len())
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Simulate { config, sim: args } => {
             quota_consumers::ensure_topics(

@@ -2,6 +2,7 @@
 //! gateway error body; internal details are logged, never sent.
 
 mod admission;
+mod finance;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/admission", post(admission::admission))
         .route("/v1/balances/{kind}/{id}", get(balance))
+        .route("/v1/ledger/{kind}/{id}", get(finance::ledger))
+        .route("/v1/reconcile", get(finance::reconcile))
+        .route("/v1/checksum", get(finance::checksum))
         .fallback(|| async { ApiError::documented(ErrorCode::UnknownUrl) })
         .with_state(state)
 }

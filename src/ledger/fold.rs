@@ -134,6 +134,8 @@ pub struct AccountState {
     pub hwm: Option<DateTime<Utc>>,
     pub needs_resweep: bool,
     pub dirty: bool,
+    /// Every block boundary, sorted; rebuilt when blocks change.
+    boundaries: Option<Vec<DateTime<Utc>>>,
 }
 
 impl AccountState {
@@ -149,6 +151,7 @@ impl AccountState {
             hwm: None,
             needs_resweep: false,
             dirty: false,
+            boundaries: None,
         }
     }
 
@@ -176,23 +179,31 @@ impl AccountState {
         open - self.debt
     }
 
+    /// Indices of the blocks that pass `filter`, in burn order (`blocks`
+    /// is kept sorted by burn order).
     fn burn_order(&self, filter: impl Fn(&Block) -> bool) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.blocks.len())
+        (0..self.blocks.len())
             .filter(|&i| filter(&self.blocks[i]))
-            .collect();
-        order.sort_by(|&a, &b| self.blocks[a].burn_key().cmp(&self.blocks[b].burn_key()));
-        order
+            .collect()
+    }
+
+    /// Put the blocks in burn order (after loading them).
+    pub fn sort_blocks(&mut self) {
+        self.blocks.sort_by(|a, b| a.burn_key().cmp(&b.burn_key()));
+        self.boundaries = None;
     }
 
     /// Take `amount` from the blocks open at `t` in burn order; the rest
     /// becomes debt. The balance is the caller's.
     fn burn_blocks(&mut self, amount: Decimal, t: DateTime<Utc>) {
         let mut left = amount;
-        for i in self.burn_order(|b| b.open_at(t) && b.remaining > Decimal::ZERO) {
+        for b in self.blocks.iter_mut() {
             if left.is_zero() {
                 break;
             }
-            let b = &mut self.blocks[i];
+            if b.remaining <= Decimal::ZERO || !b.open_at(t) {
+                continue;
+            }
             let take = left.min(b.remaining);
             b.remaining -= take;
             b.dirty = true;
@@ -232,11 +243,15 @@ impl AccountState {
     }
 
     /// Whether the set of open blocks changes anywhere in `(lo, hi]`.
-    fn boundary_in(&self, lo: DateTime<Utc>, hi: DateTime<Utc>) -> bool {
-        self.blocks
-            .iter()
-            .flat_map(|b| b.boundaries())
-            .any(|x| lo < x && x <= hi)
+    fn boundary_in(&mut self, lo: DateTime<Utc>, hi: DateTime<Utc>) -> bool {
+        let blocks = &self.blocks;
+        let all = self.boundaries.get_or_insert_with(|| {
+            let mut v: Vec<DateTime<Utc>> = blocks.iter().flat_map(|b| b.boundaries()).collect();
+            v.sort();
+            v
+        });
+        let i = all.partition_point(|x| *x <= lo);
+        all.get(i).is_some_and(|x| *x <= hi)
     }
 
     /// A debit (usage or negative adjustment) at sweep time `t`.
@@ -257,11 +272,14 @@ impl AccountState {
     fn add_block(&mut self, block: Block) {
         self.balance += block.amount;
         let behind = self.hwm.is_some_and(|h| block.active_from <= h);
-        self.blocks.push(block);
+        let i = self
+            .blocks
+            .partition_point(|b| b.burn_key() <= block.burn_key());
+        self.blocks.insert(i, block);
+        self.boundaries = None;
         if behind {
             // It should have opened earlier: open it now, and let the
             // resweep put every debit since where it belongs.
-            let i = self.blocks.len() - 1;
             self.activate(i);
             self.needs_resweep = true;
         }
@@ -273,6 +291,7 @@ impl AccountState {
         // Closed from `v` on: a block voided by the time it would open
         // never opens (so repays nothing), as in the resweep.
         self.blocks[i].voided_at = Some(v);
+        self.boundaries = None;
         match self.hwm {
             Some(h) if v <= h => self.needs_resweep = true,
             _ => self.advance(v),
@@ -309,6 +328,7 @@ pub fn resweep(
         .chain(acct.blocks.iter().filter_map(|b| b.voided_at))
         .chain(acct.hwm)
         .max();
+    acct.sort_blocks();
     let mut moments: Vec<DateTime<Utc>> = debits.iter().map(|d| d.0).collect();
     for b in &mut acct.blocks {
         b.remaining = b.amount;
@@ -1224,6 +1244,13 @@ pub fn expire_blocks(
             occurred_at: at,
             source: None,
         });
+    }
+    // An account-level expiry may have moved a block's expires_at (part of
+    // the burn order).
+    for (acct_ref, _, _) in due {
+        if let Some(acct) = state.accounts.get_mut(acct_ref) {
+            acct.sort_blocks();
+        }
     }
     for a in state.accounts.values() {
         if a.dirty {

@@ -85,6 +85,57 @@ pub fn round_charge(x: Decimal) -> Decimal {
         .normalize()
 }
 
+/// Re-price a usage entry from what it recorded (`detail.prices`,
+/// `detail.usage`, `detail.status`, `detail.discount`): the charge it
+/// should carry. Reconcile compares it with the entry's `charge`.
+pub fn recheck(detail: &serde_json::Value) -> Result<Decimal, String> {
+    use std::str::FromStr;
+    let dec = |v: &serde_json::Value, what: &str| -> Result<Option<Decimal>, String> {
+        match v {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::String(s) => Decimal::from_str(s)
+                .map(Some)
+                .map_err(|e| format!("{what}: {e}")),
+            other => Err(format!("{what}: not a decimal string: {other}")),
+        }
+    };
+    let p = &detail["prices"];
+    let entry = PriceEntry {
+        path: p["path"].as_str().unwrap_or("*").to_string(),
+        input: dec(&p["input"], "prices.input")?,
+        output: dec(&p["output"], "prices.output")?,
+        cache_read: dec(&p["cache_read"], "prices.cache_read")?,
+        cache_write: dec(&p["cache_write"], "prices.cache_write")?,
+        per_call: dec(&p["per_call"], "prices.per_call")?,
+    };
+    let u = &detail["usage"];
+    let n = |k: &str| u[k].as_u64().unwrap_or(0);
+    let usage = Usage {
+        input_tokens: n("input_tokens"),
+        output_tokens: n("output_tokens"),
+        cache_read_tokens: n("cache_read_tokens"),
+        cache_write_tokens: n("cache_write_tokens"),
+        reasoning_tokens: n("reasoning_tokens"),
+        calls: n("calls"),
+    };
+    let status = match detail["status"].as_str() {
+        Some("success") => UsageStatus::Success,
+        Some("aborted") => UsageStatus::Aborted,
+        Some("failed") => UsageStatus::Failed,
+        other => return Err(format!("status: {other:?}")),
+    };
+    let discount = dec(&detail["discount"], "discount")?.ok_or("discount missing")?;
+    price(
+        &usage,
+        status,
+        std::slice::from_ref(&entry),
+        &entry.path,
+        discount,
+    )
+    .map(|p| p.charge)
+    .map_err(|e| format!("{e:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

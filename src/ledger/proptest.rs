@@ -261,17 +261,13 @@ impl Harness {
     }
 }
 
+/// Per block: (remaining, void amount, expired amount).
+type Blocks = BTreeMap<String, (Decimal, Decimal, Option<Decimal>)>;
+
 #[derive(Debug, PartialEq)]
 struct Outcome {
-    /// Per account: balance, debt, per block (remaining, voided, expired).
-    accounts: BTreeMap<
-        String,
-        (
-            Decimal,
-            Decimal,
-            BTreeMap<String, (Decimal, Decimal, Option<Decimal>)>,
-        ),
-    >,
+    /// Per account: balance, debt, blocks.
+    accounts: BTreeMap<String, (Decimal, Decimal, Blocks)>,
     /// Per account and entry type: the sum of amounts.
     sums: BTreeMap<(String, &'static str), Decimal>,
 }

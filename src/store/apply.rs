@@ -120,6 +120,17 @@ impl LedgerSink {
     }
 
     pub async fn apply_records(&self, batch: &[Record]) -> Result<(), ApplyError> {
+        self.apply_records_at(batch, self.now()).await
+    }
+
+    /// Apply a batch of consumed records as of `now` (a replay from Kafka
+    /// passes the records' own times).
+    pub async fn apply_records_at(
+        &self,
+        batch: &[Record],
+        now: DateTime<Utc>,
+    ) -> Result<(), ApplyError> {
+        let now = now.trunc_subsecs(6);
         let mut client = self
             .pool
             .get()
@@ -166,7 +177,6 @@ impl LedgerSink {
                 .or_insert(r.offset + 1);
             *e = (*e).max(r.offset + 1);
         }
-        let now = self.now();
         let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
         for ((topic, partition), next_offset) in &new_next {
             tx.execute("UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2", &[topic, partition, next_offset]).await?;
@@ -179,6 +189,46 @@ impl LedgerSink {
             "batch committed"
         );
         Ok(())
+    }
+
+    /// Apply events outside the consumers, as of `now` (a replay from the
+    /// applied-event store or an export: each batch at the time it was
+    /// first applied). No offsets move; returns what the fold decided.
+    pub async fn apply_replayed(
+        &self,
+        inputs: Vec<Input>,
+        now: DateTime<Utc>,
+    ) -> Result<Effects, ApplyError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
+        tx.commit().await?;
+        Ok(fx)
+    }
+
+    /// Fire recorded expiry finalizations again, as of `now` (a replay).
+    pub async fn fire_expiries(
+        &self,
+        due: &[(AccountRef, String, fold::ExpiryCause)],
+        now: DateTime<Utc>,
+    ) -> Result<Effects, ApplyError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let tx = client.transaction().await?;
+        let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
+        let mut state = FoldState::new(self.lateness);
+        lock_accounts(&tx, &accounts, &mut state, Blocks::All).await?;
+        let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
+        write_effects(&tx, &state, &fx, now).await?;
+        tx.commit().await?;
+        Ok(fx)
     }
 
     /// Retry quarantined events whose cause may have arrived. Returns how
@@ -713,7 +763,8 @@ async fn lock_accounts(
             a.blocks.push(block);
         }
     }
-    for a in st.accounts.values() {
+    for a in st.accounts.values_mut() {
+        a.sort_blocks();
         a.check()
             .map_err(|e| ApplyError::Invariant(format!("as loaded: {e}")))?;
     }

@@ -3,6 +3,7 @@
 //! behind the HTTP API (`read`).
 
 pub mod apply;
+pub mod finance;
 pub mod read;
 pub mod view;
 

@@ -138,6 +138,42 @@ impl TestCtx {
         n
     }
 
+    /// The URL of another database beside this test's (for replays).
+    pub fn sibling_db(&self, suffix: &str) -> String {
+        let name = self
+            .db_url
+            .rsplit('/')
+            .next()
+            .unwrap_or("db")
+            .split('?')
+            .next()
+            .unwrap_or("db")
+            .to_string();
+        with_dbname(&self.db_url, &format!("{name}_{suffix}"))
+    }
+
+    /// Run a `quota-engine` subcommand with this test's database, broker
+    /// and topics; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str], extra: &[(&str, &str)]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_quota-engine"))
+            .args(args)
+            .env("DATABASE_URL", &self.db_url)
+            .env("KAFKA_BROKERS", &self.brokers)
+            .env("QUOTA_TOPIC_USAGE", &self.topics.usage)
+            .env("QUOTA_TOPIC_ERRORS", &self.topics.errors)
+            .env("QUOTA_TOPIC_CONTROL", &self.topics.control)
+            .env("QUOTA_TOPIC_DLQ", &self.topics.dlq)
+            .env("RUST_LOG", "warn")
+            .envs(extra.iter().copied())
+            .output()
+            .expect("run quota-engine");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn serve(&self) -> Service {
         Service::start(self)
     }

@@ -7,6 +7,8 @@ mod billing;
 mod common;
 mod deadletter;
 mod faults;
+mod finance;
 mod ingest;
+mod replay;
 mod schemas;
 mod world;

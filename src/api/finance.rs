@@ -1,0 +1,160 @@
+//! Finance reads: statements (`/v1/ledger`), reconciliation, the
+//! projection checksum, and the error summary.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::event::{AccountKind, AccountRef};
+use crate::store::finance::{self, Period};
+
+pub fn account(kind: &str, id: &str) -> Result<AccountRef, ApiError> {
+    let k = AccountKind::parse(kind).ok_or_else(|| {
+        ApiError::invalid(
+            "kind",
+            format!("`{kind}` is not one of key, app, user, group, reseller"),
+        )
+    })?;
+    if id.is_empty() || id.chars().count() > 128 {
+        return Err(ApiError::invalid("id", "must be 1 to 128 characters"));
+    }
+    Ok(AccountRef::new(k, id))
+}
+
+pub fn time_param(
+    name: &str,
+    v: Option<&str>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    match v {
+        None | Some("") => Ok(None),
+        Some(s) => crate::event::parse_time(s).map(Some).ok_or_else(|| {
+            ApiError::invalid(
+                name,
+                format!("`{s}` is not an RFC 3339 timestamp with offset"),
+            )
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerQuery {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    format: Option<String>,
+}
+
+/// `GET /v1/ledger/{kind}/{id}`: the statement, paged JSON or streamed CSV.
+pub async fn ledger(
+    State(st): State<AppState>,
+    Path((kind, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    q: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let a = account(&kind, &id)?;
+    let period = Period {
+        from: time_param("from", q.from.as_deref())?,
+        to: time_param("to", q.to.as_deref())?,
+    };
+    let accept_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/csv"));
+    let csv = match q.format.as_deref() {
+        None => accept_csv,
+        Some("csv") => true,
+        Some("json") => false,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "format",
+                format!("`{other}` is not json or csv"),
+            ))
+        }
+    };
+    let exists = st
+        .pool
+        .get()
+        .await
+        .map_err(ApiError::internal)?
+        .query_opt(
+            "SELECT 1 FROM accounts WHERE kind = $1 AND id = $2",
+            &[&a.kind.as_str(), &a.id],
+        )
+        .await
+        .map_err(ApiError::internal)?
+        .is_some();
+    if !exists {
+        return Err(ApiError::not_found(
+            "account_not_found",
+            format!("No ledger for {a}: no event has named it."),
+        ));
+    }
+    if csv {
+        let stream = finance::csv(&st.pool, &a, period)
+            .await
+            .map_err(ApiError::internal)?;
+        let name = format!(
+            "attachment; filename=\"ledger-{}-{}.csv\"",
+            a.kind.as_str(),
+            a.id.replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_"
+            )
+        );
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                (header::CONTENT_DISPOSITION, name),
+            ],
+            Body::from_stream(stream),
+        )
+            .into_response());
+    }
+    let limit = match q.limit.as_deref() {
+        None => 1000,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 10000"))?,
+    };
+    let after = match q.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(s) => s
+            .strip_prefix("s")
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this endpoint returned"))?,
+    };
+    let (entries, next) = finance::page(&st.pool, &a, period, after, limit)
+        .await
+        .map_err(ApiError::internal)?;
+    let summary = finance::summary(&st.pool, &a, period)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"kind": a.kind.as_str(), "id": a.id, "from": period.from, "to": period.to, "entries": entries, "summary": summary, "next": next.map(|n| format!("s{n}"))})).into_response())
+}
+
+/// `GET /v1/reconcile`.
+pub async fn reconcile(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let report = finance::reconcile(&st.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(report).into_response())
+}
+
+/// `GET /v1/checksum`: the projection's digest (as `quota-engine checksum`).
+pub async fn checksum(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let c = finance::checksum(&st.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(c).into_response())
+}
