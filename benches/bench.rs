@@ -2,7 +2,7 @@
 //!
 //!   cargo bench --bench bench -- decide [--keys N] [--secs S]
 //!       in-process admission decisions per second on one thread
-//!   cargo bench --bench bench -- http --addr HOST:PORT --key-prefix sk-RUN- --keys N [--rps R] [--secs S]
+//!   cargo bench --bench bench -- http --addr HOST:PORT --token TOKEN --key-prefix sk-RUN- --keys N [--rps R] [--secs S]
 //!       open-loop HTTP load on POST /v1/admission (each request is sent
 //!       on its schedule whatever the earlier ones are doing); latency from
 //!       the moment it is sent, and how far sending fell behind schedule
@@ -46,6 +46,7 @@ fn main() {
                 .unwrap();
             rt.block_on(http(
                 arg(&args, "--addr", "127.0.0.1:8080"),
+                arg(&args, "--token", ""),
                 arg(&args, "--key-prefix", "sk-"),
                 arg(&args, "--keys", "100").parse().unwrap(),
                 arg(&args, "--rps", "10000").parse().unwrap(),
@@ -199,8 +200,16 @@ fn decide(keys: usize, secs: u64) {
     println!("decide: {keys} keys, {n} decisions in {secs:.2} s on one thread = {:.0} decisions/s ({allowed} allowed)", n as f64 / secs);
 }
 
-async fn http(addr: String, key_prefix: String, keys: usize, rps: u64, secs: u64) {
+async fn http(addr: String, token: String, key_prefix: String, keys: usize, rps: u64, secs: u64) {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}")
+            .parse()
+            .expect("a token is visible ASCII"),
+    );
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(256)
         .build()
         .unwrap();

@@ -22,8 +22,10 @@ run() {
   local pid=$!
   trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
   target/release/quota-engine simulate --users "$USERS" --events 0 --run-id "$run_id" >/dev/null
+  local token
+  token=$(target/release/quota-engine token create --role gateway --name bench | tail -1)
   for _ in $(seq 1 300); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://$HTTP_ADDR/v1/admission" \
+    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://$HTTP_ADDR/v1/admission" -H "Authorization: Bearer $token" \
       -d "{\"api_key\":\"sk-$run_id-$((USERS - 1))\",\"client_ip\":\"203.0.113.7\",\"model\":\"gpt-4o\",\"path\":\"/v1/chat/completions\"}" || true)
     [ "$code" = 200 ] && break
     sleep 0.2
@@ -33,7 +35,7 @@ run() {
   target/release/quota-engine simulate --users "$USERS" --events $((INGEST_RATE * (SECS + 5))) --rate "$INGEST_RATE" --run-id "$run_id" >"$repo/.stack/bench-sim.log" 2>&1 &
   local sim=$!
   sleep 2
-  "$bench_bin" http --addr "$HTTP_ADDR" --key-prefix "sk-$run_id-" --keys "$USERS" --rps "$RPS" --secs "$SECS"
+  "$bench_bin" http --addr "$HTTP_ADDR" --token "$token" --key-prefix "sk-$run_id-" --keys "$USERS" --rps "$RPS" --secs "$SECS"
   kill $sim 2>/dev/null || true
   target/release/quota-engine status | awk 'NR==1 || /usage/'
 }

@@ -25,8 +25,13 @@ demo() {
   echo
   "$bin" status
   echo
-  echo "Try: curl -s http://$addr/v1/balances/user/<id from the table>"
-  echo "     curl -s http://$addr/metrics"
+  local token
+  token=$("$bin" token create --role admin --name demo 2>/dev/null | tail -1)
+  echo "An admin token for trying the API: $token"
+  echo "Try: curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/balances/user/<id from the table>"
+  echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/ledger/user/<id>?format=csv"
+  echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/reconcile"
+  echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/openapi.json"
   if [ "${DEMO_WAIT:-1}" = 1 ]; then
     echo "The service keeps running; Ctrl-C stops it and the stack."
     wait $pid

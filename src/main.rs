@@ -39,6 +39,30 @@ fn time_arg(name: &str, v: Option<&str>) -> anyhow::Result<Option<chrono::DateTi
 }
 
 #[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token; prints it alone on the last line (only its hash is
+    /// stored, so this is the one time it is shown).
+    Create {
+        #[command(flatten)]
+        config: Config,
+        #[arg(long, value_enum)]
+        role: quota_engine::api::auth::Role,
+        /// Scope the token to this reseller, its users and their apps and keys.
+        #[arg(long)]
+        reseller: Option<String>,
+        /// A note on who holds it.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a token by its id (`tok_…`); it stops working within 30 s.
+    Revoke {
+        #[command(flatten)]
+        config: Config,
+        token_id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the consumers and the HTTP API.
     Serve(Config),
@@ -111,6 +135,9 @@ enum Command {
         #[arg(long)]
         compare: bool,
     },
+    /// Access tokens for the HTTP API.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Produce simulated gateway traffic (control events first, then usage).
     Simulate {
         #[command(flatten)]
@@ -322,6 +349,38 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Token(TokenCommand::Create {
+            config,
+            role,
+            reseller,
+            name,
+        }) => {
+            let pool = store::connect(&config.database_url, 1).await?;
+            store::migrate(&pool).await?;
+            let (id, token) = quota_engine::api::auth::create_token(
+                &pool,
+                role,
+                reseller.as_deref(),
+                name.as_deref(),
+            )
+            .await?;
+            eprintln!(
+                "created {id} (role {}{})",
+                role.as_str(),
+                reseller
+                    .as_deref()
+                    .map(|r| format!(", reseller {r}"))
+                    .unwrap_or_default()
+            );
+            println!("{token}");
+        }
+        Command::Token(TokenCommand::Revoke { config, token_id }) => {
+            let pool = store::connect(&config.database_url, 1).await?;
+            if !quota_engine::api::auth::revoke_token(&pool, &token_id).await? {
+                anyhow::bail!("no live token {token_id}");
+            }
+            println!("revoked {token_id}");
+        }
         Command::Simulate { config, sim: args } => {
             quota_consumers::ensure_topics(
                 &config.kafka_brokers,
@@ -336,8 +395,19 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             .map_err(anyhow::Error::msg)?;
             let expected = sim::run(&config.kafka_brokers, &config.topics, &args).await?;
             if let Some(addr) = &args.check {
+                // A finance token of its own to read balances with.
+                let pool = store::connect(&config.database_url, 1).await?;
+                store::migrate(&pool).await?;
+                let (_, token) = quota_engine::api::auth::create_token(
+                    &pool,
+                    quota_engine::api::auth::Role::Finance,
+                    None,
+                    Some("simulate --check"),
+                )
+                .await?;
                 let ok = sim::check(
                     addr,
+                    &token,
                     &expected,
                     Duration::from_secs(args.check_timeout_secs),
                 )

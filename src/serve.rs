@@ -49,6 +49,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         apply::system_clock()
     };
     let lateness = cfg.lateness();
+    let publisher = api::operator::Publisher {
+        producer: producer.clone(),
+        topic: cfg.topics.control.clone(),
+    };
     let sink = LedgerSink {
         pool: pool.clone(),
         dead_letters: Some(DeadLetters {
@@ -113,6 +117,28 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
         let _ = s.set_nodelay(true);
     });
+    // Admission rejections go to the database every 5 s for the error
+    // summary.
+    let counters: Arc<api::AdmissionCounters> = Default::default();
+    let flusher = {
+        let (counters, pool, mut sd) = (counters.clone(), pool.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let stop = tokio::select! {
+                    _ = sd.wait_for(|s| *s) => true,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => false,
+                };
+                let log = counters.take_log();
+                if let Err(e) = store::finance::flush_rejections(&pool, &log).await {
+                    tracing::warn!(error = %e, "cannot write admission rejections; keeping them for the next flush");
+                    counters.restore_log(log);
+                }
+                if stop {
+                    return;
+                }
+            }
+        })
+    };
     let test_clock = cfg.test_clock.then_some(clock_offset_ms);
     let router = api::app(AppState {
         pool,
@@ -120,8 +146,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         consuming,
         view,
         view_synced_ms,
-        admission: Default::default(),
+        admission: counters,
         test_clock,
+        tokens: Default::default(),
+        publisher: Some(publisher),
     });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();
@@ -135,6 +163,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         .await?;
     let consumer_result = consumer.await?;
     sweeper.abort();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flusher).await;
     listener_task.abort();
     match consumer_result {
         Ok(()) => {

@@ -32,6 +32,13 @@ pub struct SimArgs {
     /// Seed of the traffic.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Resellers (a few hot ones hold most users).
+    #[arg(long, default_value_t = 4)]
+    pub resellers: usize,
+    /// Stop producing usage after this many seconds, even before
+    /// `--events` (with `--rate`, a steady load for a set time).
+    #[arg(long)]
+    pub duration_secs: Option<u64>,
     /// Prefix of every id, so runs do not collide (default: a fresh one).
     #[arg(long)]
     pub run_id: Option<String>,
@@ -127,95 +134,113 @@ pub struct Expected {
     pub resellers: BTreeMap<String, (Decimal, Decimal)>,
 }
 
-pub async fn run(
-    brokers: &str,
-    topics: &crate::config::Topics,
-    args: &SimArgs,
-) -> anyhow::Result<Expected> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let run_id = args
-        .run_id
-        .clone()
-        .unwrap_or_else(|| format!("r{}", Utc::now().timestamp()));
-    let mut rng = Rng(args.seed.max(1) ^ 0x9E37_79B9_7F4A_7C15);
-    let setup_at = (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339();
-    let mut n = 0u64;
-    let mut next_id = |kind: &str| {
-        n += 1;
-        format!("{run_id}-{kind}-{n}")
-    };
-    let mut control: Vec<(String, Value)> = Vec::new();
-    let models = models();
-    for m in &models {
-        control.push((m.id.into(), json!({"event_id": next_id("c"), "type": "model.upserted", "schema_version": 1, "occurred_at": setup_at, "id": m.id, "status": "enabled", "prices": m.prices.iter().map(price_json).collect::<Vec<_>>()})));
-    }
-    let groups = [
-        (format!("{run_id}-default"), "1"),
-        (format!("{run_id}-vip"), "0.8"),
-    ];
-    for (g, discount) in &groups {
-        control.push((g.clone(), json!({"event_id": next_id("c"), "type": "group.upserted", "schema_version": 1, "occurred_at": setup_at, "id": g, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "discount": discount, "models": []})));
-    }
-    let resellers: Vec<String> = (0..2).map(|i| format!("{run_id}-reseller-{i}")).collect();
-    let mut expected = Expected {
-        run_id: run_id.clone(),
-        users: BTreeMap::new(),
-        resellers: BTreeMap::new(),
-    };
-    for r in &resellers {
-        control.push((r.clone(), json!({"event_id": next_id("c"), "type": "reseller.upserted", "schema_version": 1, "occurred_at": setup_at, "id": r, "status": "enabled", "quota_limited": true, "quota_expires_at": null})));
-        let amount = d("100000000");
-        control.push((r.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "reseller", "id": r}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
-        expected
-            .resellers
-            .insert(r.clone(), (amount, Decimal::ZERO));
-    }
-    struct User {
-        id: String,
-        app: String,
-        key: String,
-        reseller: Option<String>,
-        group: String,
-    }
-    let mut users = Vec::new();
-    for i in 0..args.users {
-        let id = format!("{run_id}-user-{i}");
-        let reseller = if i % 4 == 3 {
-            None
-        } else {
-            Some(resellers[i % 2].clone())
+/// One simulated user's chain.
+struct User {
+    id: String,
+    app: String,
+    key: String,
+    reseller: Option<String>,
+    group: String,
+}
+
+/// The generated traffic: control events first, then usage made on demand
+/// (the simulator prices each itself, into `expected`). `simulate` produces
+/// it to Kafka; the ingest benchmark feeds it to the sink directly.
+pub struct Plan {
+    pub run_id: String,
+    pub control: Vec<(String, Value)>,
+    pub expected: Expected,
+    users: Vec<User>,
+    models: Vec<Model>,
+    rng: Rng,
+}
+
+impl Plan {
+    pub fn new(args: &SimArgs) -> Plan {
+        let run_id = args
+            .run_id
+            .clone()
+            .unwrap_or_else(|| format!("r{}", Utc::now().timestamp()));
+        let rng = Rng(args.seed.max(1) ^ 0x9E37_79B9_7F4A_7C15);
+        let setup_at = (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339();
+        let mut n = 0u64;
+        let mut next_id = |kind: &str| {
+            n += 1;
+            format!("{run_id}-{kind}-{n}")
         };
-        let group = groups[i % 2].0.clone();
-        let app = format!("{run_id}-app-{i}");
-        let key = format!("{run_id}-key-{i}");
-        let key_hash = hex::encode(Sha256::digest(format!("sk-{run_id}-{i}").as_bytes()));
-        control.push((id.clone(), json!({"event_id": next_id("c"), "type": "user.upserted", "schema_version": 1, "occurred_at": setup_at, "id": id, "reseller_id": reseller, "status": "enabled", "quota_expires_at": null, "groups": [{"group_id": group, "weight": 10, "default": true}]})));
-        control.push((app.clone(), json!({"event_id": next_id("c"), "type": "app.upserted", "schema_version": 1, "occurred_at": setup_at, "id": app, "user_id": id, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
-        control.push((key.clone(), json!({"event_id": next_id("c"), "type": "key.upserted", "schema_version": 1, "occurred_at": setup_at, "id": key, "app_id": app, "key_hash": key_hash, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
-        let amount = d("5000000");
-        control.push((id.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "user", "id": id}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
-        expected.users.insert(id.clone(), (amount, Decimal::ZERO));
-        users.push(User {
-            id,
-            app,
-            key,
-            reseller,
-            group,
-        });
+        let mut control: Vec<(String, Value)> = Vec::new();
+        let models = models();
+        for m in &models {
+            control.push((m.id.into(), json!({"event_id": next_id("c"), "type": "model.upserted", "schema_version": 1, "occurred_at": setup_at, "id": m.id, "status": "enabled", "prices": m.prices.iter().map(price_json).collect::<Vec<_>>()})));
+        }
+        let groups = [
+            (format!("{run_id}-default"), "1"),
+            (format!("{run_id}-vip"), "0.8"),
+        ];
+        for (g, discount) in &groups {
+            control.push((g.clone(), json!({"event_id": next_id("c"), "type": "group.upserted", "schema_version": 1, "occurred_at": setup_at, "id": g, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "discount": discount, "models": []})));
+        }
+        let resellers: Vec<String> = (0..args.resellers.max(1))
+            .map(|i| format!("{run_id}-reseller-{i}"))
+            .collect();
+        let mut expected = Expected {
+            run_id: run_id.clone(),
+            users: BTreeMap::new(),
+            resellers: BTreeMap::new(),
+        };
+        for r in &resellers {
+            control.push((r.clone(), json!({"event_id": next_id("c"), "type": "reseller.upserted", "schema_version": 1, "occurred_at": setup_at, "id": r, "status": "enabled", "quota_limited": true, "quota_expires_at": null})));
+            let amount = d("100000000000");
+            control.push((r.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "reseller", "id": r}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
+            expected
+                .resellers
+                .insert(r.clone(), (amount, Decimal::ZERO));
+        }
+        let mut users = Vec::new();
+        let mut pick = Rng(args.seed.max(1) ^ 0x5851_F42D_4C95_7F2D);
+        for i in 0..args.users {
+            let id = format!("{run_id}-user-{i}");
+            // Every fourth user buys direct; the others belong to a reseller,
+            // a few hot resellers holding most users.
+            let reseller = if i % 4 == 3 {
+                None
+            } else {
+                Some(resellers[pick.skewed(resellers.len())].clone())
+            };
+            let group = groups[i % 2].0.clone();
+            let app = format!("{run_id}-app-{i}");
+            let key = format!("{run_id}-key-{i}");
+            let key_hash = hex::encode(Sha256::digest(format!("sk-{run_id}-{i}").as_bytes()));
+            control.push((id.clone(), json!({"event_id": next_id("c"), "type": "user.upserted", "schema_version": 1, "occurred_at": setup_at, "id": id, "reseller_id": reseller, "status": "enabled", "quota_expires_at": null, "groups": [{"group_id": group, "weight": 10, "default": true}]})));
+            control.push((app.clone(), json!({"event_id": next_id("c"), "type": "app.upserted", "schema_version": 1, "occurred_at": setup_at, "id": app, "user_id": id, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
+            control.push((key.clone(), json!({"event_id": next_id("c"), "type": "key.upserted", "schema_version": 1, "occurred_at": setup_at, "id": key, "app_id": app, "key_hash": key_hash, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
+            let amount = d("5000000000");
+            control.push((id.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "user", "id": id}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));
+            expected.users.insert(id.clone(), (amount, Decimal::ZERO));
+            users.push(User {
+                id,
+                app,
+                key,
+                reseller,
+                group,
+            });
+        }
+        Plan {
+            run_id,
+            control,
+            expected,
+            users,
+            models,
+            rng,
+        }
     }
-    for (key, v) in &control {
-        send(&producer, &topics.control, key, v).await?;
-    }
-    let started = Instant::now();
-    let mut pending = Vec::new();
-    for i in 0..args.events {
-        let u = &users[rng.skewed(users.len())];
-        let m = &models[rng.below(models.len() as u64) as usize];
+
+    /// Usage event number `i`: (message key, event), priced into
+    /// `expected`.
+    pub fn usage(&mut self, i: usize) -> (String, Value) {
+        let rng = &mut self.rng;
+        let u = &self.users[rng.skewed(self.users.len())];
+        let m = &self.models[rng.below(self.models.len() as u64) as usize];
         let path = if m.id == "gpt-4o" && rng.below(5) == 0 {
             "/v1/embeddings"
         } else if m.id == "image-gen" {
@@ -255,20 +280,48 @@ pub async fn run(
         let charge = pricing::price(&usage, status, &m.prices, path, discount)
             .map(|p| p.charge)
             .unwrap_or_default();
-        if let Some(e) = expected.users.get_mut(&u.id) {
+        if let Some(e) = self.expected.users.get_mut(&u.id) {
             e.1 += charge;
         }
         if let Some(r) = &u.reseller {
-            if let Some(e) = expected.resellers.get_mut(r) {
+            if let Some(e) = self.expected.resellers.get_mut(r) {
                 e.1 += charge;
             }
         }
+        let run_id = &self.run_id;
         let v = json!({"event_id": format!("{run_id}-u-{i}"), "type": "usage", "schema_version": 1, "occurred_at": Utc::now().to_rfc3339(),
             "trace_id": format!("{run_id}-t-{i}"), "key_id": u.key, "app_id": u.app, "user_id": u.id, "reseller_id": u.reseller, "group_id": u.group,
             "model": m.id, "path": path, "status": match status { UsageStatus::Success => "success", UsageStatus::Aborted => "aborted", UsageStatus::Failed => "failed" },
             "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens}, "attempts": 1});
+        (u.id.clone(), v)
+    }
+}
+
+pub async fn run(
+    brokers: &str,
+    topics: &crate::config::Topics,
+    args: &SimArgs,
+) -> anyhow::Result<Expected> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut plan = Plan::new(args);
+    for (key, v) in &plan.control {
+        send(&producer, &topics.control, key, v).await?;
+    }
+    let duration = args.duration_secs.map(Duration::from_secs);
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    let mut produced = 0usize;
+    for i in 0..args.events {
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        let (user_id, v) = plan.usage(i);
         let payload = v.to_string();
-        let user_id = u.id.clone();
         let topic = topics.usage.clone();
         let p = producer.clone();
         pending.push(tokio::spawn(async move {
@@ -280,6 +333,7 @@ pub async fn run(
             .map(|_| ())
             .map_err(|(e, _)| e)
         }));
+        produced += 1;
         if pending.len() >= 5000 {
             for f in pending.drain(..) {
                 f.await??;
@@ -295,12 +349,11 @@ pub async fn run(
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "produced {} control events and {} usage events in {:.2} s (run {run_id})",
-        control.len(),
-        args.events,
-        secs
+        "produced {} control events and {produced} usage events in {secs:.2} s (run {})",
+        plan.control.len(),
+        plan.run_id
     );
-    Ok(expected)
+    Ok(plan.expected)
 }
 
 async fn send(producer: &FutureProducer, topic: &str, key: &str, v: &Value) -> anyhow::Result<()> {
@@ -317,7 +370,12 @@ async fn send(producer: &FutureProducer, topic: &str, key: &str, v: &Value) -> a
 
 /// Poll the balance API until every balance is what the simulator
 /// computed, then print the table. Returns whether all matched.
-pub async fn check(addr: &str, expected: &Expected, timeout: Duration) -> anyhow::Result<bool> {
+pub async fn check(
+    addr: &str,
+    token: &str,
+    expected: &Expected,
+    timeout: Duration,
+) -> anyhow::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut rows = Vec::new();
@@ -325,7 +383,7 @@ pub async fn check(addr: &str, expected: &Expected, timeout: Duration) -> anyhow
         for (kind, map) in [("reseller", &expected.resellers), ("user", &expected.users)] {
             for (id, (granted, charged)) in map {
                 let want = *granted - *charged;
-                let got = http_get_json(addr, &format!("/v1/balances/{kind}/{id}"))
+                let got = http_get_json(addr, token, &format!("/v1/balances/{kind}/{id}"))
                     .await
                     .ok()
                     .and_then(|v| {
@@ -365,11 +423,11 @@ pub async fn check(addr: &str, expected: &Expected, timeout: Duration) -> anyhow
 }
 
 /// A minimal HTTP/1.1 GET on loopback, so the binary needs no HTTP client.
-pub async fn http_get_json(addr: &str, path: &str) -> anyhow::Result<Value> {
+pub async fn http_get_json(addr: &str, token: &str, path: &str) -> anyhow::Result<Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await?;
     let mut buf = Vec::new();

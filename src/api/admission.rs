@@ -15,11 +15,21 @@ use super::{ApiError, AppState};
 use crate::admission::{self, Allowed, Request};
 use crate::codes::ErrorCode;
 
-/// Decisions by outcome, for /metrics.
+/// Rejections not yet flushed to the database, per (minute, code, model,
+/// key id).
+pub type RejectionLog = std::collections::HashMap<(i64, &'static str, String, String), i64>;
+
+/// At most this many distinct rows wait for a flush; beyond it rejections
+/// are counted under model and key `(other)`.
+const LOG_ROWS: usize = 50_000;
+
+/// Decisions by outcome, for /metrics, and the rejection log behind
+/// `/v1/errors/summary`.
 pub struct AdmissionCounters {
     allowed: AtomicU64,
     rejected: [AtomicU64; ErrorCode::ALL.len()],
     trace_seq: AtomicU64,
+    log: std::sync::Mutex<RejectionLog>,
 }
 
 impl Default for AdmissionCounters {
@@ -28,6 +38,7 @@ impl Default for AdmissionCounters {
             allowed: AtomicU64::new(0),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
             trace_seq: AtomicU64::new(0),
+            log: Default::default(),
         }
     }
 }
@@ -35,6 +46,50 @@ impl Default for AdmissionCounters {
 impl AdmissionCounters {
     fn reject(&self, c: ErrorCode) {
         self.rejected[c as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a rejection for the error summary.
+    fn log_rejection(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        c: ErrorCode,
+        model: &str,
+        key_id: Option<&str>,
+    ) {
+        let minute = now.timestamp().div_euclid(60) * 60;
+        let model: String = model.chars().take(128).collect();
+        let key = key_id.unwrap_or("").to_string();
+        if let Ok(mut log) = self.log.lock() {
+            let full = log.len() >= LOG_ROWS;
+            let k = if full {
+                (
+                    minute,
+                    c.code(),
+                    "(other)".to_string(),
+                    "(other)".to_string(),
+                )
+            } else {
+                (minute, c.code(), model, key)
+            };
+            *log.entry(k).or_insert(0) += 1;
+        }
+    }
+
+    /// Take what was logged since the last call.
+    pub fn take_log(&self) -> RejectionLog {
+        self.log
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default()
+    }
+
+    /// Put back a log whose flush failed.
+    pub fn restore_log(&self, old: RejectionLog) {
+        if let Ok(mut log) = self.log.lock() {
+            for (k, n) in old {
+                *log.entry(k).or_insert(0) += n;
+            }
+        }
     }
 
     pub fn render(&self, out: &mut String) {
@@ -120,8 +175,27 @@ fn amount(a: Option<Decimal>) -> Value {
     a.map_or(Value::Null, |d| json!(d.normalize().to_string()))
 }
 
-pub(super) async fn admission(State(st): State<AppState>, body: Bytes) -> Response {
-    let (req, trace_id) = match parse(&body) {
+pub(super) async fn admission(
+    State(st): State<AppState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    // How old the view behind this answer is, on every answer.
+    let age = chrono::Utc::now().timestamp_millis() - st.view_synced_ms.load(Ordering::Relaxed);
+    let mut resp = decide_http(st, caller, body).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&age.max(0).to_string()) {
+        resp.headers_mut().insert("x-quota-view-age-ms", v);
+    }
+    resp
+}
+
+async fn decide_http(
+    st: AppState,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let parsed = super::body_bytes(body).and_then(|b| parse(&b));
+    let (req, trace_id) = match parsed {
         Ok(x) => x,
         Err(e) => {
             st.admission.reject(ErrorCode::InvalidParameter);
@@ -136,19 +210,51 @@ pub(super) async fn admission(State(st): State<AppState>, body: Bytes) -> Respon
         .filter(|k| !k.is_empty())
         .map(admission::key_hash);
     let now = (st.clock)();
+    // A reseller-scoped token asks only about its own keys.
+    if let Some(scope) = caller.as_ref().and_then(|c| c.reseller_id.as_deref()) {
+        let mine = hash.as_deref().is_some_and(|h| {
+            st.view
+                .read()
+                .map(|v| {
+                    v.key_hashes
+                        .get(h)
+                        .and_then(|k| {
+                            super::auth::reseller_of(&v, crate::event::AccountKind::Key, k, now)
+                        })
+                        .as_deref()
+                        == Some(scope)
+                })
+                .unwrap_or(false)
+        });
+        if !mine {
+            return super::auth::access_denied()
+                .with_trace(&trace_id)
+                .into_response();
+        }
+    }
     // Decide and build the answer under the read lock (no await inside).
-    let decision: Result<Value, ErrorCode> = match st.view.read() {
+    let decision: Result<Value, (ErrorCode, Option<String>)> = match st.view.read() {
         Ok(view) => admission::decide(&view, &req, hash.as_deref(), now)
-            .map(|a| allowed_body(&a, &trace_id)),
-        Err(_) => Err(ErrorCode::InternalError),
+            .map(|a| allowed_body(&a, &trace_id))
+            .map_err(|c| {
+                (
+                    c,
+                    hash.as_deref()
+                        .and_then(|h| view.key_hashes.get(h))
+                        .cloned(),
+                )
+            }),
+        Err(_) => Err((ErrorCode::InternalError, None)),
     };
     match decision {
         Ok(body) => {
             st.admission.allowed.fetch_add(1, Ordering::Relaxed);
             Json(body).into_response()
         }
-        Err(code) => {
+        Err((code, key_id)) => {
             st.admission.reject(code);
+            st.admission
+                .log_rejection(now, code, &req.model, key_id.as_deref());
             ApiError::documented(code)
                 .with_trace(&trace_id)
                 .into_response()

@@ -158,3 +158,80 @@ pub async fn checksum(State(st): State<AppState>) -> Result<Response, ApiError> 
         .map_err(ApiError::internal)?;
     Ok(Json(c).into_response())
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    bucket: Option<String>,
+    by: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/errors/summary?from=&to=&bucket=minute|hour|day&by=code,model,agent,key`.
+pub async fn errors_summary(
+    State(st): State<AppState>,
+    q: Result<Query<ErrorsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let period = Period {
+        from: time_param("from", q.from.as_deref())?,
+        to: time_param("to", q.to.as_deref())?,
+    };
+    let bucket = match q.bucket.as_deref().unwrap_or("hour") {
+        "minute" => "minute",
+        "hour" => "hour",
+        "day" => "day",
+        other => {
+            return Err(ApiError::invalid(
+                "bucket",
+                format!("`{other}` is not minute, hour or day"),
+            ))
+        }
+    };
+    let mut g = finance::ErrorGrouping {
+        bucket,
+        by_code: false,
+        by_model: false,
+        by_agent: false,
+        by_key: false,
+    };
+    for d in
+        q.by.as_deref()
+            .unwrap_or("code,model,agent,key")
+            .split(',')
+            .filter(|d| !d.is_empty())
+    {
+        match d {
+            "code" => g.by_code = true,
+            "model" => g.by_model = true,
+            "agent" => g.by_agent = true,
+            "key" => g.by_key = true,
+            other => {
+                return Err(ApiError::invalid(
+                    "by",
+                    format!("`{other}` is not code, model, agent or key"),
+                ))
+            }
+        }
+    }
+    let limit = match q.limit.as_deref() {
+        None => 1000,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 10000"))?,
+    };
+    // What this process has not flushed yet counts too.
+    let pending = st.admission.take_log();
+    if let Err(e) = finance::flush_rejections(&st.pool, &pending).await {
+        st.admission.restore_log(pending);
+        return Err(ApiError::internal(e));
+    }
+    let v = finance::error_summary(&st.pool, period, g, limit)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(v).into_response())
+}

@@ -2,7 +2,10 @@
 //! gateway error body; internal details are logged, never sent.
 
 mod admission;
+pub mod auth;
 mod finance;
+pub mod openapi;
+pub mod operator;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use crate::store::apply::Clock;
 use crate::store::read;
 use crate::store::view::SharedView;
 
-pub use admission::AdmissionCounters;
+pub use admission::{AdmissionCounters, RejectionLog};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -37,26 +40,88 @@ pub struct AppState {
     pub admission: Arc<AdmissionCounters>,
     /// The test clock's offset (ms), when QUOTA_TEST_CLOCK is on.
     pub test_clock: Option<Arc<AtomicI64>>,
+    pub tokens: auth::TokenCache,
+    /// Where operator writes are published (the control topic).
+    pub publisher: Option<operator::Publisher>,
+}
+
+/// Every route the API serves: the router is built from this table, and
+/// the OpenAPI document must describe exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("POST", "/v1/admission"),
+    ("GET", "/v1/balances/{kind}/{id}"),
+    ("GET", "/v1/ledger/{kind}/{id}"),
+    ("GET", "/v1/reconcile"),
+    ("GET", "/v1/checksum"),
+    ("GET", "/v1/errors/summary"),
+    ("POST", "/v1/grants"),
+    ("POST", "/v1/adjustments"),
+    ("POST", "/v1/reversals"),
+    ("POST", "/v1/voids"),
+    ("PUT", "/v1/entities/{type}/{id}"),
+    ("PUT", "/v1/test/clock"),
+];
+
+/// Routes open without a token.
+pub const OPEN_ROUTES: &[&str] = &["/healthz", "/readyz"];
+
+fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppState> {
+    match (method, path) {
+        ("GET", "/healthz") => get(|| async { Json(json!({"status": "ok"})) }),
+        ("GET", "/readyz") => get(readyz),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/openapi.json") => get(|| async { Json(openapi::document()) }),
+        ("POST", "/v1/admission") => post(admission::admission),
+        ("GET", "/v1/balances/{kind}/{id}") => get(balance),
+        ("GET", "/v1/ledger/{kind}/{id}") => get(finance::ledger),
+        ("GET", "/v1/reconcile") => get(finance::reconcile),
+        ("GET", "/v1/checksum") => get(finance::checksum),
+        ("GET", "/v1/errors/summary") => get(finance::errors_summary),
+        ("POST", "/v1/grants") => post(operator::grant),
+        ("POST", "/v1/adjustments") => post(operator::adjustment),
+        ("POST", "/v1/reversals") => post(operator::reversal),
+        ("POST", "/v1/voids") => post(operator::void),
+        ("PUT", "/v1/entities/{type}/{id}") => axum::routing::put(operator::entity),
+        ("PUT", "/v1/test/clock") => axum::routing::put(set_test_clock),
+        _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
+    }
 }
 
 pub fn app(state: AppState) -> Router {
-    let router = Router::new();
-    let router = if state.test_clock.is_some() {
-        router.route("/v1/test/clock", axum::routing::put(set_test_clock))
-    } else {
-        router
-    };
-    router
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/admission", post(admission::admission))
-        .route("/v1/balances/{kind}/{id}", get(balance))
-        .route("/v1/ledger/{kind}/{id}", get(finance::ledger))
-        .route("/v1/reconcile", get(finance::reconcile))
-        .route("/v1/checksum", get(finance::checksum))
+    let mut open = Router::new();
+    let mut protected = Router::new();
+    for (method, path) in ROUTES {
+        if *path == "/v1/test/clock" && state.test_clock.is_none() {
+            continue;
+        }
+        let mr = method_router(method, path);
+        if OPEN_ROUTES.contains(path) {
+            open = open.route(path, mr);
+        } else {
+            protected = protected.route(path, mr);
+        }
+    }
+    protected
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .merge(open)
         .fallback(|| async { ApiError::documented(ErrorCode::UnknownUrl) })
+        .layer(axum::extract::DefaultBodyLimit::max(operator::MAX_BODY))
         .with_state(state)
+}
+
+/// A request body, or `invalid_parameter` when it could not be read (too
+/// large: the limit is 64 KiB).
+pub fn body_bytes(
+    b: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    b.map_err(|e| ApiError::invalid("body", format!("cannot be read: {}", e.body_text())))
 }
 
 /// An error response in the gateway's body format.
@@ -128,16 +193,42 @@ async fn readyz(State(st): State<AppState>) -> Response {
         Err(_) => false,
     };
     let consuming = st.consuming.load(Ordering::SeqCst);
+    let broker = match &st.publisher {
+        Some(p) => {
+            let producer = p.producer.clone();
+            tokio::task::spawn_blocking(move || {
+                rdkafka::producer::Producer::client(&producer)
+                    .fetch_metadata(None, std::time::Duration::from_millis(1500))
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false)
+        }
+        None => false,
+    };
     let synced = st.view_synced_ms.load(Ordering::SeqCst);
     let view_loaded = synced > 0;
-    let ready = db && consuming && view_loaded;
+    let staleness_ms = view_loaded.then(|| (chrono::Utc::now().timestamp_millis() - synced).max(0));
+    let mut reasons = Vec::new();
+    if !db {
+        reasons.push("database unreachable: admission answers from the in-memory view, which is not being refreshed".to_string());
+    }
+    if !broker {
+        reasons.push("Kafka broker unreachable: no events are being consumed and operator writes are refused".to_string());
+    }
+    if !consuming {
+        reasons.push("the consumer has stopped".to_string());
+    }
+    if !view_loaded {
+        reasons.push("the admission view has not been loaded yet".to_string());
+    }
+    let ready = reasons.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let staleness_ms = view_loaded.then(|| (chrono::Utc::now().timestamp_millis() - synced).max(0));
-    (status, Json(json!({"ready": ready, "database": db, "consumer": consuming, "admission_view_loaded": view_loaded, "admission_view_synced_ms_ago": staleness_ms}))).into_response()
+    (status, Json(json!({"ready": ready, "database": db, "broker": broker, "consumer": consuming, "admission_view_loaded": view_loaded, "admission_view_synced_ms_ago": staleness_ms, "reasons": reasons}))).into_response()
 }
 
 #[derive(Deserialize)]

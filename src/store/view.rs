@@ -277,10 +277,25 @@ async fn listen_once(
         .write()
         .map_err(|_| anyhow::anyhow!("admission view lock poisoned"))? = fresh;
     synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let result = loop {
         let first = tokio::select! {
             _ = shutdown.changed() => break Ok(()),
             m = rx.recv() => m,
+            _ = heartbeat.tick() => {
+                // The LISTEN connection answers, and Postgres delivers
+                // pending notifications before a query's answer: with none
+                // waiting, the view is current as of now. When Postgres is
+                // down this fails and the view's age grows (readyz and the
+                // admission response header show it).
+                if let Err(e) = client.simple_query("SELECT 1").await {
+                    break Err(e.into());
+                }
+                if rx.is_empty() {
+                    synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
+                }
+                continue;
+            }
         };
         let Some(first) = first else {
             break Err(anyhow::anyhow!("listener connection closed"));

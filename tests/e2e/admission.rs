@@ -477,7 +477,8 @@ fn cases() -> Vec<Case> {
 }
 
 async fn ask(svc: &Service, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
+    let r = svc
+        .http()
         .post(svc.url("/v1/admission"))
         .json(body)
         .send()
@@ -590,7 +591,8 @@ async fn every_admission_code_in_check_order() {
             "{got}"
         );
     }
-    let raw = reqwest::Client::new()
+    let raw = svc
+        .http()
         .post(svc.url("/v1/admission"))
         .body("{not json")
         .send()
@@ -664,7 +666,10 @@ async fn every_admission_code_in_check_order() {
     ] {
         assert!(reached.contains(code), "code {code} never produced");
     }
-    let metrics = reqwest::get(svc.url("/metrics"))
+    let metrics = svc
+        .http()
+        .get(svc.url("/metrics"))
+        .send()
         .await
         .unwrap()
         .text()

@@ -42,7 +42,8 @@ fn usage(id: &str, m: i64, tokens: u64) -> Value {
 
 async fn admit(svc: &Service) -> (u16, Value) {
     let body = json!({"api_key": "sk-billing", "client_ip": "127.0.0.1", "model": "m_b", "path": "/v1/chat/completions"});
-    let r = reqwest::Client::new()
+    let r = svc
+        .http()
         .post(svc.url("/v1/admission"))
         .json(&body)
         .send()

@@ -174,6 +174,21 @@ impl TestCtx {
         )
     }
 
+    /// A new access token with `role` (optionally reseller-scoped).
+    pub fn token(&self, role: &str, reseller: Option<&str>) -> String {
+        let mut args = vec!["token", "create", "--role", role];
+        if let Some(r) = reseller {
+            args.extend(["--reseller", r]);
+        }
+        let (code, out, err) = self.cli(&args, &[]);
+        assert_eq!(code, 0, "token create: {err}");
+        out.lines()
+            .last()
+            .expect("the token on the last line")
+            .trim()
+            .to_string()
+    }
+
     pub fn serve(&self) -> Service {
         Service::start(self)
     }
@@ -249,6 +264,8 @@ pub struct Service {
     child: Child,
     pub addr: String,
     pub log: String,
+    /// An admin token, made with `quota-engine token create`.
+    pub token: String,
 }
 
 fn free_port() -> u16 {
@@ -267,6 +284,7 @@ impl Service {
     /// Start `serve` with extra (or overriding) environment variables.
     pub fn start_with(ctx: &TestCtx, extra: &[(&str, &str)]) -> Service {
         let addr = format!("127.0.0.1:{}", free_port());
+        let token = ctx.token("admin", None);
         let dir = format!("{}/target/test-logs", env!("CARGO_MANIFEST_DIR"));
         std::fs::create_dir_all(&dir).unwrap();
         let log = format!("{dir}/{}-{}.log", ctx.name, addr.replace([':', '.'], "_"));
@@ -294,7 +312,30 @@ impl Service {
             .stderr(out)
             .spawn()
             .expect("start quota-engine serve");
-        Service { child, addr, log }
+        Service {
+            child,
+            addr,
+            log,
+            token,
+        }
+    }
+
+    /// An HTTP client that sends the admin token.
+    pub fn http(&self) -> reqwest::Client {
+        self.http_as(&self.token)
+    }
+
+    /// An HTTP client that sends `token`.
+    pub fn http_as(&self, token: &str) -> reqwest::Client {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .default_headers(h)
+            .build()
+            .unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -324,7 +365,8 @@ impl Service {
 
     /// Move the service's clock (QUOTA_TEST_CLOCK) to `now`.
     pub async fn set_clock(&self, now: &str) {
-        let r = reqwest::Client::new()
+        let r = self
+            .http()
             .put(self.url("/v1/test/clock"))
             .json(&serde_json::json!({"now": now}))
             .send()
@@ -339,7 +381,7 @@ impl Service {
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::get(self.url(path)).await.expect("HTTP");
+        let r = self.http().get(self.url(path)).send().await.expect("HTTP");
         let status = r.status().as_u16();
         (status, r.json().await.expect("JSON body"))
     }

@@ -178,7 +178,8 @@ async fn statement_ties_out_and_reconcile_names_a_corrupted_entry() {
             .map(|e| e["entry_id"].clone())
             .collect::<Vec<_>>()
     );
-    let csv = reqwest::Client::new()
+    let csv = svc
+        .http()
         .get(svc.url("/v1/ledger/user/u_1"))
         .header("Accept", "text/csv")
         .send()

@@ -2,6 +2,7 @@
 //! stack read DATABASE_URL and KAFKA_BROKERS (scripts/test.sh provides
 //! them); each test makes its own database, topics and consumer group.
 
+mod access;
 mod admission;
 mod billing;
 mod common;

@@ -1,0 +1,299 @@
+//! Access control (the contract's "Running it"): bearer tokens stored as
+//! SHA-256 hashes, roles `gateway` < `finance` < `admin`, and reseller
+//! scope. Every route but `/healthz` and `/readyz` goes through
+//! [`require_token`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState};
+use crate::admission::View;
+use crate::event::{AccountKind, Entity};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    Gateway,
+    Finance,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Finance => "finance",
+            Role::Admin => "admin",
+        }
+    }
+    fn parse(s: &str) -> Option<Role> {
+        match s {
+            "gateway" => Some(Role::Gateway),
+            "finance" => Some(Role::Finance),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Who is asking: put in the request's extensions by [`require_token`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Caller {
+    pub token_id: String,
+    pub role: Role,
+    /// A token scoped to one reseller sees only it, its users and their
+    /// apps and keys.
+    pub reseller_id: Option<String>,
+}
+
+/// Known tokens by hash, refreshed from the database on a miss and after
+/// `TTL` (so a revoked token stops working within it).
+#[derive(Clone, Default)]
+pub struct TokenCache {
+    inner: Arc<RwLock<HashMap<[u8; 32], Cached>>>,
+}
+
+/// A lookup's answer (None: no such live token) and when it was made.
+type Cached = (Option<Caller>, Instant);
+
+const TTL: Duration = Duration::from_secs(30);
+/// Unknown hashes remembered (to keep guessing off the database).
+const MAX_ENTRIES: usize = 100_000;
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl TokenCache {
+    async fn lookup(&self, pool: &Pool, token: &str) -> anyhow::Result<Option<Caller>> {
+        let h = token_hash(token);
+        let cached = self.inner.read().ok().and_then(|m| m.get(&h).cloned());
+        if let Some((c, at)) = &cached {
+            if at.elapsed() < TTL {
+                return Ok(c.clone());
+            }
+        }
+        let fetched = async {
+            pool.get()
+                .await?
+                .query_opt("SELECT token_id, role, reseller_id FROM access_tokens WHERE token_hash = $1 AND revoked_at IS NULL", &[&h.as_slice()])
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        .await;
+        let row = match fetched {
+            Ok(row) => row,
+            // Postgres is down: a token known before keeps working, so
+            // admission goes on answering from the in-memory view.
+            Err(e) => {
+                return match cached {
+                    Some((c, _)) => Ok(c),
+                    None => Err(e),
+                }
+            }
+        };
+        let caller = row.and_then(|r| {
+            Some(Caller {
+                token_id: r.get(0),
+                role: Role::parse(r.get(1))?,
+                reseller_id: r.get(2),
+            })
+        });
+        if let Ok(mut m) = self.inner.write() {
+            if m.len() >= MAX_ENTRIES {
+                m.clear();
+            }
+            m.insert(h, (caller.clone(), Instant::now()));
+        }
+        Ok(caller)
+    }
+}
+
+/// Make a token: 32 random bytes, hex, prefixed `qet_`. Only its hash is
+/// stored; the token itself is returned once.
+pub async fn create_token(
+    pool: &Pool,
+    role: Role,
+    reseller_id: Option<&str>,
+    name: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let token = format!("qet_{}", hex::encode(bytes));
+    let token_id = format!(
+        "tok_{}",
+        &hex::encode(Sha256::digest(token.as_bytes()))[..12]
+    );
+    pool.get()
+        .await?
+        .execute(
+            "INSERT INTO access_tokens (token_id, token_hash, role, reseller_id, name) VALUES ($1, $2, $3, $4, $5)",
+            &[&token_id, &token_hash(&token).as_slice(), &role.as_str(), &reseller_id, &name],
+        )
+        .await?;
+    Ok((token_id, token))
+}
+
+pub async fn revoke_token(pool: &Pool, token_id: &str) -> anyhow::Result<bool> {
+    let n = pool.get().await?.execute("UPDATE access_tokens SET revoked_at = now() WHERE token_id = $1 AND revoked_at IS NULL", &[&token_id]).await?;
+    Ok(n == 1)
+}
+
+pub fn invalid_token() -> ApiError {
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "invalid_access_token".into(),
+        message: "Missing or invalid access token.".into(),
+        error_type: "fastapi_request_error",
+        param: None,
+        detail: None,
+    }
+}
+
+pub fn access_denied() -> ApiError {
+    ApiError {
+        status: StatusCode::FORBIDDEN,
+        code: "access_denied".into(),
+        message: "This token may not do that.".into(),
+        error_type: "fastapi_request_error",
+        param: None,
+        detail: None,
+    }
+}
+
+/// What a role may call. `admin` may do everything; `finance` may read
+/// everything; `gateway` may ask for admission and read balances.
+fn role_allows(role: Role, method: &Method, path: &str) -> bool {
+    match role {
+        Role::Admin => true,
+        Role::Finance => method == Method::GET,
+        Role::Gateway => matches!(
+            (method.as_str(), path),
+            ("POST", "/v1/admission")
+                | ("GET", "/v1/balances/{kind}/{id}")
+                | ("GET", "/metrics")
+                | ("GET", "/openapi.json")
+        ),
+    }
+}
+
+/// Routes a reseller-scoped token may use at all (the account routes check
+/// the account; writes check their target).
+fn scope_allows(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/admission"
+            | "/v1/balances/{kind}/{id}"
+            | "/v1/ledger/{kind}/{id}"
+            | "/openapi.json"
+            | "/v1/grants"
+            | "/v1/adjustments"
+            | "/v1/reversals"
+            | "/v1/voids"
+            | "/v1/entities/{type}/{id}"
+    )
+}
+
+/// The middleware: a valid bearer token with the role for the route, and
+/// for a scoped token an account within its reseller.
+pub async fn require_token(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= 256);
+    let Some(token) = token else {
+        return invalid_token().into_response();
+    };
+    let caller = match st.tokens.lookup(&st.pool, token).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return invalid_token().into_response(),
+        Err(e) => return ApiError::internal(e).into_response(),
+    };
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if !role_allows(caller.role, req.method(), &path) {
+        return access_denied().into_response();
+    }
+    if let Some(r) = &caller.reseller_id {
+        if !scope_allows(&path) {
+            return access_denied().into_response();
+        }
+        // Account routes: the account must be in the reseller's tree.
+        if path.starts_with("/v1/balances/") || path.starts_with("/v1/ledger/") {
+            let uri_path = req.uri().path().to_string();
+            let mut parts = uri_path.trim_start_matches('/').splitn(4, '/').skip(2);
+            let (kind, id) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let id = percent_decode(id);
+            let now = (st.clock)();
+            let ok = AccountKind::parse(kind).is_some_and(|k| {
+                st.view
+                    .read()
+                    .map(|v| reseller_of(&v, k, &id, now).as_deref() == Some(r.as_str()))
+                    .unwrap_or(false)
+            });
+            if !ok {
+                return access_denied().into_response();
+            }
+        }
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The reseller an account belongs to, as registered at `now`: a reseller
+/// itself, a user's reseller, an app's user's, a key's app's user's. Groups
+/// belong to no reseller.
+pub fn reseller_of(v: &View, kind: AccountKind, id: &str, now: DateTime<Utc>) -> Option<String> {
+    match kind {
+        AccountKind::Reseller => v
+            .resellers
+            .get(id)
+            .and_then(|r| r.at(now))
+            .map(|_| id.to_string()),
+        AccountKind::User => match v.users.get(id).and_then(|r| r.at(now)) {
+            Some(Entity::User { reseller_id, .. }) => reseller_id.clone(),
+            _ => None,
+        },
+        AccountKind::App => match v.apps.get(id).and_then(|r| r.at(now)) {
+            Some(Entity::App { user_id, .. }) => reseller_of(v, AccountKind::User, user_id, now),
+            _ => None,
+        },
+        AccountKind::Key => match v.keys.get(id).and_then(|r| r.at(now)) {
+            Some(Entity::Key { app_id, .. }) => reseller_of(v, AccountKind::App, app_id, now),
+            _ => None,
+        },
+        AccountKind::Group => None,
+    }
+}

@@ -1,0 +1,358 @@
+//! Operator writes over HTTP: grants, adjustments, reversals, voids and
+//! entity changes are validated with the same decoder the consumers use and
+//! published as control events, so the log stays the single source of
+//! truth. Each request carries an `Idempotency-Key`: the same key with the
+//! same body answers the same event again; with another body, `409`. The
+//! `operator_requests` table is also the audit log (who, what, when).
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::auth::{access_denied, reseller_of, Caller};
+use super::{ApiError, AppState};
+use crate::event::{self, AccountKind, EventBody};
+
+/// Where operator writes go.
+#[derive(Clone)]
+pub struct Publisher {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+/// Request bodies above this are refused before parsing.
+pub const MAX_BODY: usize = 64 * 1024;
+
+fn conflict(detail: String) -> ApiError {
+    ApiError {
+        status: StatusCode::CONFLICT,
+        code: "idempotency_conflict".into(),
+        message: "This Idempotency-Key was used with another request.".into(),
+        error_type: "fastapi_request_error",
+        param: Some("Idempotency-Key".into()),
+        detail: Some(detail),
+    }
+}
+
+fn unavailable() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "503".into(),
+        message: "Service Unavailable.".into(),
+        error_type: "fastapi_error",
+        param: None,
+        detail: Some(
+            "the control topic did not acknowledge the event; retry with the same Idempotency-Key"
+                .into(),
+        ),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let k = headers
+        .get("idempotency-key")
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key", "the header is required on writes"))?;
+    let k = k
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?;
+    if k.is_empty() || k.len() > 128 || !k.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            "must be 1 to 128 visible ASCII characters",
+        ));
+    }
+    Ok(k.to_string())
+}
+
+fn body_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::invalid("body", "must be a JSON object")),
+    }
+}
+
+/// The event type each write route publishes.
+#[derive(Clone, Copy)]
+pub enum Write {
+    Grant,
+    Adjustment,
+    Reversal,
+    Void,
+}
+
+pub async fn grant(
+    st: State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    write(st, caller, headers, body, Write::Grant)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+pub async fn adjustment(
+    st: State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    write(st, caller, headers, body, Write::Adjustment)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+pub async fn reversal(
+    st: State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    write(st, caller, headers, body, Write::Reversal)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+pub async fn void(
+    st: State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    write(st, caller, headers, body, Write::Void)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn write(
+    State(st): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    what: Write,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let fields = body_object(&super::body_bytes(body)?)?;
+    let (ty, id_field) = match what {
+        Write::Grant => ("quota.granted", "grant_id"),
+        Write::Adjustment => ("quota.adjusted", "adjustment_id"),
+        Write::Reversal => ("usage.reversed", "reversal_id"),
+        Write::Void => ("quota.grant_voided", "grant_id"),
+    };
+    let mut fields = fields;
+    // The business id defaults to one derived from the idempotency key.
+    if !fields.contains_key(id_field) {
+        fields.insert(id_field.into(), json!(format!("op-{}", short_hash(&key))));
+    }
+    publish(&st, caller.map(|c| c.0), key, ty, fields).await
+}
+
+/// `PUT /v1/entities/{type}/{id}`: a registry change (`{type}.upserted`)
+/// with the entity's whole new state in the body.
+pub async fn entity(
+    State(st): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    Path((ty, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    async {
+        let key = idempotency_key(&headers)?;
+        if ![
+            "model", "group", "reseller", "user", "app", "key", "service",
+        ]
+        .contains(&ty.as_str())
+        {
+            return Err(ApiError::invalid(
+                "type",
+                format!("`{ty}` is not model, group, reseller, user, app, key or service"),
+            ));
+        }
+        let mut fields = body_object(&super::body_bytes(body)?)?;
+        if fields
+            .get("id")
+            .is_some_and(|v| v.as_str() != Some(id.as_str()))
+        {
+            return Err(ApiError::invalid(
+                "id",
+                "the body's `id` differs from the path's",
+            ));
+        }
+        fields.insert("id".into(), json!(id));
+        publish(
+            &st,
+            caller.map(|c| c.0),
+            key,
+            &format!("{ty}.upserted"),
+            fields,
+        )
+        .await
+    }
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn short_hash(s: &str) -> String {
+    hex::encode(&Sha256::digest(s.as_bytes())[..12])
+}
+
+async fn publish(
+    st: &AppState,
+    caller: Option<Caller>,
+    key: String,
+    ty: &str,
+    mut fields: Map<String, Value>,
+) -> Result<Response, ApiError> {
+    for reserved in ["event_id", "type", "schema_version", "occurred_at"] {
+        if fields.contains_key(reserved) {
+            return Err(ApiError::invalid(reserved, "is set by the service"));
+        }
+    }
+    if let Some(c) = &caller {
+        fields.entry("actor").or_insert_with(|| json!(c.token_id));
+    }
+    let request_hash: [u8; 32] =
+        Sha256::digest(format!("{ty}\n{}", Value::Object(fields.clone())).as_bytes()).into();
+    let pool = &st.pool;
+    let client = pool.get().await.map_err(ApiError::internal)?;
+    // A repeated request answers what the first one did.
+    if let Some(row) = client.query_opt("SELECT request_hash, event_id, event_type, event::text, published_at IS NOT NULL FROM operator_requests WHERE idempotency_key = $1", &[&key]).await.map_err(ApiError::internal)? {
+        let (h, event_id, event_type, ev, published): (Vec<u8>, String, String, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        if h.as_slice() != request_hash.as_slice() {
+            return Err(conflict(format!("it was used for {event_type} {event_id}")));
+        }
+        if !published {
+            let ev: Value = serde_json::from_str(&ev).map_err(ApiError::internal)?;
+            send(st, &ev).await?;
+            client.execute("UPDATE operator_requests SET published_at = now() WHERE idempotency_key = $1", &[&key]).await.map_err(ApiError::internal)?;
+        }
+        return Ok((StatusCode::OK, Json(json!({"event_id": event_id, "type": event_type, "status": "published", "repeated": true}))).into_response());
+    }
+    let event_id = format!("op-{}", short_hash(&key));
+    let now = (st.clock)();
+    let mut ev = Map::new();
+    ev.insert("event_id".into(), json!(event_id));
+    ev.insert("type".into(), json!(ty));
+    ev.insert("schema_version".into(), json!(1));
+    ev.insert(
+        "occurred_at".into(),
+        json!(now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+    );
+    ev.extend(fields);
+    let ev = Value::Object(ev);
+    // The consumers' own decoder is the validator.
+    let decoded = event::decode(Some(ev.to_string().as_bytes())).map_err(|r| {
+        let mut e = ApiError::invalid("body", &r.detail);
+        e.detail = Some(format!("{}: {}", r.reason.as_str(), r.detail));
+        e
+    })?;
+    if let Some(c) = &caller {
+        if let Some(r) = &c.reseller_id {
+            if !in_scope(st, &decoded.body, r).await? {
+                return Err(access_denied());
+            }
+        }
+    }
+    let inserted = client
+        .execute(
+            "INSERT INTO operator_requests (idempotency_key, request_hash, event_id, event_type, event, token_id, role, reseller_id, created_at)
+             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+            &[&key, &request_hash.as_slice(), &event_id, &ty, &ev.to_string(), &caller.as_ref().map(|c| c.token_id.clone()), &caller.as_ref().map(|c| c.role.as_str()), &caller.as_ref().and_then(|c| c.reseller_id.clone()), &now],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    if inserted == 0 {
+        return Err(conflict(
+            "a concurrent request with this key is in flight; retry".into(),
+        ));
+    }
+    send(st, &ev).await?;
+    client
+        .execute(
+            "UPDATE operator_requests SET published_at = now() WHERE idempotency_key = $1",
+            &[&key],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"event_id": event_id, "type": ty, "status": "published", "repeated": false})),
+    )
+        .into_response())
+}
+
+async fn send(st: &AppState, ev: &Value) -> Result<(), ApiError> {
+    let Some(p) = &st.publisher else {
+        return Err(unavailable());
+    };
+    // Keyed like the gateway keys control events: the entity or account id.
+    let key = ev
+        .get("account")
+        .and_then(|a| a.get("id"))
+        .or(ev.get("id"))
+        .or(ev.get("grant_id"))
+        .or(ev.get("usage_event_id"))
+        .and_then(Value::as_str)
+        .unwrap_or("operator")
+        .to_string();
+    let payload = ev.to_string();
+    let rec: FutureRecord<'_, str, str> = FutureRecord::to(&p.topic)
+        .key(key.as_str())
+        .payload(payload.as_str());
+    p.producer
+        .send(rec, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| {
+            tracing::warn!(error = %e, "operator write not acknowledged");
+            unavailable()
+        })?;
+    Ok(())
+}
+
+/// Whether a scoped admin may publish this event.
+async fn in_scope(st: &AppState, body: &EventBody, reseller: &str) -> Result<bool, ApiError> {
+    let now = (st.clock)();
+    let view_check = |kind: AccountKind, id: &str| {
+        st.view
+            .read()
+            .map(|v| reseller_of(&v, kind, id, now).as_deref() == Some(reseller))
+            .unwrap_or(false)
+    };
+    Ok(match body {
+        EventBody::Granted(g) => view_check(g.account.kind, &g.account.id),
+        EventBody::Adjusted(a) => view_check(a.account.kind, &a.account.id),
+        EventBody::Reversed(r) => {
+            let c = st.pool.get().await.map_err(ApiError::internal)?;
+            let row = c.query_opt("SELECT payload->>'reseller_id' FROM applied_events WHERE event_id = $1 AND event_type = 'usage'", &[&r.usage_event_id]).await.map_err(ApiError::internal)?;
+            row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(reseller)
+        }
+        EventBody::GrantVoided(v) => {
+            let c = st.pool.get().await.map_err(ApiError::internal)?;
+            let row = c
+                .query_opt(
+                    "SELECT kind, id FROM credit_blocks WHERE source = 'grant' AND block_id = $1",
+                    &[&v.grant_id],
+                )
+                .await
+                .map_err(ApiError::internal)?;
+            row.is_some_and(|r| {
+                AccountKind::parse(r.get(0)).is_some_and(|k| view_check(k, r.get(1)))
+            })
+        }
+        EventBody::Upsert(up) => match &up.entity {
+            crate::event::Entity::User { reseller_id, .. } => {
+                reseller_id.as_deref() == Some(reseller)
+            }
+            crate::event::Entity::App { user_id, .. } => view_check(AccountKind::User, user_id),
+            crate::event::Entity::Key { app_id, .. } => view_check(AccountKind::App, app_id),
+            _ => false,
+        },
+        _ => false,
+    })
+}
