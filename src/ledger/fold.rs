@@ -1053,7 +1053,16 @@ fn apply_usage(
             )
         }
     };
-    let price_version = json!({"model_version": model.event_id, "effective_from": model.effective_from, "group_version": group_version});
+    let price_version = json!({"model_version": model.event_id, "group_version": group_version});
+    // The price entry used, without the prices it does not set.
+    let mut prices = serde_json::Map::new();
+    prices.insert("path".into(), json!(priced.entry.path));
+    for (k, v) in [("input", priced.entry.input), ("output", priced.entry.output), ("cache_read", priced.entry.cache_read), ("cache_write", priced.entry.cache_write), ("per_call", priced.entry.per_call)] {
+        if let Some(v) = v {
+            prices.insert(k.into(), json!(v.normalize().to_string()));
+        }
+    }
+    let prices = serde_json::Value::Object(prices);
     let (sweep_t, late) = state.sweep_time(t, now);
     let mut postings = Vec::new();
     for acct_ref in u.accounts() {
@@ -1066,13 +1075,12 @@ fn apply_usage(
         if !amount.is_zero() {
             account(state, &acct_ref).debit(priced.charge, sweep_t);
         }
+        // What the charge was computed with (the token counts and status
+        // are the event's own, in the applied-event store).
         let mut detail = json!({
             "price": price_version,
-            "prices": priced.entry,
+            "prices": prices,
             "discount": priced.discount.normalize().to_string(),
-            "raw": priced.raw.normalize().to_string(),
-            "usage": {"input_tokens": u.usage.input_tokens, "output_tokens": u.usage.output_tokens, "cache_read_tokens": u.usage.cache_read_tokens, "cache_write_tokens": u.usage.cache_write_tokens, "reasoning_tokens": u.usage.reasoning_tokens, "calls": u.usage.calls},
-            "status": match u.status { UsageStatus::Success => "success", UsageStatus::Aborted => "aborted", UsageStatus::Failed => "failed" },
             "limited": limited,
         });
         if late {

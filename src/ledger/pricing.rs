@@ -86,9 +86,9 @@ pub fn round_charge(x: Decimal) -> Decimal {
 }
 
 /// Re-price a usage entry from what it recorded (`detail.prices`,
-/// `detail.usage`, `detail.status`, `detail.discount`): the charge it
+/// `detail.discount`) and its event's `usage` and `status`: the charge it
 /// should carry. Reconcile compares it with the entry's `charge`.
-pub fn recheck(detail: &serde_json::Value) -> Result<Decimal, String> {
+pub fn recheck(detail: &serde_json::Value, event: &serde_json::Value) -> Result<Decimal, String> {
     use std::str::FromStr;
     let dec = |v: &serde_json::Value, what: &str| -> Result<Option<Decimal>, String> {
         match v {
@@ -108,7 +108,7 @@ pub fn recheck(detail: &serde_json::Value) -> Result<Decimal, String> {
         cache_write: dec(&p["cache_write"], "prices.cache_write")?,
         per_call: dec(&p["per_call"], "prices.per_call")?,
     };
-    let u = &detail["usage"];
+    let u = &event["usage"];
     let n = |k: &str| u[k].as_u64().unwrap_or(0);
     let usage = Usage {
         input_tokens: n("input_tokens"),
@@ -116,9 +116,9 @@ pub fn recheck(detail: &serde_json::Value) -> Result<Decimal, String> {
         cache_read_tokens: n("cache_read_tokens"),
         cache_write_tokens: n("cache_write_tokens"),
         reasoning_tokens: n("reasoning_tokens"),
-        calls: n("calls"),
+        calls: u["calls"].as_u64().unwrap_or(1),
     };
-    let status = match detail["status"].as_str() {
+    let status = match event["status"].as_str() {
         Some("success") => UsageStatus::Success,
         Some("aborted") => UsageStatus::Aborted,
         Some("failed") => UsageStatus::Failed,

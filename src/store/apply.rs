@@ -913,7 +913,7 @@ async fn write_effects(
             "INSERT INTO ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, detail, prev_hash, hash, attributed_at)
              SELECT k, i, s, e, t, a, b, c, o, $16, tp, pa, of, d, ph, h, at
              FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::numeric[], $7::numeric[], $8::numeric[], $9::timestamptz[], $10::text[], $11::int[], $12::bigint[], $13::jsonb[], $14::bytea[], $15::bytea[], $17::timestamptz[])
-                  WITH ORDINALITY AS u(k, i, s, e, t, a, b, c, o, tp, pa, of, d, ph, h, at, n) ORDER BY n",
+                  AS u(k, i, s, e, t, a, b, c, o, tp, pa, of, d, ph, h, at)",
             &[&kinds, &ids, &seqs, &eids, &types, &amounts, &after, &charges, &occurred, &topics, &parts, &offsets, &details, &prev, &hashes, &now, &attributed],
         )
         .await?;

@@ -348,7 +348,7 @@ pub async fn reconcile(pool: &Pool) -> anyhow::Result<Report> {
     //    it moved the balance by the charge when limited, else by nothing.
     let rows = c
         .query_raw(
-            "SELECT entry_id, kind, id, event_id, amount, charge, detail FROM ledger_entries WHERE entry_type = 'usage' ORDER BY entry_id",
+            "SELECT e.entry_id, e.kind, e.id, e.event_id, e.amount, e.charge, e.detail, a.payload FROM ledger_entries e LEFT JOIN applied_events a ON a.event_id = e.event_id WHERE e.entry_type = 'usage' ORDER BY e.entry_id",
             std::iter::empty::<&(dyn tokio_postgres::types::ToSql + Sync)>(),
         )
         .await?;
@@ -357,9 +357,12 @@ pub async fn reconcile(pool: &Pool) -> anyhow::Result<Report> {
         let row = row?;
         let (entry_id, kind, id, event_id): (i64, String, String, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
-        let (amount, charge, detail): (Decimal, Option<Decimal>, Value) =
-            (row.get(4), row.get(5), row.get(6));
-        let want = pricing::recheck(&detail);
+        let (amount, charge, detail, event): (Decimal, Option<Decimal>, Value, Option<Value>) =
+            (row.get(4), row.get(5), row.get(6), row.get(7));
+        let want = match &event {
+            Some(ev) => pricing::recheck(&detail, ev),
+            None => Err("its event is not in the applied-event store".to_string()),
+        };
         let limited = detail["limited"].as_bool().unwrap_or(true);
         let ok = match (&want, charge) {
             (Ok(w), Some(c)) => *w == c && amount == if limited { -c } else { Decimal::ZERO },
