@@ -26,6 +26,10 @@ use quota_engine::admission::{self, Ledger, Request, View};
 use quota_engine::event::{Entity, GroupMembership, PriceEntry, QuotaSettings, Status};
 use rust_decimal::Decimal;
 
+#[path = "common/view.rs"]
+mod view;
+use view::build_view;
+
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter()
         .position(|a| a == name)
@@ -74,111 +78,6 @@ fn main() {
         // `cargo bench` with no subcommand runs the in-process one.
         _ => decide(100_000, 3),
     }
-}
-
-fn quota(limited: bool) -> QuotaSettings {
-    QuotaSettings {
-        status: Status::Enabled,
-        quota_limited: limited,
-        quota_expires_at: None,
-    }
-}
-
-/// A view of `n` key → app → user chains over 10 resellers, 3 groups and
-/// 5 models, every limited scope funded.
-fn build_view(n: usize) -> (View, Vec<String>) {
-    let t0 = Utc::now() - chrono::Duration::days(1);
-    let funded = Ledger {
-        blocks: vec![(t0, None, Decimal::from(1_000_000))],
-        debt: Decimal::ZERO,
-    };
-    let mut v = View::default();
-    for m in 0..5 {
-        let prices = vec![PriceEntry {
-            path: "*".into(),
-            input: Some(Decimal::ONE),
-            output: Some(Decimal::TWO),
-            cache_read: None,
-            cache_write: None,
-            per_call: None,
-        }];
-        v.models.entry(format!("model-{m}")).or_default().insert(
-            t0,
-            0,
-            Entity::Model {
-                status: Status::Enabled,
-                prices,
-            },
-        );
-    }
-    for g in 0..3 {
-        let r = v.groups.entry(format!("g{g}")).or_default();
-        r.insert(
-            t0,
-            0,
-            Entity::Group {
-                quota: quota(true),
-                discount: Decimal::ONE,
-                models: vec![],
-            },
-        );
-        r.ledger = funded.clone();
-    }
-    for r in 0..10 {
-        let rec = v.resellers.entry(format!("r{r}")).or_default();
-        rec.insert(t0, 0, Entity::Reseller { quota: quota(true) });
-        rec.ledger = funded.clone();
-    }
-    let mut hashes = Vec::with_capacity(n);
-    for i in 0..n {
-        let hash = admission::key_hash(&format!("sk-bench-{i}"));
-        let groups = vec![GroupMembership {
-            group_id: format!("g{}", i % 3),
-            weight: 1,
-            default: true,
-        }];
-        let u = v.users.entry(format!("u{i}")).or_default();
-        u.insert(
-            t0,
-            0,
-            Entity::User {
-                reseller_id: Some(format!("r{}", i % 10)),
-                quota: quota(true),
-                groups,
-            },
-        );
-        u.ledger = funded.clone();
-        v.apps.entry(format!("a{i}")).or_default().insert(
-            t0,
-            0,
-            Entity::App {
-                user_id: format!("u{i}"),
-                quota: quota(false),
-                models: vec![],
-                group_id: None,
-                ip_allow: vec![],
-                ip_deny: vec![],
-            },
-        );
-        let k = v.keys.entry(format!("k{i}")).or_default();
-        k.insert(
-            t0,
-            0,
-            Entity::Key {
-                app_id: format!("a{i}"),
-                key_hash: hash.clone(),
-                quota: quota(true),
-                models: vec![],
-                group_id: None,
-                ip_allow: vec![],
-                ip_deny: vec![],
-            },
-        );
-        k.ledger = funded.clone();
-        v.key_hashes.insert(hash.clone(), format!("k{i}"));
-        hashes.push(hash);
-    }
-    (v, hashes)
 }
 
 fn decide(keys: usize, secs: u64) {
