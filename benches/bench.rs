@@ -13,6 +13,10 @@
 //!       processes would), committed in Postgres; events/s, balances checked
 //!       against the simulator, and Postgres bytes per applied usage event
 //!
+//!   cargo bench --bench bench -- fuzz-decode|fuzz-admission [--secs S] [--seed N]
+//!       mutation fuzzing of the event decoder / the admission request
+//!       parser (exits 1 on a panic or a call slower than a second)
+//!
 //! scripts/bench-admission.sh runs decide and http with a live service and
 //! ingestion; scripts/bench-ingest.sh runs ingest.
 
@@ -22,12 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use quota_engine::admission::{self, Ledger, Request, View};
-use quota_engine::event::{Entity, GroupMembership, PriceEntry, QuotaSettings, Status};
+use quota_engine::admission::{self, Request};
 use rust_decimal::Decimal;
 
 #[path = "common/view.rs"]
 mod view;
+#[path = "common/fuzz.rs"]
+mod fuzz;
 use view::build_view;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -42,7 +47,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args
         .iter()
-        .find(|a| *a == "decide" || *a == "http" || *a == "ingest")
+        .find(|a| ["decide", "http", "ingest", "fuzz-decode", "fuzz-admission"].contains(&a.as_str()))
         .map(String::as_str)
     {
         Some("decide") => decide(
@@ -74,6 +79,38 @@ fn main() {
                 arg(&args, "--sinks", "1").parse().unwrap(),
                 arg(&args, "--batch", "2000").parse().unwrap(),
             ))
+        }
+        Some(which @ ("fuzz-decode" | "fuzz-admission")) => {
+            let secs: u64 = arg(&args, "--secs", "60").parse().unwrap();
+            let seed: u64 = arg(&args, "--seed", "1").parse().unwrap();
+            let ok = if which == "fuzz-decode" {
+                let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/contract.md")).unwrap();
+                let mut seeds = Vec::new();
+                for block in text.split("```json").skip(1) {
+                    let body = block.split("```").next().unwrap();
+                    for v in serde_json::Deserializer::from_str(body).into_iter::<serde_json::Value>().flatten() {
+                        seeds.push(v.to_string().into_bytes());
+                    }
+                }
+                fuzz::run("event decoder", &seeds, secs, seed, &|b| match quota_engine::event::decode(Some(b)) {
+                    Ok(e) => format!("ok {}", e.event_type),
+                    Err(r) => format!("{}", r.reason.as_str()),
+                })
+            } else {
+                let seeds: Vec<Vec<u8>> = [
+                    r#"{"api_key":"sk-1","client_ip":"203.0.113.7","model":"gpt-4o","path":"/v1/chat/completions","trace_id":"a1b2c3","estimated_cost":"1500"}"#,
+                    r#"{"api_key":"sk-1","client_ip":"2001:db8::1","model":"gpt-4o","path":"/v1/embeddings"}"#,
+                    r#"{"client_ip":"10.0.0.1","model":"m","path":"/v1/x","estimated_cost":"0.000001"}"#,
+                ]
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect();
+                fuzz::run("admission request parser", &seeds, secs, seed, &|b| match quota_engine::api::parse_admission_request(b) {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => format!("{} {}", e.code, e.param.unwrap_or_default()),
+                })
+            };
+            std::process::exit(if ok { 0 } else { 1 });
         }
         // `cargo bench` with no subcommand runs the in-process one.
         _ => decide(100_000, 3),

@@ -19,8 +19,8 @@ run() {
   echo "== in-process decisions (one thread)"
   for k in 1000 100000; do "$bench_bin" decide --keys $k --secs 3; done
   target/release/quota-engine serve >"$repo/.stack/bench-serve.log" 2>&1 &
-  local pid=$!
-  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  serve_pid=$!
+  trap 'kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
   target/release/quota-engine simulate --users "$USERS" --events 0 --run-id "$run_id" >/dev/null
   local token
   token=$(target/release/quota-engine token create --role gateway --name bench | tail -1)

@@ -13,11 +13,11 @@ bin=$repo/target/release/quota-engine
 demo() {
   local addr=${HTTP_ADDR:-127.0.0.1:8080}
   "$bin" serve --http-addr "$addr" >"$repo/.stack/serve.log" 2>&1 &
-  local pid=$!
-  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  serve_pid=$!
+  trap 'kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}") 2>/dev/null && break
-    kill -0 $pid 2>/dev/null || { cat "$repo/.stack/serve.log"; exit 1; }
+    kill -0 $serve_pid 2>/dev/null || { cat "$repo/.stack/serve.log"; exit 1; }
     sleep 0.2
   done
   echo "quota-engine serve is up on http://$addr (log: .stack/serve.log)"
@@ -34,7 +34,7 @@ demo() {
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/openapi.json"
   if [ "${DEMO_WAIT:-1}" = 1 ]; then
     echo "The service keeps running; Ctrl-C stops it and the stack."
-    wait $pid
+    wait $serve_pid
   fi
 }
 

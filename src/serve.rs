@@ -101,11 +101,13 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     // notifications from every process's commits.
     let view: crate::store::view::SharedView = Default::default();
     let view_synced_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let lag: Arc<crate::store::view::LagHistogram> = Default::default();
     let listener_task = tokio::spawn(crate::store::view::run_listener(
         cfg.database_url.clone(),
         pool.clone(),
         view.clone(),
         view_synced_ms.clone(),
+        lag.clone(),
         shutdown.clone(),
     ));
 
@@ -150,6 +152,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         test_clock,
         tokens: Default::default(),
         publisher: Some(publisher),
+        lag,
     });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();

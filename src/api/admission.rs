@@ -133,7 +133,7 @@ fn field<'a>(
 }
 
 /// Step 0 of the check order: a malformed request is `invalid_parameter`.
-fn parse(body: &[u8]) -> Result<(Request, Option<String>), ApiError> {
+pub fn parse(body: &[u8]) -> Result<(Request, Option<String>), ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("not JSON: {e}")))?;
     let m = v

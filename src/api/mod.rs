@@ -25,7 +25,7 @@ use crate::store::apply::Clock;
 use crate::store::read;
 use crate::store::view::SharedView;
 
-pub use admission::{AdmissionCounters, RejectionLog};
+pub use admission::{parse as parse_admission_request, AdmissionCounters, RejectionLog};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -43,6 +43,8 @@ pub struct AppState {
     pub tokens: auth::TokenCache,
     /// Where operator writes are published (the control topic).
     pub publisher: Option<operator::Publisher>,
+    /// Produce → visible-to-admission lag, for /metrics.
+    pub lag: Arc<crate::store::view::LagHistogram>,
 }
 
 /// Every route the API serves: the router is built from this table, and
@@ -305,6 +307,7 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
         }
     }
     st.admission.render(&mut out);
+    st.lag.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

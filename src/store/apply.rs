@@ -178,6 +178,11 @@ impl LedgerSink {
             *e = (*e).max(r.offset + 1);
         }
         let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
+        // For the produce → visible lag: the batch's oldest record time.
+        if let Some(t) = fresh.iter().filter_map(|r| r.timestamp_ms).min() {
+            let c = super::view::Changes { t: Some(t), ..Default::default() };
+            tx.execute("SELECT pg_notify($1, $2)", &[&super::view::CHANNEL, &serde_json::to_string(&c).unwrap_or_default()]).await?;
+        }
         for ((topic, partition), next_offset) in &new_next {
             tx.execute("UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2", &[topic, partition, next_offset]).await?;
         }
@@ -973,6 +978,7 @@ async fn write_effects(
             .iter()
             .map(|v| (v.kind.as_str().to_string(), v.id.clone()))
             .collect(),
+        t: None,
     };
     for payload in changes.payloads() {
         tx.execute(

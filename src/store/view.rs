@@ -32,13 +32,53 @@ pub struct Changes {
     /// Registry entities with a new version: (kind, id).
     #[serde(default)]
     pub e: Vec<(String, String)>,
+    /// Kafka timestamp (ms) of the oldest record of the batch, sent once
+    /// per batch: the listener measures produce → visible to admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t: Option<i64>,
+}
+
+/// Produce → visible-to-admission lag of each committed batch (its oldest
+/// record), as a Prometheus histogram.
+pub struct LagHistogram {
+    counts: [std::sync::atomic::AtomicU64; LAG_BUCKETS_MS.len() + 1],
+    sum_ms: std::sync::atomic::AtomicU64,
+}
+
+const LAG_BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 150, 250, 500, 1000, 2500, 5000, 10000];
+
+impl Default for LagHistogram {
+    fn default() -> Self {
+        LagHistogram { counts: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)), sum_ms: Default::default() }
+    }
+}
+
+impl LagHistogram {
+    pub fn observe(&self, ms: u64) {
+        let i = LAG_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LAG_BUCKETS_MS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, out: &mut String) {
+        out.push_str("# HELP quota_visible_lag_seconds Kafka timestamp of a batch's oldest record to the batch being visible to this process's admission view.\n# TYPE quota_visible_lag_seconds histogram\n");
+        let mut cum = 0;
+        for (i, b) in LAG_BUCKETS_MS.iter().enumerate() {
+            cum += self.counts[i].load(Ordering::Relaxed);
+            out.push_str(&format!("quota_visible_lag_seconds_bucket{{le=\"{}\"}} {cum}\n", *b as f64 / 1000.0));
+        }
+        cum += self.counts[LAG_BUCKETS_MS.len()].load(Ordering::Relaxed);
+        out.push_str(&format!("quota_visible_lag_seconds_bucket{{le=\"+Inf\"}} {cum}\n"));
+        out.push_str(&format!("quota_visible_lag_seconds_sum {}\n", self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0));
+        out.push_str(&format!("quota_visible_lag_seconds_count {cum}\n"));
+    }
 }
 
 impl Changes {
     /// Payloads for `pg_notify`, each under Postgres' 8000-byte limit.
     pub fn payloads(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let mut cur = Changes::default();
+        let mut cur = Changes { t: self.t, ..Changes::default() };
         let mut size = 0;
         let items = self
             .a
@@ -59,7 +99,7 @@ impl Changes {
                 cur.e.push((k.clone(), i.clone()));
             }
         }
-        if !cur.a.is_empty() || !cur.e.is_empty() {
+        if !cur.a.is_empty() || !cur.e.is_empty() || cur.t.is_some() {
             out.push(serde_json::to_string(&cur).unwrap_or_default());
         }
         out
@@ -228,10 +268,11 @@ pub async fn run_listener(
     pool: Pool,
     view: SharedView,
     synced_ms: Arc<AtomicI64>,
+    lag: Arc<LagHistogram>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        match listen_once(&database_url, &pool, &view, &synced_ms, &mut shutdown).await {
+        match listen_once(&database_url, &pool, &view, &synced_ms, &lag, &mut shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "admission view listener lost; reconnecting");
@@ -249,6 +290,7 @@ async fn listen_once(
     pool: &Pool,
     view: &SharedView,
     synced_ms: &AtomicI64,
+    lag: &LagHistogram,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (client, mut conn) = tokio_postgres::connect(database_url, NoTls).await?;
@@ -301,11 +343,13 @@ async fn listen_once(
             break Err(anyhow::anyhow!("listener connection closed"));
         };
         let mut changes = Changes::default();
+        let mut produced = Vec::new();
         for payload in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
             match serde_json::from_str::<Changes>(&payload) {
                 Ok(c) => {
                     changes.a.extend(c.a);
                     changes.e.extend(c.e);
+                    produced.extend(c.t);
                 }
                 Err(e) => tracing::error!(error = %e, "bad change notification"),
             }
@@ -313,7 +357,11 @@ async fn listen_once(
         if let Err(e) = refresh(pool, view, &changes).await {
             break Err(e);
         }
-        synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
+        let now = Utc::now().timestamp_millis();
+        synced_ms.store(now, Ordering::SeqCst);
+        for t in produced {
+            lag.observe((now - t).max(0) as u64);
+        }
     };
     driver.abort();
     drop(client);
