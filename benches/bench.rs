@@ -29,10 +29,10 @@ use chrono::Utc;
 use quota_engine::admission::{self, Request};
 use rust_decimal::Decimal;
 
-#[path = "common/view.rs"]
-mod view;
 #[path = "common/fuzz.rs"]
 mod fuzz;
+#[path = "common/view.rs"]
+mod view;
 use view::build_view;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -47,7 +47,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args
         .iter()
-        .find(|a| ["decide", "http", "ingest", "fuzz-decode", "fuzz-admission"].contains(&a.as_str()))
+        .find(|a| {
+            ["decide", "http", "ingest", "fuzz-decode", "fuzz-admission"].contains(&a.as_str())
+        })
         .map(String::as_str)
     {
         Some("decide") => decide(
@@ -70,9 +72,16 @@ fn main() {
             ))
         }
         Some("ingest") => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(ingest(
-                arg(&args, "--database", "postgres://postgres@127.0.0.1:5432/bench_ingest"),
+                arg(
+                    &args,
+                    "--database",
+                    "postgres://postgres@127.0.0.1:5432/bench_ingest",
+                ),
                 arg(&args, "--events", "200000").parse().unwrap(),
                 arg(&args, "--users", "1000").parse().unwrap(),
                 arg(&args, "--resellers", "8").parse().unwrap(),
@@ -84,17 +93,26 @@ fn main() {
             let secs: u64 = arg(&args, "--secs", "60").parse().unwrap();
             let seed: u64 = arg(&args, "--seed", "1").parse().unwrap();
             let ok = if which == "fuzz-decode" {
-                let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/contract.md")).unwrap();
+                let text = std::fs::read_to_string(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/docs/contract.md"
+                ))
+                .unwrap();
                 let mut seeds = Vec::new();
                 for block in text.split("```json").skip(1) {
                     let body = block.split("```").next().unwrap();
-                    for v in serde_json::Deserializer::from_str(body).into_iter::<serde_json::Value>().flatten() {
+                    for v in serde_json::Deserializer::from_str(body)
+                        .into_iter::<serde_json::Value>()
+                        .flatten()
+                    {
                         seeds.push(v.to_string().into_bytes());
                     }
                 }
-                fuzz::run("event decoder", &seeds, secs, seed, &|b| match quota_engine::event::decode(Some(b)) {
-                    Ok(e) => format!("ok {}", e.event_type),
-                    Err(r) => format!("{}", r.reason.as_str()),
+                fuzz::run("event decoder", &seeds, secs, seed, &|b| {
+                    match quota_engine::event::decode(Some(b)) {
+                        Ok(e) => format!("ok {}", e.event_type),
+                        Err(r) => format!("{}", r.reason.as_str()),
+                    }
                 })
             } else {
                 let seeds: Vec<Vec<u8>> = [
@@ -105,9 +123,11 @@ fn main() {
                 .iter()
                 .map(|s| s.as_bytes().to_vec())
                 .collect();
-                fuzz::run("admission request parser", &seeds, secs, seed, &|b| match quota_engine::api::parse_admission_request(b) {
-                    Ok(_) => "ok".to_string(),
-                    Err(e) => format!("{} {}", e.code, e.param.unwrap_or_default()),
+                fuzz::run("admission request parser", &seeds, secs, seed, &|b| {
+                    match quota_engine::api::parse_admission_request(b) {
+                        Ok(_) => "ok".to_string(),
+                        Err(e) => format!("{} {}", e.code, e.param.unwrap_or_default()),
+                    }
                 })
             };
             std::process::exit(if ok { 0 } else { 1 });
@@ -228,36 +248,96 @@ async fn http(addr: String, token: String, key_prefix: String, keys: usize, rps:
     );
 }
 
-async fn ingest(database: String, events: usize, users: usize, resellers: usize, sinks: usize, batch: usize) {
+async fn ingest(
+    database: String,
+    events: usize,
+    users: usize,
+    resellers: usize,
+    sinks: usize,
+    batch: usize,
+) {
     use quota_consumers::Record;
     use quota_engine::store::apply::{system_clock, LedgerSink};
-    let pool = quota_engine::store::connect(&database, sinks + 2).await.expect("database");
-    quota_engine::store::migrate(&pool).await.expect("migrations");
-    let n: i64 = pool.get().await.unwrap().query_one("SELECT count(*) FROM applied_events", &[]).await.unwrap().get(0);
+    let pool = quota_engine::store::connect(&database, sinks + 2)
+        .await
+        .expect("database");
+    quota_engine::store::migrate(&pool)
+        .await
+        .expect("migrations");
+    let n: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM applied_events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0, "{database} is not empty: give a fresh database");
-    let sink = LedgerSink { pool: pool.clone(), dead_letters: None, clock: system_clock(), lateness: chrono::Duration::seconds(300) };
-    let args = quota_engine::sim::SimArgs { users, events, rate: 0, seed: 7, resellers, duration_secs: None, run_id: Some("bench".into()), check: None, check_timeout_secs: 0 };
+    let sink = LedgerSink {
+        pool: pool.clone(),
+        dead_letters: None,
+        clock: system_clock(),
+        lateness: chrono::Duration::seconds(300),
+    };
+    let args = quota_engine::sim::SimArgs {
+        users,
+        events,
+        rate: 0,
+        seed: 7,
+        resellers,
+        not_idempotent: false,
+        duration_secs: None,
+        run_id: Some("bench".into()),
+        check: None,
+        check_timeout_secs: 0,
+    };
     let mut plan = quota_engine::sim::Plan::new(&args);
     let control: Vec<Record> = plan
         .control
         .iter()
         .enumerate()
-        .map(|(i, (_, v))| Record { topic: "control".into(), partition: 0, offset: i as i64, key: None, payload: Some(v.to_string().into_bytes()), timestamp_ms: None })
+        .map(|(i, (_, v))| Record {
+            topic: "control".into(),
+            partition: 0,
+            offset: i as i64,
+            key: None,
+            payload: Some(v.to_string().into_bytes()),
+            timestamp_ms: None,
+        })
         .collect();
     for chunk in control.chunks(batch) {
-        sink.apply_records(chunk).await.expect("control events apply");
+        sink.apply_records(chunk)
+            .await
+            .expect("control events apply");
     }
     // Usage, split by user like the gateway's keying would.
     let mut parts: Vec<Vec<Record>> = vec![Vec::new(); sinks];
     let gen_start = Instant::now();
     for i in 0..events {
         let (key, v) = plan.usage(i);
-        let p = (key.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) % sinks as u64) as usize;
+        let p = (key
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+            % sinks as u64) as usize;
         let offset = parts[p].len() as i64;
-        parts[p].push(Record { topic: "usage".into(), partition: p as i32, offset, key: Some(key.into_bytes()), payload: Some(v.to_string().into_bytes()), timestamp_ms: None });
+        parts[p].push(Record {
+            topic: "usage".into(),
+            partition: p as i32,
+            offset,
+            key: Some(key.into_bytes()),
+            payload: Some(v.to_string().into_bytes()),
+            timestamp_ms: None,
+        });
     }
     println!("ingest: generated {events} usage events in memory in {:.1} s ({users} users, {resellers} resellers)", gen_start.elapsed().as_secs_f64());
-    let before: i64 = pool.get().await.unwrap().query_one("SELECT pg_database_size(current_database())", &[]).await.unwrap().get(0);
+    let before: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .unwrap()
+        .get(0);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for records in parts {
@@ -285,7 +365,11 @@ async fn ingest(database: String, events: usize, users: usize, resellers: usize,
     }
     let secs = start.elapsed().as_secs_f64();
     lat.sort();
-    let pct = |p: f64| lat.get(((lat.len() as f64 - 1.0) * p) as usize).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
     println!(
         "ingest: {events} usage events committed in {secs:.2} s = {:.0} events/s with {sinks} concurrent sink(s), batches of {batch}; batch commit p50 {:.0} ms, p99 {:.0} ms",
         events as f64 / secs,
@@ -294,25 +378,53 @@ async fn ingest(database: String, events: usize, users: usize, resellers: usize,
     );
     let c = pool.get().await.unwrap();
     c.batch_execute("VACUUM ANALYZE").await.ok();
-    let after: i64 = c.query_one("SELECT pg_database_size(current_database())", &[]).await.unwrap().get(0);
+    let after: i64 = c
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .unwrap()
+        .get(0);
     let rows = c
         .query("SELECT relname, pg_total_relation_size(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY 2 DESC LIMIT 6", &[])
         .await
         .unwrap();
-    println!("ingest: database grew {:.0} bytes per usage event", (after - before) as f64 / events as f64);
+    println!(
+        "ingest: database grew {:.0} bytes per usage event",
+        (after - before) as f64 / events as f64
+    );
     for r in rows {
         let bytes: i64 = r.get(1);
-        println!("  {:<22} {:>8.0} bytes/event (table + indexes + toast)", r.get::<_, String>(0), bytes as f64 / events as f64);
+        println!(
+            "  {:<22} {:>8.0} bytes/event (table + indexes + toast)",
+            r.get::<_, String>(0),
+            bytes as f64 / events as f64
+        );
     }
     // Correct, not just fast: every balance is what the simulator priced.
     let mut wrong = 0;
-    for (kind, map) in [("user", &plan.expected.users), ("reseller", &plan.expected.resellers)] {
+    for (kind, map) in [
+        ("user", &plan.expected.users),
+        ("reseller", &plan.expected.resellers),
+    ] {
         for (id, (granted, charged)) in map {
-            let b: Decimal = c.query_one("SELECT balance FROM accounts WHERE kind = $1 AND id = $2", &[&kind, &id]).await.unwrap().get(0);
+            let b: Decimal = c
+                .query_one(
+                    "SELECT balance FROM accounts WHERE kind = $1 AND id = $2",
+                    &[&kind, &id],
+                )
+                .await
+                .unwrap()
+                .get(0);
             if b != *granted - *charged {
                 wrong += 1;
             }
         }
     }
-    println!("ingest: balances {}", if wrong == 0 { "all equal the simulator's".to_string() } else { format!("WRONG on {wrong} accounts") });
+    println!(
+        "ingest: balances {}",
+        if wrong == 0 {
+            "all equal the simulator's".to_string()
+        } else {
+            format!("WRONG on {wrong} accounts")
+        }
+    );
 }

@@ -23,11 +23,20 @@ const USAGE: &str = r#"{"event_id":"u-1","type":"usage","schema_version":1,"occu
 fn registry() -> Vec<String> {
     let at = "2026-11-27T09:00:00Z";
     let mut v = vec![
-        format!(r#"{{"event_id":"c-m","type":"model.upserted","schema_version":1,"occurred_at":"{at}","id":"gpt-4o","status":"enabled","prices":[{{"path":"*","input":"2.5","output":"10","cache_read":"1.25"}}]}}"#),
-        format!(r#"{{"event_id":"c-g","type":"group.upserted","schema_version":1,"occurred_at":"{at}","id":"g_1","status":"enabled","quota_limited":true,"quota_expires_at":null,"discount":"0.8","models":[]}}"#),
-        format!(r#"{{"event_id":"c-r","type":"reseller.upserted","schema_version":1,"occurred_at":"{at}","id":"r_1","status":"enabled","quota_limited":true,"quota_expires_at":null}}"#),
+        format!(
+            r#"{{"event_id":"c-m","type":"model.upserted","schema_version":1,"occurred_at":"{at}","id":"gpt-4o","status":"enabled","prices":[{{"path":"*","input":"2.5","output":"10","cache_read":"1.25"}}]}}"#
+        ),
+        format!(
+            r#"{{"event_id":"c-g","type":"group.upserted","schema_version":1,"occurred_at":"{at}","id":"g_1","status":"enabled","quota_limited":true,"quota_expires_at":null,"discount":"0.8","models":[]}}"#
+        ),
+        format!(
+            r#"{{"event_id":"c-r","type":"reseller.upserted","schema_version":1,"occurred_at":"{at}","id":"r_1","status":"enabled","quota_limited":true,"quota_expires_at":null}}"#
+        ),
     ];
-    for (i, kind) in ["key", "app", "user", "group", "reseller"].iter().enumerate() {
+    for (i, kind) in ["key", "app", "user", "group", "reseller"]
+        .iter()
+        .enumerate()
+    {
         let id = format!("{}_1", &kind[..1]);
         v.push(format!(r#"{{"event_id":"c-gr{i}","type":"quota.granted","schema_version":1,"occurred_at":"{at}","grant_id":"gr{i}","account":{{"kind":"{kind}","id":"{id}"}},"amount":"100000000000","expires_at":null}}"#));
     }
@@ -36,23 +45,64 @@ fn registry() -> Vec<String> {
 
 fn input(offset: i64, json: &str) -> Input {
     let bytes = json.as_bytes().to_vec();
-    Input { source: Source { topic: "t".into(), partition: 0, offset }, key: None, decoded: event::decode(Some(&bytes)), payload: Some(bytes), retry_of: None }
+    Input {
+        source: Source {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+        },
+        key: None,
+        decoded: event::decode(Some(&bytes)),
+        payload: Some(bytes),
+        retry_of: None,
+    }
 }
 
 fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("pure");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("decode usage event", |b| b.iter(|| event::decode(Some(std::hint::black_box(USAGE.as_bytes()))).unwrap()));
-    let prices = vec![PriceEntry { path: "*".into(), input: Some(Decimal::from_str("2.5").unwrap()), output: Some(Decimal::TEN), cache_read: Some(Decimal::from_str("1.25").unwrap()), cache_write: None, per_call: None }];
-    let usage = Usage { input_tokens: 1200, output_tokens: 350, cache_read_tokens: 100, cache_write_tokens: 0, reasoning_tokens: 0, calls: 1 };
+    g.bench_function("decode usage event", |b| {
+        b.iter(|| event::decode(Some(std::hint::black_box(USAGE.as_bytes()))).unwrap())
+    });
+    let prices = vec![PriceEntry {
+        path: "*".into(),
+        input: Some(Decimal::from_str("2.5").unwrap()),
+        output: Some(Decimal::TEN),
+        cache_read: Some(Decimal::from_str("1.25").unwrap()),
+        cache_write: None,
+        per_call: None,
+    }];
+    let usage = Usage {
+        input_tokens: 1200,
+        output_tokens: 350,
+        cache_read_tokens: 100,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        calls: 1,
+    };
     let discount = Decimal::from_str("0.8").unwrap();
-    g.bench_function("price usage event", |b| b.iter(|| pricing::price(std::hint::black_box(&usage), UsageStatus::Success, &prices, "/v1/chat/completions", discount).unwrap()));
+    g.bench_function("price usage event", |b| {
+        b.iter(|| {
+            pricing::price(
+                std::hint::black_box(&usage),
+                UsageStatus::Success,
+                &prices,
+                "/v1/chat/completions",
+                discount,
+            )
+            .unwrap()
+        })
+    });
 
     // Fold: a batch of 2,000 usage events (five ledgers each) on a state
     // that holds the registry and funded accounts.
     let now = Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 1).unwrap();
     let mut base = FoldState::new(chrono::Duration::seconds(300));
-    let reg: Vec<Input> = registry().iter().enumerate().map(|(i, j)| input(i as i64, j)).collect();
+    let reg: Vec<Input> = registry()
+        .iter()
+        .enumerate()
+        .map(|(i, j)| input(i as i64, j))
+        .collect();
     let fx = fold::fold(&mut base, reg, now).unwrap();
     for a in base.accounts.values_mut() {
         a.dirty = false;
@@ -60,8 +110,14 @@ fn benches(c: &mut Criterion) {
             b.dirty = false;
         }
     }
-    base.applied = fx.applied.iter().map(|a| (a.event_id.clone(), a.content_hash)).collect();
-    let batch: Vec<Input> = (0..2000).map(|i| input(100 + i, &USAGE.replace("\"u-1\"", &format!("\"u-{i}\"")))).collect();
+    base.applied = fx
+        .applied
+        .iter()
+        .map(|a| (a.event_id.clone(), a.content_hash))
+        .collect();
+    let batch: Vec<Input> = (0..2000)
+        .map(|i| input(100 + i, &USAGE.replace("\"u-1\"", &format!("\"u-{i}\""))))
+        .collect();
     g.throughput(Throughput::Elements(2000));
     g.bench_function("fold 2000 usage events", |b| {
         b.iter_batched(
@@ -81,7 +137,15 @@ fn benches(c: &mut Criterion) {
     let ip = IpAddr::from_str("203.0.113.7").unwrap();
     for keys in [1_000usize, 100_000] {
         let (view, hashes) = view::build_view(keys);
-        let reqs: Vec<Request> = (0..5).map(|m| Request { api_key: Some("x".into()), client_ip: ip, model: format!("model-{m}"), path: "/v1/chat/completions".into(), estimated_cost: Some(Decimal::from(100)) }).collect();
+        let reqs: Vec<Request> = (0..5)
+            .map(|m| Request {
+                api_key: Some("x".into()),
+                client_ip: ip,
+                model: format!("model-{m}"),
+                path: "/v1/chat/completions".into(),
+                estimated_cost: Some(Decimal::from(100)),
+            })
+            .collect();
         let t = Utc::now();
         let mut i = 0usize;
         g.bench_function(format!("decide, {keys} keys"), |b| {

@@ -98,6 +98,19 @@ impl Topics {
 }
 
 impl Config {
+    /// Create the topics that are missing, with `topic_partitions` each.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let topics: Vec<(String, i32)> = self
+            .topics
+            .all()
+            .into_iter()
+            .map(|t| (t, self.topic_partitions))
+            .collect();
+        quota_consumers::ensure_topics(&self.kafka_brokers, &topics)
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
     pub fn lateness(&self) -> chrono::Duration {
         chrono::Duration::seconds(self.allowed_lateness_secs.min(i64::MAX as u64 / 1000) as i64)
     }

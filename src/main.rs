@@ -192,15 +192,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
         }
         Command::CreateTopics(cfg) => {
-            let topics: Vec<(String, i32)> = cfg
-                .topics
-                .all()
-                .into_iter()
-                .map(|t| (t, cfg.topic_partitions))
-                .collect();
-            quota_consumers::ensure_topics(&cfg.kafka_brokers, &topics)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            cfg.ensure_topics().await?;
             println!("topics ready: {}", cfg.topics.all().join(", "));
         }
         Command::Status(cfg) => {
@@ -382,17 +374,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             println!("revoked {token_id}");
         }
         Command::Simulate { config, sim: args } => {
-            quota_consumers::ensure_topics(
-                &config.kafka_brokers,
-                &config
-                    .topics
-                    .all()
-                    .into_iter()
-                    .map(|t| (t, config.topic_partitions))
-                    .collect::<Vec<_>>(),
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
+            config.ensure_topics().await?;
             let expected = sim::run(&config.kafka_brokers, &config.topics, &args).await?;
             if let Some(addr) = &args.check {
                 // A finance token of its own to read balances with.

@@ -18,15 +18,7 @@ use crate::store::{
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let pool = store::connect(&cfg.database_url, 16).await?;
     store::migrate(&pool).await?;
-    let topics: Vec<(String, i32)> = cfg
-        .topics
-        .all()
-        .into_iter()
-        .map(|t| (t, cfg.topic_partitions))
-        .collect();
-    quota_consumers::ensure_topics(&cfg.kafka_brokers, &topics)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    cfg.ensure_topics().await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka_brokers)
         // Not idempotent: tansu 0.6 answers an idempotent producer with

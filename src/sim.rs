@@ -35,6 +35,12 @@ pub struct SimArgs {
     /// Resellers (a few hot ones hold most users).
     #[arg(long, default_value_t = 4)]
     pub resellers: usize,
+    /// Produce without idempotence (acks=all and retries only): tansu 0.6
+    /// refuses an idempotent producer for good after a broker restart, so
+    /// the fault campaign uses this; a retried event is then a duplicate
+    /// the service skips.
+    #[arg(long)]
+    pub not_idempotent: bool,
     /// Stop producing usage after this many seconds, even before
     /// `--events` (with `--rate`, a steady load for a set time).
     #[arg(long)]
@@ -51,22 +57,37 @@ pub struct SimArgs {
     pub check_timeout_secs: u64,
 }
 
-/// A small deterministic PRNG (xorshift64*): reproducible traffic without a
-/// dependency.
-struct Rng(u64);
+/// A small deterministic PRNG (xorshift64*): reproducible traffic, test
+/// and fuzz inputs without a dependency. Shared by the simulator, the
+/// property test, the end-to-end replay workload and the fuzzers.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+    /// True `pct` times in a hundred.
+    pub fn chance(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
     /// Skewed pick: low indexes are much more popular.
-    fn skewed(&mut self, n: usize) -> usize {
+    pub fn skewed(&mut self, n: usize) -> usize {
         let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
         ((n as f64) * u * u * u) as usize % n.max(1)
     }
@@ -304,7 +325,12 @@ pub async fn run(
 ) -> anyhow::Result<Expected> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
+        .set(
+            "enable.idempotence",
+            if args.not_idempotent { "false" } else { "true" },
+        )
+        .set("acks", "all")
+        .set("message.timeout.ms", "300000")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;

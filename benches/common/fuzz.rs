@@ -11,89 +11,123 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-struct Rng(u64);
+use quota_engine::sim::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
+/// `Rng::below` for lengths.
+fn pick(rng: &mut Rng, n: usize) -> usize {
+    rng.below(n as u64) as usize
 }
 
 const TOKENS: &[&str] = &[
-    "null", "true", "-1", "0", "1e309", "-0", "18446744073709551616", "-9223372036854775809", "\"\"", "\"9999999999999999999999999999.9999999999999999999\"",
-    "\"0.0000000000000000000000000000001\"", "\"-5\"", "\"NaN\"", "\"1e5\"", "[]", "{}", "\"\\u0000\"", "\"\\ud800\"", "\"日本語\"", "\"2026-13-45T99:99:99Z\"",
-    "\"2026-11-27T10:00:00\"", "\"9999-12-31T23:59:59Z\"", "\"0000-01-01T00:00:00Z\"", "\"::1\"", "\"999.1.1.1\"", "\"10.0.0.0/33\"",
+    "null",
+    "true",
+    "-1",
+    "0",
+    "1e309",
+    "-0",
+    "18446744073709551616",
+    "-9223372036854775809",
+    "\"\"",
+    "\"9999999999999999999999999999.9999999999999999999\"",
+    "\"0.0000000000000000000000000000001\"",
+    "\"-5\"",
+    "\"NaN\"",
+    "\"1e5\"",
+    "[]",
+    "{}",
+    "\"\\u0000\"",
+    "\"\\ud800\"",
+    "\"日本語\"",
+    "\"2026-13-45T99:99:99Z\"",
+    "\"2026-11-27T10:00:00\"",
+    "\"9999-12-31T23:59:59Z\"",
+    "\"0000-01-01T00:00:00Z\"",
+    "\"::1\"",
+    "\"999.1.1.1\"",
+    "\"10.0.0.0/33\"",
 ];
 
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&seeds[rng.below(seeds.len())]);
-    for _ in 0..1 + rng.below(8) {
+    out.extend_from_slice(&seeds[pick(rng, seeds.len())]);
+    for _ in 0..1 + pick(rng, 8) {
         let len = out.len();
-        match rng.below(10) {
+        match pick(rng, 10) {
             0 if len > 0 => {
-                let i = rng.below(len);
-                out[i] ^= 1 << rng.below(8);
+                let i = pick(rng, len);
+                out[i] ^= 1 << pick(rng, 8);
             }
             1 => {
-                let i = rng.below(len + 1);
+                let i = pick(rng, len + 1);
                 out.insert(i, rng.next() as u8);
             }
             2 if len > 0 => {
-                let i = rng.below(len);
-                let n = 1 + rng.below(16.min(len - i));
+                let i = pick(rng, len);
+                let n = 1 + pick(rng, 16.min(len - i));
                 out.drain(i..i + n);
             }
             3 if len > 0 => {
-                let i = rng.below(len);
-                let n = 1 + rng.below(64.min(len - i));
+                let i = pick(rng, len);
+                let n = 1 + pick(rng, 64.min(len - i));
                 let chunk: Vec<u8> = out[i..i + n].to_vec();
-                let at = rng.below(out.len() + 1);
+                let at = pick(rng, out.len() + 1);
                 out.splice(at..at, chunk);
             }
             4 => {
-                let other = &seeds[rng.below(seeds.len())];
-                let cut = rng.below(out.len() + 1);
-                let from = rng.below(other.len() + 1);
+                let other = &seeds[pick(rng, seeds.len())];
+                let cut = pick(rng, out.len() + 1);
+                let from = pick(rng, other.len() + 1);
                 out.truncate(cut);
                 out.extend_from_slice(&other[from..]);
             }
             5 | 6 => {
                 // Replace a JSON value after a colon with a hostile token.
-                let colons: Vec<usize> = out.iter().enumerate().filter(|(_, b)| **b == b':').map(|(i, _)| i).collect();
-                if let Some(&c) = colons.get(rng.below(colons.len())) {
-                    let end = out[c + 1..].iter().position(|b| *b == b',' || *b == b'}').map(|p| c + 1 + p).unwrap_or(out.len());
-                    let t = TOKENS[rng.below(TOKENS.len())].as_bytes().to_vec();
+                let colons: Vec<usize> = out
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == b':')
+                    .map(|(i, _)| i)
+                    .collect();
+                if let Some(&c) = colons.get(pick(rng, colons.len())) {
+                    let end = out[c + 1..]
+                        .iter()
+                        .position(|b| *b == b',' || *b == b'}')
+                        .map(|p| c + 1 + p)
+                        .unwrap_or(out.len());
+                    let t = TOKENS[pick(rng, TOKENS.len())].as_bytes().to_vec();
                     out.splice(c + 1..end, t);
                 }
             }
             7 => {
-                let depth = 1 + rng.below(5000);
+                let depth = 1 + pick(rng, 5000);
                 let mut v = vec![b'['; depth];
                 v.extend(std::iter::repeat_n(b']', depth));
-                let at = rng.below(out.len() + 1);
+                let at = pick(rng, out.len() + 1);
                 out.splice(at..at, v);
             }
             8 => {
-                let n = rng.below(200_000);
+                let n = pick(rng, 200_000);
                 let mut v = vec![b'"'];
                 v.extend(std::iter::repeat_n(b'a', n));
                 v.push(b'"');
-                let colons: Vec<usize> = out.iter().enumerate().filter(|(_, b)| **b == b':').map(|(i, _)| i).collect();
-                if let Some(&c) = colons.get(rng.below(colons.len())) {
-                    let end = out[c + 1..].iter().position(|b| *b == b',' || *b == b'}').map(|p| c + 1 + p).unwrap_or(out.len());
+                let colons: Vec<usize> = out
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| **b == b':')
+                    .map(|(i, _)| i)
+                    .collect();
+                if let Some(&c) = colons.get(pick(rng, colons.len())) {
+                    let end = out[c + 1..]
+                        .iter()
+                        .position(|b| *b == b',' || *b == b'}')
+                        .map(|p| c + 1 + p)
+                        .unwrap_or(out.len());
                     out.splice(c + 1..end, v);
                 }
             }
             _ => {
-                let i = rng.below(len + 1);
-                let t = TOKENS[rng.below(TOKENS.len())].as_bytes().to_vec();
+                let i = pick(rng, len + 1);
+                let t = TOKENS[pick(rng, TOKENS.len())].as_bytes().to_vec();
                 out.splice(i..i, t);
             }
         }
@@ -102,8 +136,14 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], out: &mut Vec<u8>) {
 
 /// Run `target` on mutated seeds for `secs`; returns a report and whether
 /// there was a finding.
-pub fn run(name: &str, seeds: &[Vec<u8>], secs: u64, seed: u64, target: &dyn Fn(&[u8]) -> String) -> bool {
-    let mut rng = Rng(seed | 1);
+pub fn run(
+    name: &str,
+    seeds: &[Vec<u8>],
+    secs: u64,
+    seed: u64,
+    target: &dyn Fn(&[u8]) -> String,
+) -> bool {
+    let mut rng = Rng::new(seed | 1);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut input = Vec::new();
     let mut n = 0u64;
@@ -124,15 +164,27 @@ pub fn run(name: &str, seeds: &[Vec<u8>], secs: u64, seed: u64, target: &dyn Fn(
             }
             match r {
                 Ok(outcome) => *outcomes.entry(outcome).or_default() += 1,
-                Err(_) => findings.push(format!("panic on {:?}", String::from_utf8_lossy(&input[..input.len().min(300)]))),
+                Err(_) => findings.push(format!(
+                    "panic on {:?}",
+                    String::from_utf8_lossy(&input[..input.len().min(300)])
+                )),
             }
             if took > Duration::from_secs(1) {
-                findings.push(format!("{took:?} on {:?}", String::from_utf8_lossy(&input[..input.len().min(300)])));
+                findings.push(format!(
+                    "{took:?} on {:?}",
+                    String::from_utf8_lossy(&input[..input.len().min(300)])
+                ));
             }
         }
     }
     let _ = std::panic::take_hook();
-    println!("fuzz {name}: {n} inputs in {secs} s ({:.0}/s), slowest {:?} ({} bytes), {} finding(s)", n as f64 / secs as f64, slowest.0, slowest.1.len(), findings.len());
+    println!(
+        "fuzz {name}: {n} inputs in {secs} s ({:.0}/s), slowest {:?} ({} bytes), {} finding(s)",
+        n as f64 / secs as f64,
+        slowest.0,
+        slowest.1.len(),
+        findings.len()
+    );
     let mut top: Vec<(&String, &u64)> = outcomes.iter().collect();
     top.sort_by(|a, b| b.1.cmp(a.1));
     for (o, c) in top.iter().take(12) {

@@ -110,4 +110,3 @@ pub fn build_view(n: usize) -> (View, Vec<String>) {
     }
     (v, hashes)
 }
-

@@ -53,6 +53,9 @@ impl Record {
         n.checked_sub(1).map(|i| &self.versions[i].2)
     }
     pub fn insert(&mut self, from: DateTime<Utc>, seq: i64, e: Entity) {
+        // Most entities have one version: grow one at a time (a Vec's first
+        // allocation would otherwise hold four ~200-byte entities).
+        self.versions.reserve_exact(1);
         let at = self
             .versions
             .partition_point(|(f, s, _)| (*f, *s) <= (from, seq));

@@ -41,6 +41,18 @@ pub fn time_param(
     }
 }
 
+/// `limit`: 1 to 10,000, default 1,000.
+fn limit_param(v: Option<&str>) -> Result<i64, ApiError> {
+    match v {
+        None => Ok(1000),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 10000")),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerQuery {
@@ -118,14 +130,7 @@ pub async fn ledger(
         )
             .into_response());
     }
-    let limit = match q.limit.as_deref() {
-        None => 1000,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 10000"))?,
-    };
+    let limit = limit_param(q.limit.as_deref())?;
     let after = match q.cursor.as_deref() {
         None | Some("") => 0,
         Some(s) => s
@@ -216,14 +221,7 @@ pub async fn errors_summary(
             }
         }
     }
-    let limit = match q.limit.as_deref() {
-        None => 1000,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| ApiError::invalid("limit", "must be an integer from 1 to 10000"))?,
-    };
+    let limit = limit_param(q.limit.as_deref())?;
     // What this process has not flushed yet counts too.
     let pending = st.admission.take_log();
     if let Err(e) = finance::flush_rejections(&st.pool, &pending).await {

@@ -20,7 +20,6 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::codes::ErrorCode;
-use crate::event::{AccountKind, AccountRef};
 use crate::store::apply::Clock;
 use crate::store::read;
 use crate::store::view::SharedView;
@@ -243,25 +242,9 @@ async fn balance(
     Path((kind, id)): Path<(String, String)>,
     Query(q): Query<AtQuery>,
 ) -> Result<Response, ApiError> {
-    let kind = AccountKind::parse(&kind).ok_or_else(|| {
-        ApiError::invalid(
-            "kind",
-            format!("`{kind}` is not one of key, app, user, group, reseller"),
-        )
-    })?;
-    if id.is_empty() || id.chars().count() > 128 {
-        return Err(ApiError::invalid("id", "must be 1 to 128 characters"));
-    }
-    let at = match q.at.as_deref() {
-        None => None,
-        Some(s) => Some(crate::event::parse_time(s).ok_or_else(|| {
-            ApiError::invalid(
-                "at",
-                format!("`{s}` is not an RFC 3339 timestamp with offset"),
-            )
-        })?),
-    };
-    let account = AccountRef::new(kind, id);
+    let account = finance::account(&kind, &id)?;
+    let at = finance::time_param("at", q.at.as_deref())?;
+
     match read::balance(&st.pool, &account, (st.clock)(), at)
         .await
         .map_err(ApiError::internal)?

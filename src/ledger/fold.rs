@@ -1057,7 +1057,13 @@ fn apply_usage(
     // The price entry used, without the prices it does not set.
     let mut prices = serde_json::Map::new();
     prices.insert("path".into(), json!(priced.entry.path));
-    for (k, v) in [("input", priced.entry.input), ("output", priced.entry.output), ("cache_read", priced.entry.cache_read), ("cache_write", priced.entry.cache_write), ("per_call", priced.entry.per_call)] {
+    for (k, v) in [
+        ("input", priced.entry.input),
+        ("output", priced.entry.output),
+        ("cache_read", priced.entry.cache_read),
+        ("cache_write", priced.entry.cache_write),
+        ("per_call", priced.entry.per_call),
+    ] {
         if let Some(v) = v {
             prices.insert(k.into(), json!(v.normalize().to_string()));
         }

@@ -16,34 +16,12 @@ use serde_json::json;
 
 use super::fold::*;
 use crate::event::*;
+use crate::sim::Rng;
 
 thread_local! {
     /// (accounts resweeped, void corrections written): the test checks the
     /// slow paths ran, not just the in-order one.
     static COVERAGE: std::cell::RefCell<(usize, usize)> = const { std::cell::RefCell::new((0, 0)) };
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
 }
 
 fn t0() -> DateTime<Utc> {
@@ -378,7 +356,7 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
         if only.is_some_and(|o| o != seed) {
             continue;
         }
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
         let (registry, events) = scenario(&mut rng);
         // Reference: the events in time order.
         let mut sorted = events.clone();

@@ -180,8 +180,18 @@ impl LedgerSink {
         let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
         // For the produce → visible lag: the batch's oldest record time.
         if let Some(t) = fresh.iter().filter_map(|r| r.timestamp_ms).min() {
-            let c = super::view::Changes { t: Some(t), ..Default::default() };
-            tx.execute("SELECT pg_notify($1, $2)", &[&super::view::CHANNEL, &serde_json::to_string(&c).unwrap_or_default()]).await?;
+            let c = super::view::Changes {
+                t: Some(t),
+                ..Default::default()
+            };
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[
+                    &super::view::CHANNEL,
+                    &serde_json::to_string(&c).unwrap_or_default(),
+                ],
+            )
+            .await?;
         }
         for ((topic, partition), next_offset) in &new_next {
             tx.execute("UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2", &[topic, partition, next_offset]).await?;
@@ -776,6 +786,21 @@ async fn lock_accounts(
     Ok(())
 }
 
+/// The Kafka topic, partition and offset columns of rows that may have a
+/// source.
+#[allow(clippy::type_complexity)]
+fn source_columns<'a>(
+    sources: impl Iterator<Item = Option<&'a Source>>,
+) -> (Vec<Option<&'a str>>, Vec<Option<i32>>, Vec<Option<i64>>) {
+    let mut cols = (Vec::new(), Vec::new(), Vec::new());
+    for s in sources {
+        cols.0.push(s.map(|s| s.topic.as_str()));
+        cols.1.push(s.map(|s| s.partition));
+        cols.2.push(s.map(|s| s.offset));
+    }
+    cols
+}
+
 fn hash32(v: Vec<u8>) -> [u8; 32] {
     let mut h = [0u8; 32];
     if v.len() == 32 {
@@ -814,18 +839,7 @@ async fn write_effects(
             .collect();
         let payloads: Vec<&str> = a.iter().map(|x| x.canonical.as_str()).collect();
         let occurred: Vec<DateTime<Utc>> = a.iter().map(|x| x.occurred_at).collect();
-        let topics: Vec<Option<&str>> = a
-            .iter()
-            .map(|x| x.source.as_ref().map(|s| s.topic.as_str()))
-            .collect();
-        let parts: Vec<Option<i32>> = a
-            .iter()
-            .map(|x| x.source.as_ref().map(|s| s.partition))
-            .collect();
-        let offsets: Vec<Option<i64>> = a
-            .iter()
-            .map(|x| x.source.as_ref().map(|s| s.offset))
-            .collect();
+        let (topics, parts, offsets) = source_columns(a.iter().map(|x| x.source.as_ref()));
         tx.execute(
             "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset)
              SELECT e, t, h, k, kh, p::jsonb, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
@@ -899,18 +913,7 @@ async fn write_effects(
         let charges: Vec<Option<Decimal>> = e.iter().map(|x| x.charge).collect();
         let occurred: Vec<DateTime<Utc>> = e.iter().map(|x| x.occurred_at).collect();
         let attributed: Vec<Option<DateTime<Utc>>> = e.iter().map(|x| x.attributed_at).collect();
-        let topics: Vec<Option<&str>> = e
-            .iter()
-            .map(|x| x.source.as_ref().map(|s| s.topic.as_str()))
-            .collect();
-        let parts: Vec<Option<i32>> = e
-            .iter()
-            .map(|x| x.source.as_ref().map(|s| s.partition))
-            .collect();
-        let offsets: Vec<Option<i64>> = e
-            .iter()
-            .map(|x| x.source.as_ref().map(|s| s.offset))
-            .collect();
+        let (topics, parts, offsets) = source_columns(e.iter().map(|x| x.source.as_ref()));
         let details: Vec<&serde_json::Value> = e.iter().map(|x| &x.detail).collect();
         let prev: Vec<&[u8]> = e.iter().map(|x| x.prev_hash.as_slice()).collect();
         let hashes: Vec<&[u8]> = e.iter().map(|x| x.hash.as_slice()).collect();

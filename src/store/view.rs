@@ -49,13 +49,19 @@ const LAG_BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 150, 250, 500, 1000, 2500
 
 impl Default for LagHistogram {
     fn default() -> Self {
-        LagHistogram { counts: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)), sum_ms: Default::default() }
+        LagHistogram {
+            counts: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            sum_ms: Default::default(),
+        }
     }
 }
 
 impl LagHistogram {
     pub fn observe(&self, ms: u64) {
-        let i = LAG_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LAG_BUCKETS_MS.len());
+        let i = LAG_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(LAG_BUCKETS_MS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ms.fetch_add(ms, Ordering::Relaxed);
     }
@@ -65,11 +71,19 @@ impl LagHistogram {
         let mut cum = 0;
         for (i, b) in LAG_BUCKETS_MS.iter().enumerate() {
             cum += self.counts[i].load(Ordering::Relaxed);
-            out.push_str(&format!("quota_visible_lag_seconds_bucket{{le=\"{}\"}} {cum}\n", *b as f64 / 1000.0));
+            out.push_str(&format!(
+                "quota_visible_lag_seconds_bucket{{le=\"{}\"}} {cum}\n",
+                *b as f64 / 1000.0
+            ));
         }
         cum += self.counts[LAG_BUCKETS_MS.len()].load(Ordering::Relaxed);
-        out.push_str(&format!("quota_visible_lag_seconds_bucket{{le=\"+Inf\"}} {cum}\n"));
-        out.push_str(&format!("quota_visible_lag_seconds_sum {}\n", self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0));
+        out.push_str(&format!(
+            "quota_visible_lag_seconds_bucket{{le=\"+Inf\"}} {cum}\n"
+        ));
+        out.push_str(&format!(
+            "quota_visible_lag_seconds_sum {}\n",
+            self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        ));
         out.push_str(&format!("quota_visible_lag_seconds_count {cum}\n"));
     }
 }
@@ -78,7 +92,10 @@ impl Changes {
     /// Payloads for `pg_notify`, each under Postgres' 8000-byte limit.
     pub fn payloads(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let mut cur = Changes { t: self.t, ..Changes::default() };
+        let mut cur = Changes {
+            t: self.t,
+            ..Changes::default()
+        };
         let mut size = 0;
         let items = self
             .a
@@ -140,24 +157,7 @@ async fn versions(
                 .await?
         }
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let Some(kind) = EntityKind::parse(r.get(0)) else {
-            continue;
-        };
-        let payload: String = r.get(4);
-        match event::decode(Some(payload.as_bytes())) {
-            Ok(ev) => {
-                if let EventBody::Upsert(up) = ev.body {
-                    out.push((kind, r.get(1), r.get(2), r.get(3), up.entity));
-                }
-            }
-            Err(e) => {
-                tracing::error!(detail = %e.detail, "stored registry version does not decode")
-            }
-        }
-    }
-    Ok(out)
+    Ok(rows.iter().filter_map(decode_version).collect())
 }
 
 async fn ledgers(
@@ -217,11 +217,46 @@ fn apply_versions(view: &mut View, rows: Vec<VersionRow>, replace: bool) {
             record_mut(view, *k, i).versions.clear();
         }
     }
-    for (kind, id, from, seq, entity) in rows {
-        if let Entity::Key { key_hash, .. } = &entity {
-            view.key_hashes.insert(key_hash.clone(), id.clone());
+    for row in rows {
+        apply_version(view, row);
+    }
+}
+
+fn apply_version(view: &mut View, (kind, id, from, seq, entity): VersionRow) {
+    if let Entity::Key { key_hash, .. } = &entity {
+        view.key_hashes.insert(key_hash.clone(), id.clone());
+    }
+    record_mut(view, kind, &id).insert(from, seq, entity);
+}
+
+fn decode_version(r: &tokio_postgres::Row) -> Option<VersionRow> {
+    let kind = EntityKind::parse(r.get(0))?;
+    let payload: &str = r.get(4);
+    match event::decode(Some(payload.as_bytes())) {
+        Ok(ev) => match ev.body {
+            EventBody::Upsert(up) => Some((kind, r.get(1), r.get(2), r.get(3), up.entity)),
+            _ => None,
+        },
+        Err(e) => {
+            tracing::error!(detail = %e.detail, "stored registry version does not decode");
+            None
         }
-        record_mut(view, kind, &id).insert(from, seq, entity);
+    }
+}
+
+/// Give memory freed while loading back to the operating system (glibc
+/// keeps it otherwise: the load's transient rows would stay resident).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: malloc_trim only releases free heap pages; it has no
+        // preconditions.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
 
@@ -231,11 +266,35 @@ fn apply_ledgers(view: &mut View, rows: LedgerRows) {
     }
 }
 
-/// The whole view, from Postgres.
+/// The whole view, from Postgres; registry rows are streamed, not
+/// collected (a million keys' rows would otherwise sit in memory at once).
 pub async fn load(pool: &Pool) -> anyhow::Result<View> {
     let mut view = View::default();
-    apply_versions(&mut view, versions(pool, None).await?, false);
+    {
+        let client = pool.get().await?;
+        let rows = client
+            .query_raw("SELECT kind, id, effective_from, version_seq, payload::text FROM registry_versions ORDER BY version_seq", std::iter::empty::<&(dyn tokio_postgres::types::ToSql + Sync)>())
+            .await?;
+        let mut rows = std::pin::pin!(rows);
+        while let Some(r) = futures_util::StreamExt::next(&mut rows).await {
+            if let Some(v) = decode_version(&r?) {
+                apply_version(&mut view, v);
+            }
+        }
+    }
     apply_ledgers(&mut view, ledgers(pool, None).await?);
+    for m in [
+        &mut view.keys,
+        &mut view.apps,
+        &mut view.users,
+        &mut view.groups,
+        &mut view.resellers,
+        &mut view.models,
+    ] {
+        m.shrink_to_fit();
+    }
+    view.key_hashes.shrink_to_fit();
+    trim_heap();
     Ok(view)
 }
 
@@ -318,6 +377,8 @@ async fn listen_once(
     *view
         .write()
         .map_err(|_| anyhow::anyhow!("admission view lock poisoned"))? = fresh;
+    // The old view was dropped just now.
+    trim_heap();
     synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     let result = loop {

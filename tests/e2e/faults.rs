@@ -1,7 +1,9 @@
 //! Ingestion under faults, each ending with every balance equal to an
 //! independent oracle (grants minus 20 units per distinct usage event) and
 //! the counts adding up: consumers joining and leaving (SIGTERM and kill -9)
-//! while events flow, and Postgres and the broker restarted mid-stream.
+//! while events flow, and Postgres and the broker restarted mid-stream
+//! (admission answering from the view, with its age, while Postgres is
+//! down; readiness naming what is down).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,14 +133,86 @@ async fn postgres_and_broker_restarts_lose_nothing() {
     let mut svc = ctx.serve();
     svc.ready().await;
     let n = 600;
+    // The world's key is admitted (this also caches the token).
+    let ask = || {
+        let svc = &svc;
+        async move {
+            let r = svc.http().post(svc.url("/v1/admission")).json(&serde_json::json!({"api_key": "test", "client_ip": "203.0.113.7", "model": "gpt-4o", "path": "/v1/chat/completions"})).send().await.unwrap();
+            let age: i64 = r
+                .headers()
+                .get("x-quota-view-age-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .expect("the view's age on every answer");
+            (r.status().as_u16(), age)
+        }
+    };
+    let ready = || {
+        let svc = &svc;
+        async move { svc.get_json("/readyz").await }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ask().await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the world's key never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let producer = tokio::spawn(produce_stream(ctx.clone(), n, 100));
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.stop_postgres();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Postgres down: admission answers from the view, which says how old
+    // it is; readiness says why it is not ready.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, age) = ask().await;
+    assert_eq!(
+        status, 200,
+        "admission keeps answering while Postgres is down"
+    );
+    assert!(
+        age >= 1000,
+        "the view's age grows while Postgres is down: {age} ms"
+    );
+    let (code, body) = ready().await;
+    assert_eq!(
+        (code, body["database"].as_bool()),
+        (503, Some(false)),
+        "{body}"
+    );
+    assert!(
+        body["reasons"][0].as_str().unwrap().contains("database"),
+        "{body}"
+    );
     stack.up();
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.stop_broker();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Broker down: the API stays up and readiness names the broker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = ready().await;
+        if code == 503 && body["broker"] == false {
+            assert!(
+                body["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r.as_str().unwrap().contains("Kafka")),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never reported the broker down: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        ask().await.0,
+        200,
+        "admission answers while the broker is down"
+    );
     stack.up();
     let sent = producer.await.unwrap();
     check_oracle(&ctx, &svc, n, sent).await;

@@ -13,24 +13,11 @@ use std::time::Instant;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use quota_consumers::Record;
+use quota_engine::sim::Rng;
 use quota_engine::store::apply::LedgerSink;
 use serde_json::{json, Value};
 
 use crate::common::TestCtx;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2030, 6, 1, 0, 0, 0).unwrap()
@@ -144,7 +131,7 @@ fn workload(rng: &mut Rng) -> Vec<(DateTime<Utc>, &'static str, String, Value)> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
     let ctx = TestCtx::new("replay").await;
-    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    let mut rng = Rng::new(0x5EED_1234_ABCD_0001);
     let mut events = workload(&mut rng);
     assert!(events.len() >= 100_000, "{}", events.len());
     // Registry first (as operators do), then everything in time order,
