@@ -111,7 +111,7 @@ fn main() {
                 fuzz::run("event decoder", &seeds, secs, seed, &|b| {
                     match quota_engine::event::decode(Some(b)) {
                         Ok(e) => format!("ok {}", e.event_type),
-                        Err(r) => format!("{}", r.reason.as_str()),
+                        Err(r) => r.reason.as_str().to_string(),
                     }
                 })
             } else {

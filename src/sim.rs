@@ -66,7 +66,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -74,7 +74,7 @@ impl Rng {
     }
     /// Uniform in `0..n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     /// True `pct` times in a hundred.
     pub fn chance(&mut self, pct: u64) -> bool {
@@ -88,7 +88,7 @@ impl Rng {
     }
     /// Skewed pick: low indexes are much more popular.
     pub fn skewed(&mut self, n: usize) -> usize {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         ((n as f64) * u * u * u) as usize % n.max(1)
     }
 }
@@ -351,13 +351,7 @@ pub async fn run(
         let topic = topics.usage.clone();
         let p = producer.clone();
         pending.push(tokio::spawn(async move {
-            p.send(
-                FutureRecord::to(&topic).key(&user_id).payload(&payload),
-                Duration::from_secs(30),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+            send_payload(&p, &topic, &user_id, &payload).await
         }));
         produced += 1;
         if pending.len() >= 5000 {
@@ -383,15 +377,37 @@ pub async fn run(
 }
 
 async fn send(producer: &FutureProducer, topic: &str, key: &str, v: &Value) -> anyhow::Result<()> {
-    let payload = v.to_string();
-    producer
-        .send(
-            FutureRecord::to(topic).key(key).payload(&payload),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
-    Ok(())
+    send_payload(producer, topic, key, &v.to_string()).await
+}
+
+/// Produce one event, retrying what the broker did not acknowledge for up
+/// to a minute, as a gateway would (tansu answers some sends during its own
+/// restart with a non-retriable "unknown broker error"). A retry can
+/// deliver an event twice; the service counts the copy as a duplicate.
+async fn send_payload(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err((e, _)) if attempt < 120 => {
+                tracing::debug!(error = %e, attempt, "produce failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err((e, _)) => return Err(anyhow::anyhow!("cannot produce to {topic}: {e}")),
+        }
+    }
 }
 
 /// Poll the balance API until every balance is what the simulator

@@ -59,7 +59,7 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], out: &mut Vec<u8>) {
             }
             1 => {
                 let i = pick(rng, len + 1);
-                out.insert(i, rng.next() as u8);
+                out.insert(i, rng.next_u64() as u8);
             }
             2 if len > 0 => {
                 let i = pick(rng, len);

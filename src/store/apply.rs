@@ -71,7 +71,11 @@ impl From<ApplyError> for SinkError {
                     Some(c) if (c.starts_with("23") && c != "23505") || c.starts_with("22") => {
                         SinkError::Fatal(format!("database refused a ledger write: {e:?}"))
                     }
-                    _ => SinkError::Transient(format!("database: {e}")),
+                    // Say what Postgres said (disk full, connection lost…).
+                    _ => SinkError::Transient(match e.as_db_error() {
+                        Some(d) => format!("database: {} ({})", d.message(), d.code().code()),
+                        None => format!("database: {e}"),
+                    }),
                 }
             }
             ApplyError::Pool(m) => SinkError::Transient(format!("database pool: {m}")),
