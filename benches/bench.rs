@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use quota_engine::admission::{self, Request};
+use quota_engine::admission;
 use rust_decimal::Decimal;
 
 #[path = "common/fuzz.rs"]
@@ -140,15 +140,7 @@ fn main() {
 fn decide(keys: usize, secs: u64) {
     let (view, hashes) = build_view(keys);
     let ip = IpAddr::from_str("203.0.113.7").unwrap();
-    let reqs: Vec<Request> = (0..5)
-        .map(|m| Request {
-            api_key: Some("x".into()),
-            client_ip: ip,
-            model: format!("model-{m}"),
-            path: "/v1/chat/completions".into(),
-            estimated_cost: Some(Decimal::from(100)),
-        })
-        .collect();
+    let reqs = view::requests(ip);
     let now = Utc::now();
     // Warm up, and check the decisions are what we think they are.
     for h in hashes.iter().take(1000) {

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use chrono::{TimeZone, Utc};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use quota_engine::admission::{self, Request};
+use quota_engine::admission;
 use quota_engine::event::{self, PriceEntry, Usage, UsageStatus};
 use quota_engine::ledger::fold::{self, FoldState, Input, Source};
 use quota_engine::ledger::pricing;
@@ -137,15 +137,7 @@ fn benches(c: &mut Criterion) {
     let ip = IpAddr::from_str("203.0.113.7").unwrap();
     for keys in [1_000usize, 100_000] {
         let (view, hashes) = view::build_view(keys);
-        let reqs: Vec<Request> = (0..5)
-            .map(|m| Request {
-                api_key: Some("x".into()),
-                client_ip: ip,
-                model: format!("model-{m}"),
-                path: "/v1/chat/completions".into(),
-                estimated_cost: Some(Decimal::from(100)),
-            })
-            .collect();
+        let reqs = view::requests(ip);
         let t = Utc::now();
         let mut i = 0usize;
         g.bench_function(format!("decide, {keys} keys"), |b| {

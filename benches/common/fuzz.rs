@@ -47,6 +47,24 @@ const TOKENS: &[&str] = &[
     "\"10.0.0.0/33\"",
 ];
 
+/// Replace the value after a random `:` (up to the next `,` or `}`).
+fn replace_a_value(rng: &mut Rng, out: &mut Vec<u8>, with: Vec<u8>) {
+    let colons: Vec<usize> = out
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b':')
+        .map(|(i, _)| i)
+        .collect();
+    if let Some(&c) = colons.get(pick(rng, colons.len())) {
+        let end = out[c + 1..]
+            .iter()
+            .position(|b| *b == b',' || *b == b'}')
+            .map(|p| c + 1 + p)
+            .unwrap_or(out.len());
+        out.splice(c + 1..end, with);
+    }
+}
+
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&seeds[pick(rng, seeds.len())]);
@@ -81,22 +99,9 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], out: &mut Vec<u8>) {
                 out.extend_from_slice(&other[from..]);
             }
             5 | 6 => {
-                // Replace a JSON value after a colon with a hostile token.
-                let colons: Vec<usize> = out
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| **b == b':')
-                    .map(|(i, _)| i)
-                    .collect();
-                if let Some(&c) = colons.get(pick(rng, colons.len())) {
-                    let end = out[c + 1..]
-                        .iter()
-                        .position(|b| *b == b',' || *b == b'}')
-                        .map(|p| c + 1 + p)
-                        .unwrap_or(out.len());
-                    let t = TOKENS[pick(rng, TOKENS.len())].as_bytes().to_vec();
-                    out.splice(c + 1..end, t);
-                }
+                // Replace a JSON value with a hostile token.
+                let t = TOKENS[pick(rng, TOKENS.len())].as_bytes().to_vec();
+                replace_a_value(rng, out, t);
             }
             7 => {
                 let depth = 1 + pick(rng, 5000);
@@ -106,24 +111,12 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], out: &mut Vec<u8>) {
                 out.splice(at..at, v);
             }
             8 => {
+                // Replace a JSON value with a long string.
                 let n = pick(rng, 200_000);
                 let mut v = vec![b'"'];
                 v.extend(std::iter::repeat_n(b'a', n));
                 v.push(b'"');
-                let colons: Vec<usize> = out
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| **b == b':')
-                    .map(|(i, _)| i)
-                    .collect();
-                if let Some(&c) = colons.get(pick(rng, colons.len())) {
-                    let end = out[c + 1..]
-                        .iter()
-                        .position(|b| *b == b',' || *b == b'}')
-                        .map(|p| c + 1 + p)
-                        .unwrap_or(out.len());
-                    out.splice(c + 1..end, v);
-                }
+                replace_a_value(rng, out, v);
             }
             _ => {
                 let i = pick(rng, len + 1);

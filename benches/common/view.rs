@@ -110,3 +110,16 @@ pub fn build_view(n: usize) -> (View, Vec<String>) {
     }
     (v, hashes)
 }
+
+/// One request per model of the view, each with an `estimated_cost`.
+pub fn requests(ip: std::net::IpAddr) -> Vec<admission::Request> {
+    (0..5)
+        .map(|m| admission::Request {
+            api_key: Some("x".into()),
+            client_ip: ip,
+            model: format!("model-{m}"),
+            path: "/v1/chat/completions".into(),
+            estimated_cost: Some(Decimal::from(100)),
+        })
+        .collect()
+}

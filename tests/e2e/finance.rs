@@ -231,6 +231,32 @@ async fn statement_ties_out_and_reconcile_names_a_corrupted_entry() {
     );
     assert_eq!(ctx.cli(&["reconcile"], &[]).0, 0);
 
+    // A price version for 09:30 arrives after usage at 10:00 was priced
+    // with the 09:00 one: a notice, not a problem.
+    ctx.produce_control([control("c-model-v2", "model.upserted", json!({"id": "gpt-4o", "status": "enabled", "effective_from": "2026-11-01T09:30:00Z", "prices": [{"path": "*", "input": "5", "output": "20"}]}))]).await;
+    ctx.wait_consumed(&ctx.topics.control, 16, Duration::from_secs(60))
+        .await;
+    let r = get(&svc, "/v1/reconcile").await;
+    assert_eq!(r["ok"], true, "{r}");
+    let superseded: Vec<&Value> = r["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["notice"] == "priced_with_superseded_version")
+        .collect();
+    assert_eq!(
+        superseded.len(),
+        12,
+        "every usage event of the three waves: {r}"
+    );
+    assert_eq!(
+        (
+            superseded[0]["model_version_used"].as_str(),
+            superseded[0]["model_version_in_force"].as_str()
+        ),
+        (Some("c-model"), Some("c-model-v2"))
+    );
+
     // Corrupt one usage entry's amount behind the trigger's back.
     let victim: i64 = ctx.sql_one("SELECT entry_id FROM ledger_entries WHERE kind = 'user' AND id = 'u_1' AND event_id = 's-1-2'", &[]).await;
     {
