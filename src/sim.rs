@@ -335,8 +335,25 @@ pub async fn run(
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     let mut plan = Plan::new(args);
-    for (key, v) in &plan.control {
-        send(&producer, &topics.control, key, v).await?;
+    // All control events in flight at once (one at a time, each would wait
+    // out the producer's linger: seconds for a few thousand). Their order
+    // does not matter: each entity has one version here, and a grant to an
+    // account not registered yet is applied all the same.
+    let sends: Vec<_> = plan
+        .control
+        .iter()
+        .map(|(key, v)| {
+            let (p, topic, key, payload) = (
+                producer.clone(),
+                topics.control.clone(),
+                key.clone(),
+                v.to_string(),
+            );
+            tokio::spawn(async move { send_payload(&p, &topic, &key, &payload).await })
+        })
+        .collect();
+    for s in sends {
+        s.await??;
     }
     let duration = args.duration_secs.map(Duration::from_secs);
     let started = Instant::now();
@@ -374,10 +391,6 @@ pub async fn run(
         plan.run_id
     );
     Ok(plan.expected)
-}
-
-async fn send(producer: &FutureProducer, topic: &str, key: &str, v: &Value) -> anyhow::Result<()> {
-    send_payload(producer, topic, key, &v.to_string()).await
 }
 
 /// Produce one event, retrying what the broker did not acknowledge for up
