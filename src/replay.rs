@@ -662,13 +662,7 @@ pub async fn export(
                                 "topic": r.get::<_, Option<&str>>(11), "partition": r.get::<_, Option<i32>>(12), "offset": r.get::<_, Option<i64>>(13), "attributed_at": at, "detail": r.get::<_, Value>(15)})
                         )?,
                         ExportFormat::Csv => {
-                            let q = |s: &str| {
-                                if s.contains([',', '"', '\n']) {
-                                    format!("\"{}\"", s.replace('"', "\"\""))
-                                } else {
-                                    s.to_string()
-                                }
-                            };
+                            let q = finance::csv_field;
                             writeln!(
                                 out,
                                 "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",

@@ -118,6 +118,13 @@ impl BatchSink for LedgerSink {
 }
 
 impl LedgerSink {
+    async fn client(&self) -> Result<deadpool_postgres::Object, ApplyError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| ApplyError::Pool(e.to_string()))
+    }
+
     fn now(&self) -> DateTime<Utc> {
         // Postgres keeps microseconds: hash what it will give back.
         (self.clock)().trunc_subsecs(6)
@@ -135,11 +142,7 @@ impl LedgerSink {
         now: DateTime<Utc>,
     ) -> Result<(), ApplyError> {
         let now = now.trunc_subsecs(6);
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // 1. Lock the offset rows of the batch's partitions.
         let parts: BTreeSet<(String, i32)> = batch
@@ -218,11 +221,7 @@ impl LedgerSink {
         inputs: Vec<Input>,
         now: DateTime<Utc>,
     ) -> Result<Effects, ApplyError> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let fx = fold_and_write(&tx, inputs, now, self.lateness).await?;
         tx.commit().await?;
@@ -235,17 +234,9 @@ impl LedgerSink {
         due: &[(AccountRef, String, fold::ExpiryCause)],
         now: DateTime<Utc>,
     ) -> Result<Effects, ApplyError> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
-        let mut state = FoldState::new(self.lateness);
-        lock_accounts(&tx, &accounts, &mut state, Blocks::All).await?;
-        let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
-        write_effects(&tx, &state, &fx, now).await?;
+        let fx = expire_due(&tx, due, now, self.lateness).await?;
         tx.commit().await?;
         Ok(fx)
     }
@@ -253,11 +244,7 @@ impl LedgerSink {
     /// Retry quarantined events whose cause may have arrived. Returns how
     /// many rows were looked at.
     pub async fn retry_waiting(&self, limit: i64) -> Result<usize, ApplyError> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let now = self.now();
         // Lock order: offset rows first, like the consumers.
@@ -302,11 +289,7 @@ impl LedgerSink {
     /// one row): they become waiting again and are retried at once, by this
     /// call and by any running sweeper. Returns how many rows moved.
     pub async fn redrive(&self, reason: Option<&str>, id: Option<i64>) -> Result<u64, ApplyError> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let now = self.now();
         let filter = "status = 'rejected' AND ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR quarantine_id = $2)";
@@ -348,11 +331,7 @@ impl LedgerSink {
         expire_balance_after: Option<chrono::Duration>,
         limit: i64,
     ) -> Result<usize, ApplyError> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Pool(e.to_string()))?;
+        let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let now = self.now();
         let cutoff = now - self.lateness;
@@ -384,12 +363,10 @@ impl LedgerSink {
             return Ok(0);
         }
         let mut due = Vec::new();
-        let mut accounts = BTreeSet::new();
         for r in &rows {
             let kind = AccountKind::parse(r.get(0))
                 .ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
             let a = AccountRef::new(kind, r.get::<_, String>(1));
-            accounts.insert(a.clone());
             let qx: Option<DateTime<Utc>> = r.get(3);
             let cause = match (qx, expire_balance_after) {
                 (Some(qx), Some(after)) => fold::ExpiryCause::Account {
@@ -399,15 +376,11 @@ impl LedgerSink {
             };
             due.push((a, r.get::<_, String>(2), cause));
         }
-        let mut state = FoldState::new(self.lateness);
-        lock_accounts(&tx, &accounts, &mut state, Blocks::All).await?;
         // Another process may have fired some meanwhile: the fold skips
         // blocks that have nothing left, and the applied-event id is unique.
-        let fx = fold::expire_blocks(&mut state, &due, now).map_err(ApplyError::Invariant)?;
-        let n = fx.applied.len();
-        write_effects(&tx, &state, &fx, now).await?;
+        let fx = expire_due(&tx, &due, now, self.lateness).await?;
         tx.commit().await?;
-        Ok(n)
+        Ok(fx.applied.len())
     }
 
     /// Dead letters are produced, and acknowledged by the broker, before the
@@ -698,6 +671,22 @@ fn sorted_accounts(accounts: &BTreeSet<AccountRef>) -> Vec<(&'static str, &str)>
         .collect();
     v.sort();
     v
+}
+
+/// Lock the accounts of `due` with all their blocks, fire the expiries,
+/// write them. The caller commits.
+async fn expire_due(
+    tx: &Transaction<'_>,
+    due: &[(AccountRef, String, fold::ExpiryCause)],
+    now: DateTime<Utc>,
+    lateness: chrono::Duration,
+) -> Result<Effects, ApplyError> {
+    let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
+    let mut state = FoldState::new(lateness);
+    lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
+    let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
+    write_effects(tx, &state, &fx, now).await?;
+    Ok(fx)
 }
 
 /// Which credit blocks to load with the accounts.

@@ -71,7 +71,7 @@ fn entry_view(r: &Row) -> EntryView {
 pub const CSV_HEADER: &str = "entry_id,seq,event_id,entry_type,amount,balance_after,charge,occurred_at,recorded_at,topic,partition,offset,attributed_at\n";
 
 /// A CSV field, quoted when it needs to be.
-fn csv_field(s: &str) -> String {
+pub fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
