@@ -44,6 +44,13 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 }
 
 fn main() {
+    // RUST_LOG=quota_engine=debug shows each batch's phases (ingest).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().collect();
     match args
         .iter()

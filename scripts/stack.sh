@@ -14,6 +14,7 @@
 #   STACK_DIR      where data and logs live (default: .stack in the repo)
 #   PG_PORT        port of the private Postgres (default 5432)
 #   KAFKA_PORT     port of the private broker (default 9092)
+#   PG_OPTS        extra server options, e.g. "-c shared_preload_libraries=pg_stat_statements"
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -72,7 +73,7 @@ start_postgres() {
   fi
   log "starting Postgres on 127.0.0.1:$PG_PORT"
   as_pg pg_ctl -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $dir -c max_connections=200 -c fsync=on -c shared_buffers=256MB" start >/dev/null \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $dir -c max_connections=200 -c fsync=on -c shared_buffers=256MB ${PG_OPTS:-}" start >/dev/null \
     || { tail -20 "$dir/postgres.log" >&2; die "Postgres did not start"; }
   echo "$dir/data" >"$STACK_DIR/pg.started"
   STARTED_PG=1
