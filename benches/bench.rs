@@ -285,6 +285,7 @@ async fn ingest(
         seed: 7,
         resellers,
         not_idempotent: false,
+        skip_control: false,
         duration_secs: None,
         run_id: Some("bench".into()),
         check: None,

@@ -32,11 +32,19 @@ run() {
   done
   [ "$code" = 200 ] || { echo "registry never visible to admission"; exit 1; }
   echo "== HTTP admission at $RPS req/s for $SECS s, ingesting $INGEST_RATE usage events/s"
-  target/release/quota-engine simulate --users "$USERS" --events $((INGEST_RATE * (SECS + 5))) --rate "$INGEST_RATE" --run-id "$run_id" >"$repo/.stack/bench-sim.log" 2>&1 &
+  target/release/quota-engine simulate --users "$USERS" --events $((INGEST_RATE * (SECS + 5))) --rate "$INGEST_RATE" --run-id "$run_id" --skip-control >"$repo/.stack/bench-sim.log" 2>&1 &
   local sim=$!
   sleep 2
+  ps -eo comm,times >"$repo/.stack/cpu-before"
+  ( sleep "$((SECS - 1))"; ps -eo comm,times >"$repo/.stack/cpu-after" ) &
   "$bench_bin" http --addr "$HTTP_ADDR" --token "$token" --key-prefix "sk-$run_id-" --keys "$USERS" --rps "$RPS" --secs "$SECS"
   kill $sim 2>/dev/null || true
+  # Where the two cores went during the load: CPU seconds per program
+  # (processes still running at the end; the load generator is `bench-*`).
+  echo "== CPU seconds used in the first $((SECS - 1)) s of the load, by program"
+  awk 'NR==FNR { if (FNR > 1) before[$1] += $2; next } FNR > 1 { after[$1] += $2 }
+       END { for (c in after) { d = after[c] - before[c]; if (d >= 0.5) printf "  %-20s %6.1f s\n", c, d } }' \
+    "$repo/.stack/cpu-before" "$repo/.stack/cpu-after" | sort -k2 -rn
   target/release/quota-engine status | awk 'NR==1 || /usage/'
 }
 export -f run

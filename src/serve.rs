@@ -45,14 +45,9 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         producer: producer.clone(),
         topic: cfg.topics.control.clone(),
     };
-    let sink = LedgerSink {
-        pool: pool.clone(),
-        dead_letters: Some(DeadLetters {
-            producer,
-            topic: cfg.topics.dlq.clone(),
-        }),
-        clock: clock.clone(),
-        lateness,
+    let dead_letters = DeadLetters {
+        producer,
+        topic: cfg.topics.dlq.clone(),
     };
     let consuming = Arc::new(AtomicBool::new(true));
 
@@ -65,29 +60,59 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         stall_timeout: std::time::Duration::from_secs(cfg.stall_secs),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let consumer = {
-        let sink: Arc<dyn quota_consumers::BatchSink> = Arc::new(sink.clone());
-        let consuming = consuming.clone();
-        let stop_tx = stop_tx.clone();
-        let rx = shutdown.clone();
-        tokio::spawn(async move {
-            let r = quota_consumers::run(consumer_cfg, sink, rx).await;
-            consuming.store(false, Ordering::SeqCst);
-            if r.is_err() {
-                // A fatal error stops the whole process: no wrong money.
-                let _ = stop_tx.send(true);
-            }
-            r
-        })
-    };
     let expire_balance_after = cfg
         .expire_balance_after_secs
         .map(|s| chrono::Duration::seconds(s.min(i64::MAX as u64 / 1000) as i64));
-    let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
-        sink.clone(),
-        expire_balance_after,
-        shutdown.clone(),
-    ));
+    // Ingestion (the consumers and the quarantine and expiry sweeper) runs
+    // on a runtime and a connection pool of its own: a batch's decode and
+    // fold are tens of milliseconds of CPU, and on the HTTP runtime they
+    // held up admission requests queued on the same worker (BENCHMARKS.md,
+    // "Admission over HTTP").
+    let (ingest_done, ingest_result) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    {
+        let consuming = consuming.clone();
+        let stop_tx = stop_tx.clone();
+        let shutdown = shutdown.clone();
+        let (url, clock) = (cfg.database_url.clone(), clock.clone());
+        std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("ingest-worker")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the ingest runtime: {e}"))
+                    .and_then(|rt| {
+                        rt.block_on(async move {
+                            let pool = store::connect(&url, 8)
+                                .await
+                                .map_err(|e| format!("{e:#}"))?;
+                            let sink = LedgerSink {
+                                pool,
+                                dead_letters: Some(dead_letters),
+                                clock,
+                                lateness,
+                            };
+                            let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
+                                sink.clone(),
+                                expire_balance_after,
+                                shutdown.clone(),
+                            ));
+                            let r =
+                                quota_consumers::run(consumer_cfg, Arc::new(sink), shutdown).await;
+                            sweeper.abort();
+                            r
+                        })
+                    });
+                consuming.store(false, Ordering::SeqCst);
+                if result.is_err() {
+                    // A fatal error stops the whole process: no wrong money.
+                    let _ = stop_tx.send(true);
+                }
+                let _ = ingest_done.send(result);
+            })?;
+    }
 
     // The admission view: whole from Postgres, then kept current by
     // notifications from every process's commits.
@@ -156,8 +181,9 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
             }
         })
         .await?;
-    let consumer_result = consumer.await?;
-    sweeper.abort();
+    let consumer_result = ingest_result
+        .await
+        .unwrap_or_else(|_| Err("the ingest thread ended without a result".into()));
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flusher).await;
     listener_task.abort();
     match consumer_result {

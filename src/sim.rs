@@ -45,6 +45,12 @@ pub struct SimArgs {
     /// `--events` (with `--rate`, a steady load for a set time).
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// Do not send the control events (registry, prices, grants): an
+    /// earlier run with the same `--run-id` sent them. Re-sent, they would
+    /// carry a new `occurred_at` under the same event ids, and the service
+    /// rejects a reused event id with other content.
+    #[arg(long)]
+    pub skip_control: bool,
     /// Prefix of every id, so runs do not collide (default: a fresh one).
     #[arg(long)]
     pub run_id: Option<String>,
@@ -339,8 +345,12 @@ pub async fn run(
     // out the producer's linger: seconds for a few thousand). Their order
     // does not matter: each entity has one version here, and a grant to an
     // account not registered yet is applied all the same.
-    let sends: Vec<_> = plan
-        .control
+    let control = if args.skip_control {
+        Vec::new()
+    } else {
+        plan.control.clone()
+    };
+    let sends: Vec<_> = control
         .iter()
         .map(|(key, v)| {
             let (p, topic, key, payload) = (
@@ -387,7 +397,7 @@ pub async fn run(
     let secs = started.elapsed().as_secs_f64();
     println!(
         "produced {} control events and {produced} usage events in {secs:.2} s (run {})",
-        plan.control.len(),
+        control.len(),
         plan.run_id
     );
     Ok(plan.expected)

@@ -445,8 +445,12 @@ impl LedgerSink {
             }
             futures.push(dl.producer.send(rec, Duration::from_secs(10)));
         }
-        for f in futures {
-            f.await.map_err(|(e, _)| ApplyError::Dlq(e.to_string()))?;
+        // `send` enqueues when first polled: awaiting the futures one by
+        // one sent one dead letter per round trip to the broker (6 ms each
+        // here: a batch of 1,703 rejected events took 11 s). Polled
+        // together, they are enqueued at once and share produce requests.
+        for r in futures_util::future::join_all(futures).await {
+            r.map_err(|(e, _)| ApplyError::Dlq(e.to_string()))?;
         }
         Ok(())
     }

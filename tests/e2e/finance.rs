@@ -264,7 +264,10 @@ async fn statement_ties_out_and_reconcile_names_a_corrupted_entry() {
         c.batch_execute(&format!(
             "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_immutable;
              UPDATE ledger_entries SET amount = amount - 1 WHERE entry_id = {victim};
-             ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_immutable;"
+             ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_immutable;
+             INSERT INTO ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, detail, prev_hash, hash)
+               SELECT kind, 'ghost', seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, detail, prev_hash, hash
+               FROM ledger_entries WHERE entry_id = {victim};"
         ))
         .await
         .unwrap();
@@ -274,8 +277,15 @@ async fn statement_ties_out_and_reconcile_names_a_corrupted_entry() {
     let problems = r["problems"].as_array().unwrap();
     let chain = problems
         .iter()
-        .find(|p| p["check"] == "hash_chain")
+        .find(|p| p["check"] == "hash_chain" && p["account"] == "user/u_1")
         .unwrap_or_else(|| panic!("{r}"));
+    // An entry whose account row does not exist (no foreign key holds it).
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["check"] == "account_exists" && p["account"] == "user/ghost"),
+        "{r}"
+    );
     assert_eq!(
         (chain["entry_id"].as_i64(), chain["account"].as_str()),
         (Some(victim), Some("user/u_1")),
