@@ -7,11 +7,20 @@
 //!       on its schedule whatever the earlier ones are doing); latency from
 //!       the moment it is sent, and how far sending fell behind schedule
 //!
-//!   cargo bench --bench bench -- ingest --database URL [--events N] [--users U] [--resellers R] [--sinks K] [--batch B]
+//!   cargo bench --bench bench -- ingest --database URL [--events N] [--users U] [--resellers R] [--sinks K] [--batch B] [--rate R]
 //!       the batch sink alone (no broker): simulated usage generated in
 //!       memory, split into K partitions applied concurrently (as K consumer
 //!       processes would), committed in Postgres; events/s, balances checked
-//!       against the simulator, and Postgres bytes per applied usage event
+//!       against the simulator, and Postgres bytes per applied usage event.
+//!       With --rate: one sink applying R events/s in 50 ms batches, each
+//!       stamped with its due time (a `serve` on the same database then
+//!       measures due → visible to admission), the keys `sk-bench-<i>`
+//!
+//!   cargo bench --bench bench -- broker-lag [--brokers HOST:PORT] [--rate R] [--secs S] [--linger-ms L]
+//!       the broker alone: R records/s (330 bytes, 1,000 keys, 4
+//!       partitions, an idempotent producer) to a fresh topic, read by a
+//!       consumer group as they come; delivery latency (received − the
+//!       record's producer timestamp) p50/p90/p99/max
 //!
 //!   cargo bench --bench bench -- fuzz-decode|fuzz-admission [--secs S] [--seed N]
 //!       mutation fuzzing of the event decoder / the admission request
@@ -55,7 +64,8 @@ fn main() {
     match args
         .iter()
         .find(|a| {
-            ["decide", "http", "ingest", "fuzz-decode", "fuzz-admission"].contains(&a.as_str())
+            ["decide", "http", "ingest", "broker-lag", "fuzz-decode", "fuzz-admission"]
+                .contains(&a.as_str())
         })
         .map(String::as_str)
     {
@@ -94,6 +104,19 @@ fn main() {
                 arg(&args, "--resellers", "8").parse().unwrap(),
                 arg(&args, "--sinks", "1").parse().unwrap(),
                 arg(&args, "--batch", "2000").parse().unwrap(),
+                arg(&args, "--rate", "0").parse().unwrap(),
+            ))
+        }
+        Some("broker-lag") => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(broker_lag(
+                arg(&args, "--brokers", "127.0.0.1:9092"),
+                arg(&args, "--rate", "5000").parse().unwrap(),
+                arg(&args, "--secs", "20").parse().unwrap(),
+                arg(&args, "--linger-ms", "5"),
             ))
         }
         Some(which @ ("fuzz-decode" | "fuzz-admission")) => {
@@ -247,6 +270,79 @@ async fn http(addr: String, token: String, key_prefix: String, keys: usize, rps:
     );
 }
 
+async fn broker_lag(brokers: String, rate: u64, secs: u64, linger_ms: String) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message;
+    let topic = format!("broker-lag-{}", Utc::now().timestamp_millis());
+    quota_consumers::ensure_topics(&brokers, &[(topic.clone(), 4)])
+        .await
+        .expect("topic");
+    let total = rate * secs;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", &topic)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let reader = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total as usize);
+        while (lat.len() as u64) < total {
+            match tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await {
+                Ok(Ok(m)) => {
+                    if let Some(t) = m.timestamp().to_millis() {
+                        lat.push((Utc::now().timestamp_millis() - t).max(0) as u64);
+                    }
+                }
+                Ok(Err(e)) => eprintln!("consumer: {e}"),
+                Err(_) => break,
+            }
+        }
+        lat
+    });
+    // Let the group form before producing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", &linger_ms)
+        .create()
+        .expect("producer");
+    let payload = "x".repeat(330);
+    let start = tokio::time::Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
+        let (p, t, pl) = (producer.clone(), topic.clone(), payload.clone());
+        pending.push(tokio::spawn(async move {
+            let key = format!("u{}", i % 1000);
+            p.send(FutureRecord::to(&t).key(&key).payload(&pl), Duration::from_secs(30))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e)
+        }));
+    }
+    for f in pending {
+        f.await.unwrap().expect("produce");
+    }
+    let mut lat = reader.await.unwrap();
+    lat.sort_unstable();
+    let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "broker-lag: {} of {total} records read; delivery ms mean {:.1} p50 {} p90 {} p99 {} max {} ({rate}/s for {secs} s, linger {linger_ms} ms)",
+        lat.len(),
+        lat.iter().sum::<u64>() as f64 / lat.len().max(1) as f64,
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        lat.last().copied().unwrap_or(0)
+    );
+}
+
 async fn ingest(
     database: String,
     events: usize,
@@ -254,8 +350,15 @@ async fn ingest(
     resellers: usize,
     sinks: usize,
     batch: usize,
+    rate: u64,
 ) {
     use quota_consumers::Record;
+    // A steady feed: one sink, a batch every 50 ms.
+    let (sinks, batch) = if rate > 0 {
+        (1, (rate as usize / 20).max(1))
+    } else {
+        (sinks, batch)
+    };
     use quota_engine::store::apply::{system_clock, LedgerSink};
     let pool = quota_engine::store::connect(&database, sinks + 2)
         .await
@@ -286,6 +389,7 @@ async fn ingest(
         resellers,
         not_idempotent: false,
         skip_control: false,
+        linger_ms: 5,
         duration_secs: None,
         run_id: Some("bench".into()),
         check: None,
@@ -344,7 +448,20 @@ async fn ingest(
         let sink = sink.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            for chunk in records.chunks(batch) {
+            for (j, chunk) in records.chunks(batch).enumerate() {
+                let mut stamped;
+                let mut chunk = chunk;
+                if rate > 0 {
+                    let due = start + Duration::from_secs_f64((j * batch) as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    let due_ms = Utc::now().timestamp_millis()
+                        - Instant::now().saturating_duration_since(due).as_millis() as i64;
+                    stamped = chunk.to_vec();
+                    for r in &mut stamped {
+                        r.timestamp_ms = Some(due_ms);
+                    }
+                    chunk = &stamped;
+                }
                 let t = Instant::now();
                 loop {
                     match sink.apply_records(chunk).await {

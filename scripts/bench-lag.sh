@@ -4,7 +4,7 @@
 # the service's own histogram (quota_visible_lag_seconds: Kafka timestamp of
 # each batch's oldest record → the batch visible to admission) is scraped at
 # the end. Also prints serve's resident memory.
-#   RATE (5000), SECS (60), USERS (1000)
+#   RATE (5000), SECS (60), USERS (1000), LINGER_MS (5: the simulator's producer linger)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -20,7 +20,7 @@ run() {
   for _ in $(seq 1 150); do curl -sf "http://$HTTP_ADDR/healthz" >/dev/null && break; sleep 0.2; done
   local token
   token=$(target/release/quota-engine token create --role finance --name lag-bench | tail -1)
-  target/release/quota-engine simulate --users "$USERS" --events $((RATE * SECS)) --rate "$RATE" --duration-secs "$SECS" --run-id "$run_id"
+  target/release/quota-engine simulate --users "$USERS" --events $((RATE * SECS)) --rate "$RATE" --duration-secs "$SECS" --run-id "$run_id" --linger-ms "${LINGER_MS:-5}"
   # Let the last batches land.
   for _ in $(seq 1 60); do
     behind=$(target/release/quota-engine status | awk -v t="$QUOTA_TOPIC_USAGE" '$1 == t { c += $4 } END { print c }')
@@ -29,15 +29,7 @@ run() {
   done
   target/release/quota-engine status | awk 'NR == 1 || /usage/'
   echo "serve resident memory: $(awk '/VmRSS/ {print $2, $3}' /proc/$serve_pid/status)"
-  curl -s -H "Authorization: Bearer $token" "http://$HTTP_ADDR/metrics" | awk '
-    /^quota_visible_lag_seconds_bucket/ { split($1, a, "\""); le[n] = a[2]; c[n] = $2; n++ }
-    /^quota_visible_lag_seconds_count/ { total = $2 }
-    /^quota_visible_lag_seconds_sum/ { sum = $2 }
-    END {
-      printf "batches: %d, mean lag %.1f ms\n", total, total ? 1000 * sum / total : 0
-      split("0.5 0.9 0.99", qs, " ")
-      for (q = 1; q <= 3; q++) { for (i = 0; i < n; i++) if (c[i] >= qs[q] * total) { printf "p%s <= %s s\n", qs[q] * 100, le[i]; break } }
-    }'
+  bash scripts/lag-quantiles.sh "$HTTP_ADDR" "$token"
 }
 export -f run
 export repo RATE SECS USERS

@@ -45,6 +45,11 @@ pub struct SimArgs {
     /// `--events` (with `--rate`, a steady load for a set time).
     #[arg(long)]
     pub duration_secs: Option<u64>,
+    /// The producer's `linger.ms`: how long it gathers events into one
+    /// produce request. tansu's CPU goes mostly per request, so at a steady
+    /// rate a longer linger leaves more of the machine to the service.
+    #[arg(long, default_value_t = 5)]
+    pub linger_ms: u64,
     /// Do not send the control events (registry, prices, grants): an
     /// earlier run with the same `--run-id` sent them. Re-sent, they would
     /// carry a new `occurred_at` under the same event ids, and the service
@@ -337,7 +342,7 @@ pub async fn run(
         )
         .set("acks", "all")
         .set("message.timeout.ms", "300000")
-        .set("linger.ms", "5")
+        .set("linger.ms", args.linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     let mut plan = Plan::new(args);
