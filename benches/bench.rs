@@ -3,18 +3,21 @@
 //!   cargo bench --bench bench -- decide [--keys N] [--secs S]
 //!       in-process admission decisions per second on one thread
 //!   cargo bench --bench bench -- http --addr HOST:PORT --token TOKEN --key-prefix sk-RUN- --keys N [--rps R] [--secs S]
-//!       open-loop HTTP load on POST /v1/admission (each request is sent
-//!       on its schedule whatever the earlier ones are doing); latency from
-//!       the moment it is sent, and how far sending fell behind schedule
+//!       open-loop HTTP load on POST /v1/admission from a lean HTTP/1.1
+//!       client on 64 keep-alive connections (request i on connection
+//!       i mod 64 at its scheduled time); latency from the moment each is
+//!       sent and from its scheduled time, and how far sending fell behind
 //!
 //!   cargo bench --bench bench -- ingest --database URL [--events N] [--users U] [--resellers R] [--sinks K] [--batch B] [--rate R]
 //!       the batch sink alone (no broker): simulated usage generated in
 //!       memory, split into K partitions applied concurrently (as K consumer
 //!       processes would), committed in Postgres; events/s, balances checked
 //!       against the simulator, and Postgres bytes per applied usage event.
-//!       With --rate: one sink applying R events/s in 50 ms batches, each
-//!       stamped with its due time (a `serve` on the same database then
-//!       measures due → visible to admission), the keys `sk-bench-<i>`
+//!       With --rate: one sink applying R events/s as a consumer would
+//!       batch them (what is due when a batch closes 50 ms after its first
+//!       record, up to 2,000), each record stamped with its due time (a
+//!       `serve` on the same database then measures due → visible to
+//!       admission); the keys are `sk-bench-<i>`
 //!
 //!   cargo bench --bench bench -- broker-lag [--brokers HOST:PORT] [--rate R] [--secs S] [--linger-ms L]
 //!       the broker alone: R records/s (330 bytes, 1,000 keys, 4
@@ -64,8 +67,15 @@ fn main() {
     match args
         .iter()
         .find(|a| {
-            ["decide", "http", "ingest", "broker-lag", "fuzz-decode", "fuzz-admission"]
-                .contains(&a.as_str())
+            [
+                "decide",
+                "http",
+                "ingest",
+                "broker-lag",
+                "fuzz-decode",
+                "fuzz-admission",
+            ]
+            .contains(&a.as_str())
         })
         .map(String::as_str)
     {
@@ -196,78 +206,142 @@ fn decide(keys: usize, secs: u64) {
     println!("decide: {keys} keys, {n} decisions in {secs:.2} s on one thread = {:.0} decisions/s ({allowed} allowed)", n as f64 / secs);
 }
 
+/// Open-loop HTTP/1.1 load with a hand-written client: `conns` keep-alive
+/// connections, request `i` goes out on connection `i % conns` at its
+/// scheduled time (or as soon as that connection's previous answer is in).
+/// A general-purpose client (reqwest) spent more CPU per request than the
+/// service answering it, on the same two cores.
 async fn http(addr: String, token: String, key_prefix: String, keys: usize, rps: u64, secs: u64) {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}")
-            .parse()
-            .expect("a token is visible ASCII"),
-    );
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap();
-    let url = Arc::new(format!("http://{addr}/v1/admission"));
-    let bodies: Arc<Vec<String>> = Arc::new(
+    use tokio::io::AsyncWriteExt;
+    let conns = 64usize;
+    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..keys)
-            .map(|i| format!(r#"{{"api_key":"{key_prefix}{i}","client_ip":"203.0.113.7","model":"gpt-4o","path":"/v1/chat/completions","estimated_cost":"10"}}"#))
+            .map(|i| {
+                let body = format!(r#"{{"api_key":"{key_prefix}{i}","client_ip":"203.0.113.7","model":"gpt-4o","path":"/v1/chat/completions","estimated_cost":"10"}}"#);
+                format!(
+                    "POST /v1/admission HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes()
+            })
             .collect(),
     );
     let total = rps * secs;
     let interval = Duration::from_nanos(1_000_000_000 / rps.max(1));
-    let start = tokio::time::Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u16, u64)>();
-    for i in 0..total {
-        let scheduled = start + interval * i as u32;
-        tokio::time::sleep_until(scheduled).await;
-        let (client, url, bodies, tx) = (client.clone(), url.clone(), bodies.clone(), tx.clone());
-        tokio::spawn(async move {
-            let body = bodies[i as usize % bodies.len()].clone();
-            let sent = tokio::time::Instant::now();
-            let behind = sent.saturating_duration_since(scheduled).as_micros() as u64;
-            let status = match client
-                .post(url.as_str())
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (addr, requests) = (addr.clone(), requests.clone());
+        tasks.push(tokio::spawn(async move {
+            // (latency from send µs, latency from schedule µs, status, behind µs)
+            let mut out: Vec<(u64, u64, u16, u64)> = Vec::new();
+            let mut stream = tokio::net::TcpStream::connect(&addr)
                 .await
-            {
-                Ok(r) => {
-                    let s = r.status().as_u16();
-                    let _ = r.bytes().await;
-                    s
+                .expect("connect");
+            stream.set_nodelay(true).expect("nodelay");
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut i = c as u64;
+            while i < total {
+                let scheduled = start + interval * i as u32;
+                tokio::time::sleep_until(scheduled).await;
+                let sent = tokio::time::Instant::now();
+                let req = &requests[i as usize % requests.len()];
+                let status = match stream.write_all(req).await {
+                    Ok(()) => read_response(&mut stream, &mut buf).await.unwrap_or(0),
+                    Err(_) => 0,
+                };
+                let now = tokio::time::Instant::now();
+                out.push((
+                    (now - sent).as_micros() as u64,
+                    (now - scheduled).as_micros() as u64,
+                    status,
+                    sent.saturating_duration_since(scheduled).as_micros() as u64,
+                ));
+                if status == 0 {
+                    // Broken connection: open another one.
+                    match tokio::net::TcpStream::connect(&addr).await {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            stream = s;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                Err(_) => 0,
-            };
-            let _ = tx.send((sent.elapsed().as_micros() as u64, status, behind));
-        });
+                i += conns as u64;
+            }
+            out
+        }));
     }
-    drop(tx);
-    let mut lat = Vec::with_capacity(total as usize);
-    let mut by_status = std::collections::BTreeMap::new();
-    let mut behind = Vec::with_capacity(total as usize);
-    while let Some((us, status, late)) = rx.recv().await {
-        lat.push(us);
-        behind.push(late);
-        *by_status.entry(status).or_insert(0u64) += 1;
+    let mut all = Vec::with_capacity(total as usize);
+    for t in tasks {
+        all.extend(t.await.expect("connection task"));
     }
     let wall = start.elapsed().as_secs_f64();
-    lat.sort_unstable();
+    let mut by_status = std::collections::BTreeMap::new();
+    for r in &all {
+        *by_status.entry(r.2).or_insert(0u64) += 1;
+    }
+    let quantiles = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
+        format!(
+            "p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3}",
+            p(0.5),
+            p(0.9),
+            p(0.99),
+            p(0.999),
+            *v.last().unwrap() as f64 / 1000.0
+        )
+    };
+    let mut behind: Vec<u64> = all.iter().map(|r| r.3).collect();
     behind.sort_unstable();
-    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)] as f64 / 1000.0;
     println!(
-        "http: {} requests offered at {rps}/s over {secs} s, done in {wall:.1} s; latency ms p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3}; sending behind schedule ms p50 {:.3} p99 {:.3}; statuses {by_status:?}",
-        lat.len(),
-        p(0.50),
-        p(0.90),
-        p(0.99),
-        p(0.999),
-        *lat.last().unwrap() as f64 / 1000.0,
+        "http: {} requests offered at {rps}/s over {secs} s on {conns} connections, done in {wall:.1} s; latency ms from send {}; from schedule {}; sending behind schedule ms p50 {:.3} p99 {:.3}; statuses {by_status:?}",
+        all.len(),
+        quantiles(all.iter().map(|r| r.0).collect()),
+        quantiles(all.iter().map(|r| r.1).collect()),
         behind[behind.len() / 2] as f64 / 1000.0,
         behind[(behind.len() * 99 / 100).min(behind.len() - 1)] as f64 / 1000.0
     );
+}
+
+/// Read one HTTP/1.1 response with a Content-Length body; its status.
+async fn read_response(stream: &mut tokio::net::TcpStream, buf: &mut [u8]) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut len = 0;
+    loop {
+        let n = stream.read(&mut buf[len..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        len += n;
+        let head = &buf[..len];
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = std::str::from_utf8(&head[..end]).ok()?;
+            let status: u16 = text.get(9..12)?.parse().ok()?;
+            let body_len: usize = text
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())
+                        .flatten()
+                })
+                .unwrap_or(0);
+            let want = end + 4 + body_len;
+            while len < want {
+                let n = stream.read(&mut buf[len..]).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                len += n;
+            }
+            return Some(status);
+        }
+        if len == buf.len() {
+            return None;
+        }
+    }
 }
 
 async fn broker_lag(brokers: String, rate: u64, secs: u64, linger_ms: String) {
@@ -320,10 +394,13 @@ async fn broker_lag(brokers: String, rate: u64, secs: u64, linger_ms: String) {
         let (p, t, pl) = (producer.clone(), topic.clone(), payload.clone());
         pending.push(tokio::spawn(async move {
             let key = format!("u{}", i % 1000);
-            p.send(FutureRecord::to(&t).key(&key).payload(&pl), Duration::from_secs(30))
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| e)
+            p.send(
+                FutureRecord::to(&t).key(&key).payload(&pl),
+                Duration::from_secs(30),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
         }));
     }
     for f in pending {
@@ -353,12 +430,8 @@ async fn ingest(
     rate: u64,
 ) {
     use quota_consumers::Record;
-    // A steady feed: one sink, a batch every 50 ms.
-    let (sinks, batch) = if rate > 0 {
-        (1, (rate as usize / 20).max(1))
-    } else {
-        (sinks, batch)
-    };
+    // A steady feed: one sink, batched as a consumer would (below).
+    let (sinks, batch) = if rate > 0 { (1, 2000) } else { (sinks, batch) };
     use quota_engine::store::apply::{system_clock, LedgerSink};
     let pool = quota_engine::store::connect(&database, sinks + 2)
         .await
@@ -448,20 +521,36 @@ async fn ingest(
         let sink = sink.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            for (j, chunk) in records.chunks(batch).enumerate() {
+            // With --rate, a batch is what a consumer would have: every
+            // record due by the time the batch closes (50 ms after its
+            // first record was due), at most 2,000, each stamped with its
+            // due time; a sink that falls behind catches up with bigger
+            // batches, as the consumer does.
+            let wall0 = Utc::now().timestamp_millis();
+            let due = |k: usize| Duration::from_secs_f64(k as f64 / rate.max(1) as f64);
+            let mut k = 0;
+            while k < records.len() {
                 let mut stamped;
-                let mut chunk = chunk;
-                if rate > 0 {
-                    let due = start + Duration::from_secs_f64((j * batch) as f64 / rate as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                    let due_ms = Utc::now().timestamp_millis()
-                        - Instant::now().saturating_duration_since(due).as_millis() as i64;
-                    stamped = chunk.to_vec();
-                    for r in &mut stamped {
-                        r.timestamp_ms = Some(due_ms);
+                let chunk: &[Record] = if rate > 0 {
+                    tokio::time::sleep_until((start + due(k) + Duration::from_millis(50)).into())
+                        .await;
+                    let now = start.elapsed();
+                    let mut end = k + 1;
+                    while end < records.len() && end - k < 2000 && due(end) <= now {
+                        end += 1;
                     }
-                    chunk = &stamped;
-                }
+                    stamped = records[k..end].to_vec();
+                    for (n, r) in stamped.iter_mut().enumerate() {
+                        r.timestamp_ms = Some(wall0 + due(k + n).as_millis() as i64);
+                    }
+                    k = end;
+                    &stamped
+                } else {
+                    let end = (k + batch).min(records.len());
+                    let c = &records[k..end];
+                    k = end;
+                    c
+                };
                 let t = Instant::now();
                 loop {
                     match sink.apply_records(chunk).await {

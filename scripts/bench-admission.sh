@@ -81,7 +81,9 @@ run() {
     target/release/quota-engine status | awk 'NR==1 || /usage/'
   fi
   echo "== due (sink) or produced (broker) → visible to serve's admission view"
-  bash scripts/lag-quantiles.sh "$HTTP_ADDR" "$token"
+  bash scripts/metric-quantiles.sh "$HTTP_ADDR" "$token"
+  echo "== the service's own time per admission request (routing to answer)"
+  bash scripts/metric-quantiles.sh "$HTTP_ADDR" "$token" quota_admission_seconds
 }
 export -f run
 export bench_bin repo RPS SECS INGEST_RATE USERS INGEST LINGER_MS

@@ -29,7 +29,7 @@ run() {
   done
   target/release/quota-engine status | awk 'NR == 1 || /usage/'
   echo "serve resident memory: $(awk '/VmRSS/ {print $2, $3}' /proc/$serve_pid/status)"
-  bash scripts/lag-quantiles.sh "$HTTP_ADDR" "$token"
+  bash scripts/metric-quantiles.sh "$HTTP_ADDR" "$token"
 }
 export -f run
 export repo RATE SECS USERS

@@ -118,7 +118,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     // notifications from every process's commits.
     let view: crate::store::view::SharedView = Default::default();
     let view_synced_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let lag: Arc<crate::store::view::LagHistogram> = Default::default();
+    let lag = Arc::new(crate::metrics::visible_lag());
     let listener_task = tokio::spawn(crate::store::view::run_listener(
         cfg.database_url.clone(),
         pool.clone(),
@@ -170,6 +170,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         tokens: Default::default(),
         publisher: Some(publisher),
         lag,
+        admission_latency: Arc::new(crate::metrics::admission_latency()),
     });
     let mut sd1 = shutdown.clone();
     let mut sd2 = stop_rx.clone();

@@ -44,6 +44,8 @@ pub struct AppState {
     pub publisher: Option<operator::Publisher>,
     /// Produce → visible-to-admission lag, for /metrics.
     pub lag: Arc<crate::store::view::LagHistogram>,
+    /// Time the service takes per admission request, for /metrics.
+    pub admission_latency: Arc<crate::metrics::Histogram>,
 }
 
 /// Every route the API serves: the router is built from this table, and
@@ -111,10 +113,32 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             auth::require_token,
         ))
+        // Outermost of the route layers: admission's own time, token
+        // check included.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_admission,
+        ))
         .merge(open)
         .fallback(|| async { ApiError::documented(ErrorCode::UnknownUrl) })
         .layer(axum::extract::DefaultBodyLimit::max(operator::MAX_BODY))
         .with_state(state)
+}
+
+async fn time_admission(
+    State(st): State<AppState>,
+    path: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if path.as_str() != "/v1/admission" {
+        return next.run(req).await;
+    }
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    st.admission_latency
+        .observe_us(started.elapsed().as_micros() as u64);
+    resp
 }
 
 /// A request body, or `invalid_parameter` when it could not be read (too
@@ -291,6 +315,7 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     }
     st.admission.render(&mut out);
     st.lag.render(&mut out);
+    st.admission_latency.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

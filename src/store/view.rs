@@ -38,55 +38,8 @@ pub struct Changes {
     pub t: Option<i64>,
 }
 
-/// Produce → visible-to-admission lag of each committed batch (its oldest
-/// record), as a Prometheus histogram.
-pub struct LagHistogram {
-    counts: [std::sync::atomic::AtomicU64; LAG_BUCKETS_MS.len() + 1],
-    sum_ms: std::sync::atomic::AtomicU64,
-}
-
-const LAG_BUCKETS_MS: [u64; 12] = [5, 10, 25, 50, 100, 150, 250, 500, 1000, 2500, 5000, 10000];
-
-impl Default for LagHistogram {
-    fn default() -> Self {
-        LagHistogram {
-            counts: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
-            sum_ms: Default::default(),
-        }
-    }
-}
-
-impl LagHistogram {
-    pub fn observe(&self, ms: u64) {
-        let i = LAG_BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(LAG_BUCKETS_MS.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
-    }
-
-    pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP quota_visible_lag_seconds Kafka timestamp of a batch's oldest record to the batch being visible to this process's admission view.\n# TYPE quota_visible_lag_seconds histogram\n");
-        let mut cum = 0;
-        for (i, b) in LAG_BUCKETS_MS.iter().enumerate() {
-            cum += self.counts[i].load(Ordering::Relaxed);
-            out.push_str(&format!(
-                "quota_visible_lag_seconds_bucket{{le=\"{}\"}} {cum}\n",
-                *b as f64 / 1000.0
-            ));
-        }
-        cum += self.counts[LAG_BUCKETS_MS.len()].load(Ordering::Relaxed);
-        out.push_str(&format!(
-            "quota_visible_lag_seconds_bucket{{le=\"+Inf\"}} {cum}\n"
-        ));
-        out.push_str(&format!(
-            "quota_visible_lag_seconds_sum {}\n",
-            self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0
-        ));
-        out.push_str(&format!("quota_visible_lag_seconds_count {cum}\n"));
-    }
-}
+/// The produce → visible lag histogram (see `crate::metrics::visible_lag`).
+pub type LagHistogram = crate::metrics::Histogram;
 
 impl Changes {
     /// Payloads for `pg_notify`, each under Postgres' 8000-byte limit.
@@ -421,7 +374,7 @@ async fn listen_once(
         let now = Utc::now().timestamp_millis();
         synced_ms.store(now, Ordering::SeqCst);
         for t in produced {
-            lag.observe((now - t).max(0) as u64);
+            lag.observe_us((now - t).max(0) as u64 * 1000);
         }
     };
     driver.abort();
