@@ -77,34 +77,41 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         std::thread::Builder::new()
             .name("ingest".into())
             .spawn(move || {
-                let result = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("ingest-worker")
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("cannot start the ingest runtime: {e}"))
-                    .and_then(|rt| {
-                        rt.block_on(async move {
-                            let pool = store::connect(&url, 8)
-                                .await
-                                .map_err(|e| format!("{e:#}"))?;
-                            let sink = LedgerSink {
-                                pool,
-                                dead_letters: Some(dead_letters),
-                                clock,
-                                lateness,
-                            };
-                            let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
-                                sink.clone(),
-                                expire_balance_after,
-                                shutdown.clone(),
-                            ));
-                            let r =
-                                quota_consumers::run(consumer_cfg, Arc::new(sink), shutdown).await;
-                            sweeper.abort();
-                            r
+                let run = move || {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(1)
+                        .thread_name("ingest-worker")
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot start the ingest runtime: {e}"))
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                let pool = store::connect(&url, 8)
+                                    .await
+                                    .map_err(|e| format!("{e:#}"))?;
+                                let sink = LedgerSink {
+                                    pool,
+                                    dead_letters: Some(dead_letters),
+                                    clock,
+                                    lateness,
+                                };
+                                let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
+                                    sink.clone(),
+                                    expire_balance_after,
+                                    shutdown.clone(),
+                                ));
+                                let r =
+                                    quota_consumers::run(consumer_cfg, Arc::new(sink), shutdown)
+                                        .await;
+                                sweeper.abort();
+                                r
+                            })
                         })
-                    });
+                };
+                // A panic ends ingestion like a fatal error: the process
+                // stops (below) instead of serving without its consumer.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|_| Err("the ingest thread panicked".into()));
                 consuming.store(false, Ordering::SeqCst);
                 if result.is_err() {
                     // A fatal error stops the whole process: no wrong money.
