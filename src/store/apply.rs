@@ -991,17 +991,42 @@ async fn write_effects(
     if !fx.entries.is_empty() {
         copy_entries(tx, &fx.entries, now).await?;
     }
-    for q in &fx.quarantined {
-        let status = if q.reason.waits() {
-            "waiting"
-        } else {
-            "rejected"
-        };
-        let retry_after = q.reason.waits().then(|| now + chrono::Duration::seconds(1));
+    if !fx.quarantined.is_empty() {
+        // One statement for the batch's quarantined messages, in order (a
+        // burst of rejected events cost one round trip each).
+        let q = &fx.quarantined;
+        let eids: Vec<Option<&str>> = q.iter().map(|x| x.event_id.as_deref()).collect();
+        let reasons: Vec<&str> = q.iter().map(|x| x.reason.as_str()).collect();
+        let details: Vec<&str> = q.iter().map(|x| x.detail.as_str()).collect();
+        let waiting_on: Vec<Option<&str>> = q.iter().map(|x| x.waiting_on.as_deref()).collect();
+        let hashes: Vec<Option<&[u8]>> = q
+            .iter()
+            .map(|x| x.content_hash.as_ref().map(|h| h.as_slice()))
+            .collect();
+        let statuses: Vec<&str> = q
+            .iter()
+            .map(|x| {
+                if x.reason.waits() {
+                    "waiting"
+                } else {
+                    "rejected"
+                }
+            })
+            .collect();
+        let (topics, parts, offsets) = source_columns(q.iter().map(|x| Some(&x.source)));
+        let keys: Vec<Option<&[u8]>> = q.iter().map(|x| x.key.as_deref()).collect();
+        let payloads: Vec<Option<&[u8]>> = q.iter().map(|x| x.payload.as_deref()).collect();
+        let retry: Vec<Option<DateTime<Utc>>> = q
+            .iter()
+            .map(|x| x.reason.waits().then(|| now + chrono::Duration::seconds(1)))
+            .collect();
         tx.execute(
             "INSERT INTO quarantine (event_id, reason, detail, waiting_on, content_hash, status, topic, partition, kafka_offset, msg_key, payload, received_at, retry_after)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            &[&q.event_id, &q.reason.as_str(), &q.detail, &q.waiting_on, &q.content_hash.as_ref().map(|h| h.as_slice()), &status, &q.source.topic, &q.source.partition, &q.source.offset, &q.key, &q.payload, &now, &retry_after],
+             SELECT e, r, d, w, h, s, tp, pa, of, k, p, $12, ra
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::text[], $8::int[], $9::bigint[], $10::bytea[], $11::bytea[], $13::timestamptz[])
+                  WITH ORDINALITY AS u(e, r, d, w, h, s, tp, pa, of, k, p, ra, n)
+             ORDER BY n",
+            &[&eids, &reasons, &details, &waiting_on, &hashes, &statuses, &topics, &parts, &offsets, &keys, &payloads, &now, &retry],
         )
         .await?;
     }

@@ -211,7 +211,12 @@ async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
         "success",
         json!({"input_tokens": 10}),
     );
-    u["occurred_at"] = json!(now.to_rfc3339());
+    // After the grant's block opened: the grant is older than the 1 s
+    // lateness window, so its block opens when it arrived, and usage dated
+    // before that (within the window, so not late) would rightly burn the
+    // other block. Dated `now` (before the grant arrived), this test passed
+    // or failed on how fast the service was.
+    u["occurred_at"] = json!(chrono::Utc::now().to_rfc3339());
     ctx.produce(&ctx.topics.usage, "u_1", &u).await;
     ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60))
         .await;
