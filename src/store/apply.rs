@@ -131,7 +131,7 @@ impl LedgerSink {
     }
 
     pub async fn apply_records(&self, batch: &[Record]) -> Result<(), ApplyError> {
-        self.apply_records_at(batch, self.now()).await
+        self.apply_batch(batch, self.now(), Some(&self.clock)).await
     }
 
     /// Apply a batch of consumed records as of `now` (a replay from Kafka
@@ -140,6 +140,17 @@ impl LedgerSink {
         &self,
         batch: &[Record],
         now: DateTime<Utc>,
+    ) -> Result<(), ApplyError> {
+        self.apply_batch(batch, now, None).await
+    }
+
+    /// With `clock` (live), the batch's time is taken again once its
+    /// accounts are locked (see `after_locks`).
+    async fn apply_batch(
+        &self,
+        batch: &[Record],
+        now: DateTime<Utc>,
+        clock: Option<&Clock>,
     ) -> Result<(), ApplyError> {
         let now = now.trunc_subsecs(6);
         let started = std::time::Instant::now();
@@ -186,7 +197,7 @@ impl LedgerSink {
             *e = (*e).max(r.offset + 1);
         }
         let decoded = started.elapsed();
-        let (fx, phases) = fold_and_write(&tx, inputs, now, self.lateness).await?;
+        let (fx, phases) = fold_and_write(&tx, inputs, now, self.lateness, clock).await?;
         // For the produce → visible lag: the batch's oldest record time.
         if let Some(t) = fresh.iter().filter_map(|r| r.timestamp_ms).min() {
             let c = super::view::Changes {
@@ -233,7 +244,7 @@ impl LedgerSink {
     ) -> Result<Effects, ApplyError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let (fx, _) = fold_and_write(&tx, inputs, now, self.lateness).await?;
+        let (fx, _) = fold_and_write(&tx, inputs, now, self.lateness, None).await?;
         tx.commit().await?;
         Ok(fx)
     }
@@ -246,7 +257,7 @@ impl LedgerSink {
     ) -> Result<Effects, ApplyError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let fx = expire_due(&tx, due, now, self.lateness).await?;
+        let fx = expire_due(&tx, due, now, self.lateness, None).await?;
         tx.commit().await?;
         Ok(fx)
     }
@@ -289,7 +300,7 @@ impl LedgerSink {
             })
             .collect();
         let n = inputs.len();
-        let (fx, _) = fold_and_write(&tx, inputs, now, self.lateness).await?;
+        let (fx, _) = fold_and_write(&tx, inputs, now, self.lateness, Some(&self.clock)).await?;
         self.dead_letter(&fx).await?;
         tx.commit().await?;
         Ok(n)
@@ -388,7 +399,7 @@ impl LedgerSink {
         }
         // Another process may have fired some meanwhile: the fold skips
         // blocks that have nothing left, and the applied-event id is unique.
-        let fx = expire_due(&tx, &due, now, self.lateness).await?;
+        let fx = expire_due(&tx, &due, now, self.lateness, Some(&self.clock)).await?;
         tx.commit().await?;
         Ok(fx.applied.len())
     }
@@ -483,15 +494,27 @@ struct Phases {
     resweep: std::time::Duration,
 }
 
+/// The time a live batch records, taken again once its accounts are
+/// locked: a batch that waited for another process's lock on an account
+/// then records after it, so within an account `recorded_at` follows `seq`
+/// (what `?at=` and a statement's opening balance rely on; reconcile checks
+/// it). Only ever later than `now`, so the blocks loaded for `now` still
+/// cover it. Replays pass no clock and keep their recorded time.
+fn after_locks(now: DateTime<Utc>, clock: Option<&Clock>) -> DateTime<Utc> {
+    clock.map_or(now, |c| now.max(c().trunc_subsecs(6)))
+}
+
 async fn fold_and_write(
     tx: &Transaction<'_>,
     inputs: Vec<Input>,
     now: DateTime<Utc>,
     lateness: chrono::Duration,
+    clock: Option<&Clock>,
 ) -> Result<(Effects, Phases), ApplyError> {
     let mut phases = Phases::default();
     let t = std::time::Instant::now();
     let mut state = load_state(tx, &inputs, now, lateness).await?;
+    let now = after_locks(now, clock);
     phases.load = t.elapsed();
     let t = std::time::Instant::now();
     let fx = fold::fold(&mut state, inputs, now).map_err(ApplyError::Invariant)?;
@@ -712,10 +735,12 @@ async fn expire_due(
     due: &[(AccountRef, String, fold::ExpiryCause)],
     now: DateTime<Utc>,
     lateness: chrono::Duration,
+    clock: Option<&Clock>,
 ) -> Result<Effects, ApplyError> {
     let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
     let mut state = FoldState::new(lateness);
     lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
+    let now = after_locks(now, clock);
     let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
     write_effects(tx, &state, &fx, now).await?;
     Ok(fx)

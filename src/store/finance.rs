@@ -446,6 +446,8 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
     let mut balance = Decimal::ZERO;
     let mut seq = 0i64;
     let mut broken = false;
+    let mut last_recorded: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut out_of_order = false;
     while let Some(row) = rows.next().await {
         let row = row?;
         n += 1;
@@ -456,6 +458,8 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
             balance = Decimal::ZERO;
             seq = 0;
             broken = false;
+            last_recorded = None;
+            out_of_order = false;
         }
         if broken {
             continue;
@@ -512,6 +516,12 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
             broken = true;
             continue;
         }
+        // Within an account, entries recorded later come later.
+        if last_recorded.is_some_and(|t| e.recorded_at < t) && !out_of_order {
+            problems.push(json!({"check": "recorded_in_seq_order", "account": format!("{kind}/{id}"), "entry_id": row.get::<_, i64>(0), "seq": e.seq, "why": "recorded_at is earlier than the previous entry's"}));
+            out_of_order = true;
+        }
+        last_recorded = Some(e.recorded_at);
         seq = e.seq;
         prev.copy_from_slice(&hash);
     }

@@ -97,6 +97,10 @@ async fn check_oracle(ctx: &TestCtx, svc: &crate::common::Service, n: usize, sen
     );
     let bad: i64 = ctx.sql_one("SELECT count(*) FROM accounts a WHERE balance <> (SELECT coalesce(sum(amount), 0) FROM ledger_entries e WHERE e.kind = a.kind AND e.id = a.id)", &[]).await;
     assert_eq!(bad, 0, "balances equal the sum of their entries");
+    // Every invariant reconcile knows, including that within an account
+    // `recorded_at` follows `seq` while several processes wrote it.
+    let (code, out, err) = ctx.cli(&["reconcile"], &[]);
+    assert_eq!(code, 0, "reconcile: {out}\n{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
