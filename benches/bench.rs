@@ -55,6 +55,15 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+/// A multi-threaded runtime (`workers` threads, else one per core).
+fn runtime(workers: Option<usize>) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().expect("tokio runtime")
+}
+
 fn main() {
     // RUST_LOG=quota_engine=debug shows each batch's phases (ingest).
     if std::env::var_os("RUST_LOG").is_some() {
@@ -83,52 +92,33 @@ fn main() {
             arg(&args, "--keys", "100000").parse().unwrap(),
             arg(&args, "--secs", "3").parse().unwrap(),
         ),
-        Some("http") => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(http(
-                arg(&args, "--addr", "127.0.0.1:8080"),
-                arg(&args, "--token", ""),
-                arg(&args, "--key-prefix", "sk-"),
-                arg(&args, "--keys", "100").parse().unwrap(),
-                arg(&args, "--rps", "10000").parse().unwrap(),
-                arg(&args, "--secs", "20").parse().unwrap(),
-            ))
-        }
-        Some("ingest") => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(ingest(
-                arg(
-                    &args,
-                    "--database",
-                    "postgres://postgres@127.0.0.1:5432/bench_ingest",
-                ),
-                arg(&args, "--events", "200000").parse().unwrap(),
-                arg(&args, "--users", "1000").parse().unwrap(),
-                arg(&args, "--resellers", "8").parse().unwrap(),
-                arg(&args, "--sinks", "1").parse().unwrap(),
-                arg(&args, "--batch", "2000").parse().unwrap(),
-                arg(&args, "--rate", "0").parse().unwrap(),
-            ))
-        }
-        Some("broker-lag") => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(broker_lag(
-                arg(&args, "--brokers", "127.0.0.1:9092"),
-                arg(&args, "--rate", "5000").parse().unwrap(),
-                arg(&args, "--secs", "20").parse().unwrap(),
-                arg(&args, "--linger-ms", "5"),
-            ))
-        }
+        Some("http") => runtime(Some(1)).block_on(http(
+            arg(&args, "--addr", "127.0.0.1:8080"),
+            arg(&args, "--token", ""),
+            arg(&args, "--key-prefix", "sk-"),
+            arg(&args, "--keys", "100").parse().unwrap(),
+            arg(&args, "--rps", "10000").parse().unwrap(),
+            arg(&args, "--secs", "20").parse().unwrap(),
+        )),
+        Some("ingest") => runtime(None).block_on(ingest(
+            arg(
+                &args,
+                "--database",
+                "postgres://postgres@127.0.0.1:5432/bench_ingest",
+            ),
+            arg(&args, "--events", "200000").parse().unwrap(),
+            arg(&args, "--users", "1000").parse().unwrap(),
+            arg(&args, "--resellers", "8").parse().unwrap(),
+            arg(&args, "--sinks", "1").parse().unwrap(),
+            arg(&args, "--batch", "2000").parse().unwrap(),
+            arg(&args, "--rate", "0").parse().unwrap(),
+        )),
+        Some("broker-lag") => runtime(None).block_on(broker_lag(
+            arg(&args, "--brokers", "127.0.0.1:9092"),
+            arg(&args, "--rate", "5000").parse().unwrap(),
+            arg(&args, "--secs", "20").parse().unwrap(),
+            arg(&args, "--linger-ms", "5"),
+        )),
         Some(which @ ("fuzz-decode" | "fuzz-admission")) => {
             let secs: u64 = arg(&args, "--secs", "60").parse().unwrap();
             let seed: u64 = arg(&args, "--seed", "1").parse().unwrap();

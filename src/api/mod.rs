@@ -43,7 +43,7 @@ pub struct AppState {
     /// Where operator writes are published (the control topic).
     pub publisher: Option<operator::Publisher>,
     /// Produce → visible-to-admission lag, for /metrics.
-    pub lag: Arc<crate::store::view::LagHistogram>,
+    pub lag: Arc<crate::metrics::Histogram>,
     /// Time the service takes per admission request, for /metrics.
     pub admission_latency: Arc<crate::metrics::Histogram>,
 }

@@ -483,8 +483,6 @@ async fn lock_partitions(
         .collect())
 }
 
-/// Load what the inputs need, fold, write the effects. The caller holds the
-/// offset-row locks and commits.
 /// Where a batch's time went (logged at debug level).
 #[derive(Default)]
 struct Phases {
@@ -504,6 +502,8 @@ fn after_locks(now: DateTime<Utc>, clock: Option<&Clock>) -> DateTime<Utc> {
     clock.map_or(now, |c| now.max(c().trunc_subsecs(6)))
 }
 
+/// Load what the inputs need, fold, write the effects. The caller holds the
+/// offset-row locks and commits.
 async fn fold_and_write(
     tx: &Transaction<'_>,
     inputs: Vec<Input>,
@@ -861,11 +861,7 @@ fn hash32(v: Vec<u8>) -> [u8; 32] {
 
 /// The batch's ledger entries by binary `COPY`, in the fold's order (so
 /// `entry_id` follows it): no arrays for Postgres to build and take apart.
-async fn copy_entries(
-    tx: &Transaction<'_>,
-    entries: &[fold::Entry],
-    now: DateTime<Utc>,
-) -> Result<(), ApplyError> {
+async fn copy_entries(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(), ApplyError> {
     use postgres_types::Type;
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
     const TYPES: [Type; 17] = [
@@ -906,7 +902,7 @@ async fn copy_entries(
                 &x.balance_after,
                 &x.charge,
                 &x.occurred_at,
-                &now,
+                &x.recorded_at,
                 &source.map(|s| s.topic.as_str()),
                 &source.map(|s| s.partition),
                 &source.map(|s| s.offset),
@@ -1014,7 +1010,7 @@ async fn write_effects(
         }
     }
     if !fx.entries.is_empty() {
-        copy_entries(tx, &fx.entries, now).await?;
+        copy_entries(tx, &fx.entries).await?;
     }
     if !fx.quarantined.is_empty() {
         // One statement for the batch's quarantined messages, in order (a

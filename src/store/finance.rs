@@ -446,7 +446,7 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
     let mut balance = Decimal::ZERO;
     let mut seq = 0i64;
     let mut broken = false;
-    let mut last_recorded: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut last_recorded: Option<DateTime<Utc>> = None;
     let mut out_of_order = false;
     while let Some(row) = rows.next().await {
         let row = row?;

@@ -38,9 +38,6 @@ pub struct Changes {
     pub t: Option<i64>,
 }
 
-/// The produce → visible lag histogram (see `crate::metrics::visible_lag`).
-pub type LagHistogram = crate::metrics::Histogram;
-
 impl Changes {
     /// Payloads for `pg_notify`, each under Postgres' 8000-byte limit.
     pub fn payloads(&self) -> Vec<String> {
@@ -280,7 +277,7 @@ pub async fn run_listener(
     pool: Pool,
     view: SharedView,
     synced_ms: Arc<AtomicI64>,
-    lag: Arc<LagHistogram>,
+    lag: Arc<crate::metrics::Histogram>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -302,7 +299,7 @@ async fn listen_once(
     pool: &Pool,
     view: &SharedView,
     synced_ms: &AtomicI64,
-    lag: &LagHistogram,
+    lag: &crate::metrics::Histogram,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (client, mut conn) = tokio_postgres::connect(database_url, NoTls).await?;
