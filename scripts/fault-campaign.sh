@@ -69,9 +69,9 @@ for s in $SCENARIOS; do
       mkdir -p "$mnt"
       if mount -t tmpfs -o size=16m tmpfs "$mnt" 2>/dev/null; then
         chown postgres "$mnt" 2>/dev/null || true
-        psql -q "$DATABASE_URL" -c "CREATE TABLESPACE qe_full_$run_id LOCATION '$mnt'" -c "ALTER TABLE ledger_entries SET TABLESPACE qe_full_$run_id" 2>>"$STACK_DIR/diskfull.log" || true
+        psql -q "$DATABASE_URL" -c "CREATE TABLESPACE qe_full_$run_id LOCATION '$mnt'" -c "ALTER TABLE usage_postings SET TABLESPACE qe_full_$run_id" 2>>"$STACK_DIR/diskfull.log" || true
         sleep 25
-        psql -q "$DATABASE_URL" -c "ALTER TABLE ledger_entries SET TABLESPACE pg_default" -c "DROP TABLESPACE qe_full_$run_id" 2>>"$STACK_DIR/diskfull.log" || true
+        psql -q "$DATABASE_URL" -c "ALTER TABLE usage_postings SET TABLESPACE pg_default" -c "DROP TABLESPACE qe_full_$run_id" 2>>"$STACK_DIR/diskfull.log" || true
         full=$(grep -c "No space left" "$STACK_DIR/serve-$run_id-8201.log" || true)
         faults="ledger on a 16 MiB tablespace for 25 s ($full disk-full errors logged)"
       else

@@ -630,17 +630,27 @@ pub async fn export(
                 write!(out, "kind,id,{}", finance::CSV_HEADER)?;
             }
             let c = pool.get().await?;
-            let mut after = 0i64;
-            loop {
+            // Pages are ranges of `ledger_id` (the sequence value each entry
+            // was written under): `entry_id > x` cannot use a usage
+            // posting's index, a `ledger_id` range can. The second pair of
+            // bounds is the same range on entry_id, for entry rows' key.
+            let last: i64 = c
+                .query_one("SELECT last_value FROM ledger_ids", &[])
+                .await?
+                .get(0);
+            const IDS_PER_PAGE: i64 = 1000;
+            let mut lo = 0i64;
+            while lo <= last {
+                let hi = lo + IDS_PER_PAGE;
                 let rows = c
                     .query(
                         "SELECT entry_id, kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, attributed_at, detail
-                         FROM ledger_entries WHERE entry_id > $1 AND ($2::timestamptz IS NULL OR recorded_at >= $2) AND ($3::timestamptz IS NULL OR recorded_at < $3) ORDER BY entry_id LIMIT 5000",
-                        &[&after, &from, &to],
+                         FROM ledger_entries WHERE ledger_id >= $1 AND ledger_id < $2 AND entry_id >= $1 * 8 AND entry_id < $2 * 8
+                           AND ($3::timestamptz IS NULL OR recorded_at >= $3) AND ($4::timestamptz IS NULL OR recorded_at < $4) ORDER BY entry_id",
+                        &[&lo, &hi, &from, &to],
                     )
                     .await?;
-                let Some(last) = rows.last() else { break };
-                after = last.get(0);
+                lo = hi;
                 for r in &rows {
                     let d = |i: usize| r.get::<_, Decimal>(i).normalize().to_string();
                     let charge = r

@@ -859,59 +859,257 @@ fn hash32(v: Vec<u8>) -> [u8; 32] {
     h
 }
 
-/// The batch's ledger entries by binary `COPY`, in the fold's order (so
-/// `entry_id` follows it): no arrays for Postgres to build and take apart.
-async fn copy_entries(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(), ApplyError> {
-    use postgres_types::Type;
+/// What one id of the `ledger_ids` sequence is written as: an entry row,
+/// or a usage event's legs as one posting row (V5__usage_postings.sql).
+enum LedgerUnit<'a> {
+    Row(&'a fold::Entry),
+    /// The legs in the fold's order (key, app, user, then group and
+    /// reseller when the event names them).
+    Posting(Vec<&'a fold::Entry>),
+}
+
+/// Group the fold's entries into entry rows and postings, in order. A usage
+/// event's legs are consecutive (the fold writes them in one loop).
+fn ledger_units(entries: &[fold::Entry]) -> Vec<LedgerUnit<'_>> {
+    let mut units: Vec<LedgerUnit<'_>> = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.entry_type != fold::EntryType::Usage {
+            units.push(LedgerUnit::Row(e));
+            continue;
+        }
+        if let Some(LedgerUnit::Posting(legs)) = units.last_mut() {
+            if legs[0].event_id == e.event_id {
+                legs.push(e);
+                continue;
+            }
+        }
+        units.push(LedgerUnit::Posting(vec![e]));
+    }
+    units
+}
+
+/// A posting's legs by scope rank (key 0 … reseller 4), and the detail
+/// they share (each leg's without `limited`). Anything a posting row
+/// cannot hold exactly as the fold produced it is a broken invariant.
+#[allow(clippy::type_complexity)]
+fn posting_legs<'a>(
+    legs: &[&'a fold::Entry],
+) -> Result<([Option<(&'a fold::Entry, bool)>; 5], serde_json::Value), ApplyError> {
+    let first = legs[0];
+    let bad = |why: &str| {
+        ApplyError::Invariant(format!(
+            "usage entries of event {} do not form one posting: {why}",
+            first.event_id
+        ))
+    };
+    let shared = |e: &fold::Entry| -> Result<(serde_json::Map<String, serde_json::Value>, bool), ApplyError> {
+        let mut d = e.detail.as_object().cloned().ok_or_else(|| bad("detail is not an object"))?;
+        let limited = d
+            .remove("limited")
+            .and_then(|v| v.as_bool())
+            .ok_or_else(|| bad("detail has no `limited`"))?;
+        Ok((d, limited))
+    };
+    let (detail, _) = shared(first)?;
+    let mut by_rank: [Option<(&fold::Entry, bool)>; 5] = [None; 5];
+    for e in legs {
+        let (d, limited) = shared(e)?;
+        if d != detail
+            || e.charge != first.charge
+            || e.occurred_at != first.occurred_at
+            || e.attributed_at != first.attributed_at
+            || e.recorded_at != first.recorded_at
+            || e.source != first.source
+        {
+            return Err(bad("legs differ in a shared field"));
+        }
+        let rank = e.account.kind as usize;
+        if by_rank[rank].replace((e, limited)).is_some() {
+            return Err(bad("two legs for one scope"));
+        }
+    }
+    if by_rank[..3].iter().any(Option::is_none) {
+        return Err(bad("no key, app or user leg"));
+    }
+    if first.charge.is_none() {
+        return Err(bad("no charge"));
+    }
+    Ok((by_rank, serde_json::Value::Object(detail)))
+}
+
+/// The batch's ledger by binary `COPY`: entry rows and usage postings, with
+/// ids from one sequence in the fold's order (so `entry_id` follows it).
+async fn write_ledger(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(), ApplyError> {
+    use postgres_types::{ToSql, Type};
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    const TYPES: [Type; 17] = [
-        Type::TEXT,
-        Type::TEXT,
+    let units = ledger_units(entries);
+    let ids: Vec<i64> = tx
+        .query(
+            "SELECT nextval('ledger_ids') FROM generate_series(1, $1::int) ORDER BY 1",
+            &[&(units.len() as i32)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if ids.len() != units.len() {
+        return Err(ApplyError::Invariant(
+            "the ledger id sequence gave too few ids".into(),
+        ));
+    }
+    let rows: Vec<(i64, &fold::Entry)> = units
+        .iter()
+        .zip(&ids)
+        .filter_map(|(u, id)| match u {
+            LedgerUnit::Row(e) => Some((id * 8, *e)),
+            LedgerUnit::Posting(_) => None,
+        })
+        .collect();
+    if !rows.is_empty() {
+        const TYPES: [Type; 18] = [
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::TIMESTAMPTZ,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT8,
+            Type::JSON,
+            Type::BYTEA,
+            Type::BYTEA,
+            Type::TIMESTAMPTZ,
+        ];
+        let sink = tx
+            .copy_in("COPY ledger_entry_rows (entry_id, kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, detail, prev_hash, hash, attributed_at) FROM STDIN (FORMAT binary)")
+            .await?;
+        let writer = BinaryCopyInWriter::new(sink, &TYPES);
+        futures_util::pin_mut!(writer);
+        for (entry_id, x) in rows {
+            let source = x.source.as_ref();
+            writer
+                .as_mut()
+                .write(&[
+                    &entry_id,
+                    &x.account.kind.as_str(),
+                    &x.account.id.as_str(),
+                    &x.seq,
+                    &x.event_id.as_str(),
+                    &x.entry_type.as_str(),
+                    &x.amount,
+                    &x.balance_after,
+                    &x.charge,
+                    &x.occurred_at,
+                    &x.recorded_at,
+                    &source.map(|s| s.topic.as_str()),
+                    &source.map(|s| s.partition),
+                    &source.map(|s| s.offset),
+                    &x.detail,
+                    &x.prev_hash.as_slice(),
+                    &x.hash.as_slice(),
+                    &x.attributed_at,
+                ])
+                .await?;
+        }
+        writer.finish().await?;
+    }
+    let postings: Vec<(i64, &Vec<&fold::Entry>)> = units
+        .iter()
+        .zip(&ids)
+        .filter_map(|(u, id)| match u {
+            LedgerUnit::Posting(legs) => Some((*id, legs)),
+            LedgerUnit::Row(_) => None,
+        })
+        .collect();
+    if postings.is_empty() {
+        return Ok(());
+    }
+    let mut types = vec![
         Type::INT8,
         Type::TEXT,
-        Type::TEXT,
         Type::NUMERIC,
-        Type::NUMERIC,
-        Type::NUMERIC,
+        Type::TIMESTAMPTZ,
         Type::TIMESTAMPTZ,
         Type::TIMESTAMPTZ,
         Type::TEXT,
         Type::INT4,
         Type::INT8,
         Type::JSON,
-        Type::BYTEA,
-        Type::BYTEA,
-        Type::TIMESTAMPTZ,
     ];
+    let mut cols = String::from("posting_id, event_id, charge, occurred_at, attributed_at, recorded_at, topic, partition, kafka_offset, detail");
+    for k in AccountKind::ALL {
+        types.extend([
+            Type::TEXT,
+            Type::INT8,
+            Type::NUMERIC,
+            Type::NUMERIC,
+            Type::BOOL,
+            Type::BYTEA,
+            Type::BYTEA,
+        ]);
+        let k = k.as_str();
+        cols.push_str(&format!(
+            ", {k}_id, {k}_seq, {k}_amount, {k}_balance, {k}_limited, {k}_prev_hash, {k}_hash"
+        ));
+    }
     let sink = tx
-        .copy_in("COPY ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, topic, partition, kafka_offset, detail, prev_hash, hash, attributed_at) FROM STDIN (FORMAT binary)")
+        .copy_in(&format!(
+            "COPY usage_postings ({cols}) FROM STDIN (FORMAT binary)"
+        ))
         .await?;
-    let writer = BinaryCopyInWriter::new(sink, &TYPES);
+    let writer = BinaryCopyInWriter::new(sink, &types);
     futures_util::pin_mut!(writer);
-    for x in entries {
-        let source = x.source.as_ref();
-        writer
-            .as_mut()
-            .write(&[
-                &x.account.kind.as_str(),
-                &x.account.id.as_str(),
-                &x.seq,
-                &x.event_id.as_str(),
-                &x.entry_type.as_str(),
-                &x.amount,
-                &x.balance_after,
-                &x.charge,
-                &x.occurred_at,
-                &x.recorded_at,
-                &source.map(|s| s.topic.as_str()),
-                &source.map(|s| s.partition),
-                &source.map(|s| s.offset),
-                &x.detail,
-                &x.prev_hash.as_slice(),
-                &x.hash.as_slice(),
-                &x.attributed_at,
-            ])
-            .await?;
+    for (id, legs) in postings {
+        let (by_rank, detail) = posting_legs(legs)?;
+        let first = legs[0];
+        let source = first.source.as_ref();
+        let topic = source.map(|s| s.topic.as_str());
+        let partition = source.map(|s| s.partition);
+        let offset = source.map(|s| s.offset);
+        let leg_cols: Vec<_> = by_rank
+            .iter()
+            .map(|l| {
+                (
+                    l.map(|(e, _)| e.account.id.as_str()),
+                    l.map(|(e, _)| e.seq),
+                    l.map(|(e, _)| e.amount),
+                    l.map(|(e, _)| e.balance_after),
+                    l.map(|(_, limited)| limited),
+                    l.map(|(e, _)| e.prev_hash.as_slice()),
+                    l.map(|(e, _)| e.hash.as_slice()),
+                )
+            })
+            .collect();
+        let mut values: Vec<&(dyn ToSql + Sync)> = vec![
+            &id,
+            &first.event_id,
+            &first.charge,
+            &first.occurred_at,
+            &first.attributed_at,
+            &first.recorded_at,
+            &topic,
+            &partition,
+            &offset,
+            &detail,
+        ];
+        for l in &leg_cols {
+            values.extend([
+                &l.0 as &(dyn ToSql + Sync),
+                &l.1,
+                &l.2,
+                &l.3,
+                &l.4,
+                &l.5,
+                &l.6,
+            ]);
+        }
+        writer.as_mut().write(&values).await?;
     }
     writer.finish().await?;
     Ok(())
@@ -950,7 +1148,7 @@ async fn write_effects(
         let (topics, parts, offsets) = source_columns(a.iter().map(|x| x.source.as_ref()));
         tx.execute(
             "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset)
-             SELECT e, t, h, k, kh, p::jsonb, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
+             SELECT e, t, h, k, kh, p::json, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
             &[&eids, &types, &hashes, &idem, &idem_h, &payloads, &occurred, &topics, &parts, &offsets, &now],
         )
         .await?;
@@ -1010,7 +1208,7 @@ async fn write_effects(
         }
     }
     if !fx.entries.is_empty() {
-        copy_entries(tx, &fx.entries).await?;
+        write_ledger(tx, &fx.entries).await?;
     }
     if !fx.quarantined.is_empty() {
         // One statement for the batch's quarantined messages, in order (a

@@ -333,10 +333,10 @@ pub async fn reconcile(pool: &Pool) -> anyhow::Result<Report> {
     // 3. Every applied usage event has one usage entry per scope it names.
     let rows = c
         .query(
-            "SELECT a.event_id, 3 + (a.payload->>'group_id' IS NOT NULL)::int + (a.payload->>'reseller_id' IS NOT NULL)::int AS want, count(e.entry_id)
-             FROM applied_events a LEFT JOIN ledger_entries e ON e.event_id = a.event_id AND e.entry_type = 'usage'
-             WHERE a.event_type = 'usage' GROUP BY a.event_id, a.payload
-             HAVING count(e.entry_id) <> 3 + (a.payload->>'group_id' IS NOT NULL)::int + (a.payload->>'reseller_id' IS NOT NULL)::int",
+            "SELECT a.event_id, a.want, count(e.entry_id)
+             FROM (SELECT event_id, 3 + (payload->>'group_id' IS NOT NULL)::int + (payload->>'reseller_id' IS NOT NULL)::int AS want FROM applied_events WHERE event_type = 'usage') a
+             LEFT JOIN ledger_entries e ON e.event_id = a.event_id AND e.entry_type = 'usage'
+             GROUP BY a.event_id, a.want HAVING count(e.entry_id) <> a.want",
             &[],
         )
         .await?;

@@ -261,12 +261,14 @@ async fn statement_ties_out_and_reconcile_names_a_corrupted_entry() {
     let victim: i64 = ctx.sql_one("SELECT entry_id FROM ledger_entries WHERE kind = 'user' AND id = 'u_1' AND event_id = 's-1-2'", &[]).await;
     {
         let c = ctx.pool.get().await.unwrap();
+        // A usage entry is a leg of its event's posting row
+        // (V5__usage_postings.sql); the ghost is an entry row.
         c.batch_execute(&format!(
-            "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_immutable;
-             UPDATE ledger_entries SET amount = amount - 1 WHERE entry_id = {victim};
-             ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_immutable;
-             INSERT INTO ledger_entries (kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, detail, prev_hash, hash)
-               SELECT kind, 'ghost', seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, detail, prev_hash, hash
+            "ALTER TABLE usage_postings DISABLE TRIGGER usage_postings_immutable;
+             UPDATE usage_postings SET user_amount = user_amount - 1 WHERE event_id = 's-1-2';
+             ALTER TABLE usage_postings ENABLE TRIGGER usage_postings_immutable;
+             INSERT INTO ledger_entry_rows (entry_id, kind, id, seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, detail, prev_hash, hash)
+               SELECT nextval('ledger_ids') * 8, kind, 'ghost', seq, event_id, entry_type, amount, balance_after, charge, occurred_at, recorded_at, detail, prev_hash, hash
                FROM ledger_entries WHERE entry_id = {victim};"
         ))
         .await
