@@ -31,3 +31,9 @@ pub mod replay;
 pub mod serve;
 pub mod sim;
 pub mod store;
+
+/// The fold and the write path allocate and free many small values per
+/// event (JSON details, strings, map nodes); with glibc's allocator that
+/// was a third of the sink's CPU (perf, BENCHMARKS.md "Ingest").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
