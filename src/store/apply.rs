@@ -888,13 +888,13 @@ fn ledger_units(entries: &[fold::Entry]) -> Vec<LedgerUnit<'_>> {
     units
 }
 
-/// A posting's legs by scope rank (key 0 … reseller 4), and the detail
-/// they share (each leg's without `limited`). Anything a posting row
-/// cannot hold exactly as the fold produced it is a broken invariant.
+/// A posting's legs by scope rank (key 0 … reseller 4) with their
+/// `limited`, and the detail they share. Anything a posting row cannot hold
+/// exactly as the fold produced it is a broken invariant.
 #[allow(clippy::type_complexity)]
 fn posting_legs<'a>(
     legs: &[&'a fold::Entry],
-) -> Result<([Option<(&'a fold::Entry, bool)>; 5], serde_json::Value), ApplyError> {
+) -> Result<([Option<(&'a fold::Entry, bool)>; 5], &'a serde_json::Value), ApplyError> {
     let first = legs[0];
     let bad = |why: &str| {
         ApplyError::Invariant(format!(
@@ -902,19 +902,15 @@ fn posting_legs<'a>(
             first.event_id
         ))
     };
-    let shared = |e: &fold::Entry| -> Result<(serde_json::Map<String, serde_json::Value>, bool), ApplyError> {
-        let mut d = e.detail.as_object().cloned().ok_or_else(|| bad("detail is not an object"))?;
-        let limited = d
-            .remove("limited")
-            .and_then(|v| v.as_bool())
-            .ok_or_else(|| bad("detail has no `limited`"))?;
-        Ok((d, limited))
+    let fold::Detail::Usage { shared, .. } = &first.detail else {
+        return Err(bad("its detail is not a usage detail"));
     };
-    let (detail, _) = shared(first)?;
     let mut by_rank: [Option<(&fold::Entry, bool)>; 5] = [None; 5];
     for e in legs {
-        let (d, limited) = shared(e)?;
-        if d != detail
+        let fold::Detail::Usage { shared: s, limited } = &e.detail else {
+            return Err(bad("its detail is not a usage detail"));
+        };
+        if !(std::sync::Arc::ptr_eq(s, shared) || s == shared)
             || e.charge != first.charge
             || e.occurred_at != first.occurred_at
             || e.attributed_at != first.attributed_at
@@ -924,7 +920,7 @@ fn posting_legs<'a>(
             return Err(bad("legs differ in a shared field"));
         }
         let rank = e.account.kind as usize;
-        if by_rank[rank].replace((e, limited)).is_some() {
+        if by_rank[rank].replace((e, *limited)).is_some() {
             return Err(bad("two legs for one scope"));
         }
     }
@@ -934,7 +930,7 @@ fn posting_legs<'a>(
     if first.charge.is_none() {
         return Err(bad("no charge"));
     }
-    Ok((by_rank, serde_json::Value::Object(detail)))
+    Ok((by_rank, shared))
 }
 
 /// The batch's ledger by binary `COPY`: entry rows and usage postings, with
@@ -993,6 +989,10 @@ async fn write_ledger(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(
         futures_util::pin_mut!(writer);
         for (entry_id, x) in rows {
             let source = x.source.as_ref();
+            let detail = match &x.detail {
+                fold::Detail::Object(v) => std::borrow::Cow::Borrowed(v),
+                d => std::borrow::Cow::Owned(d.to_value()),
+            };
             writer
                 .as_mut()
                 .write(&[
@@ -1010,7 +1010,7 @@ async fn write_ledger(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(
                     &source.map(|s| s.topic.as_str()),
                     &source.map(|s| s.partition),
                     &source.map(|s| s.offset),
-                    &x.detail,
+                    &*detail,
                     &x.prev_hash.as_slice(),
                     &x.hash.as_slice(),
                     &x.attributed_at,

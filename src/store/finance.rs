@@ -491,7 +491,7 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
             attributed_at: row.get(11),
             recorded_at: row.get(10),
             source: None,
-            detail: Value::Null,
+            detail: Value::Null.into(),
             prev_hash: [0; 32],
             hash: [0; 32],
         };
