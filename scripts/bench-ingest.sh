@@ -2,11 +2,11 @@
 # Ingest benchmark: the batch sink alone, fed simulated usage from memory
 # (the broker is not what is measured), against the local stack's Postgres,
 # each run in a fresh database. Release build.
-#   EVENTS (200000), USERS (1000), RESELLERS (8), SINKS ("1 2"), BATCH (2000)
+#   EVENTS (200000), USERS (1000), RESELLERS (8), SINKS ("1 2"), BATCH (8000, the service default)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-EVENTS=${EVENTS:-200000}; USERS=${USERS:-1000}; RESELLERS=${RESELLERS:-8}; SINKS=${SINKS:-"1 2"}; BATCH=${BATCH:-2000}
+EVENTS=${EVENTS:-200000}; USERS=${USERS:-1000}; RESELLERS=${RESELLERS:-8}; SINKS=${SINKS:-"1 2"}; BATCH=${BATCH:-8000}
 cargo bench --locked --bench bench --no-run
 bench_bin=$(ls -t target/release/deps/bench-* | grep -v '\.d$' | head -1)
 run() {
