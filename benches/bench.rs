@@ -443,6 +443,7 @@ async fn ingest(
         dead_letters: None,
         clock: system_clock(),
         lateness: chrono::Duration::seconds(300),
+        registry_cache: Default::default(),
     };
     let args = quota_engine::sim::SimArgs {
         users,

@@ -235,6 +235,7 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 }),
                 clock: store::apply::system_clock(),
                 lateness: config.lateness(),
+                registry_cache: Default::default(),
             };
             let n = sink
                 .redrive(reason.as_deref(), id)

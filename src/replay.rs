@@ -227,6 +227,7 @@ impl OrderedReplay {
                 dead_letters: None,
                 clock: system_clock(),
                 lateness,
+                registry_cache: Default::default(),
             },
             batch: Vec::new(),
             not_applied: Vec::new(),
@@ -486,6 +487,7 @@ pub async fn from_kafka(
         dead_letters: None,
         clock: std::sync::Arc::new(move || end),
         lateness,
+        registry_cache: Default::default(),
     };
     let mut progress = Progress::new("replay", Some(total));
     let mut batch: Vec<quota_consumers::Record> = Vec::new();

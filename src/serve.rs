@@ -94,6 +94,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
                                     dead_letters: Some(dead_letters),
                                     clock,
                                     lateness,
+                                    registry_cache: Default::default(),
                                 };
                                 let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
                                     sink.clone(),

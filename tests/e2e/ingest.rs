@@ -265,6 +265,7 @@ async fn concurrent_sinks_record_each_account_in_seq_order() {
         dead_letters: None,
         clock: system_clock(),
         lateness: chrono::Duration::seconds(300),
+        registry_cache: Default::default(),
     };
     let args = quota_engine::sim::SimArgs {
         users: 40,

@@ -156,6 +156,7 @@ async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
         dead_letters: None,
         clock: Arc::new(move || *clock_now.lock().unwrap()),
         lateness,
+        registry_cache: Default::default(),
     };
     let mut offsets: HashMap<(&str, i32), i64> = HashMap::new();
     let started = Instant::now();
