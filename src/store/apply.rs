@@ -1413,3 +1413,121 @@ pub async fn run_quarantine_sweeper(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use fold::{Detail, Entry, EntryType};
+
+    fn entry(kind: AccountKind, event: &str, entry_type: EntryType, limited: bool) -> Entry {
+        let t = Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap();
+        let shared = std::sync::Arc::new(serde_json::json!({"discount": "1"}));
+        Entry {
+            account: AccountRef::new(kind, format!("{}-1", kind.as_str())),
+            seq: 1,
+            event_id: event.into(),
+            entry_type,
+            amount: Decimal::new(-5, 0),
+            balance_after: Decimal::new(-5, 0),
+            charge: Some(Decimal::new(5, 0)),
+            occurred_at: t,
+            attributed_at: None,
+            recorded_at: t,
+            source: None,
+            detail: match entry_type {
+                EntryType::Usage => Detail::Usage { shared, limited },
+                _ => serde_json::json!({"grant_id": "g"}).into(),
+            },
+            prev_hash: [0; 32],
+            hash: [1; 32],
+        }
+    }
+
+    fn legs(event: &str, kinds: &[AccountKind]) -> Vec<Entry> {
+        kinds
+            .iter()
+            .map(|k| entry(*k, event, EntryType::Usage, *k != AccountKind::Group))
+            .collect()
+    }
+
+    #[test]
+    fn a_usage_event_s_legs_are_one_posting_and_other_entries_rows_in_order() {
+        use AccountKind::*;
+        let mut entries = legs("u-1", &[Key, App, User, Group, Reseller]);
+        entries.push(entry(User, "g-1", EntryType::Grant, true));
+        entries.extend(legs("u-2", &[Key, App, User]));
+        entries.extend(legs("u-3", &[Key, App, User, Reseller]));
+        let units = ledger_units(&entries);
+        let shape: Vec<(String, usize)> = units
+            .iter()
+            .map(|u| match u {
+                LedgerUnit::Row(e) => (e.event_id.clone(), 0),
+                LedgerUnit::Posting(l) => (l[0].event_id.clone(), l.len()),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("u-1".into(), 5),
+                ("g-1".into(), 0),
+                ("u-2".into(), 3),
+                ("u-3".into(), 4)
+            ]
+        );
+        let LedgerUnit::Posting(l) = &units[3] else {
+            panic!()
+        };
+        let (by_rank, detail) = posting_legs(l).unwrap();
+        assert_eq!(detail, &serde_json::json!({"discount": "1"}));
+        // By scope rank; the group leg is absent, the reseller leg is rank 4.
+        assert_eq!(
+            by_rank.map(|l| l.map(|(e, limited)| (e.account.kind, limited))),
+            [
+                Some((Key, true)),
+                Some((App, true)),
+                Some((User, true)),
+                None,
+                Some((Reseller, true))
+            ]
+        );
+        let LedgerUnit::Posting(l) = &units[0] else {
+            panic!()
+        };
+        assert_eq!(
+            posting_legs(l).unwrap().0[3].map(|(_, lim)| lim),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn legs_that_cannot_share_a_posting_row_are_a_broken_invariant() {
+        use AccountKind::*;
+        let refuse = |mut l: Vec<Entry>, change: &dyn Fn(&mut Vec<Entry>)| {
+            change(&mut l);
+            let refs: Vec<&Entry> = l.iter().collect();
+            match posting_legs(&refs) {
+                Err(ApplyError::Invariant(m)) => m,
+                _ => panic!("accepted"),
+            }
+        };
+        let five = || legs("u-1", &[Key, App, User, Group, Reseller]);
+        let m = refuse(five(), &|l| l[2].charge = Some(Decimal::new(6, 0)));
+        assert!(m.contains("u-1") && m.contains("shared field"), "{m}");
+        let m = refuse(five(), &|l| {
+            l[1].detail = Detail::Usage {
+                shared: std::sync::Arc::new(serde_json::json!({"discount": "0.5"})),
+                limited: true,
+            }
+        });
+        assert!(m.contains("shared field"), "{m}");
+        let m = refuse(five(), &|l| l[4].account.kind = Group);
+        assert!(m.contains("two legs for one scope"), "{m}");
+        let m = refuse(five(), &|l| {
+            l.remove(1);
+        });
+        assert!(m.contains("no key, app or user leg"), "{m}");
+        let m = refuse(five(), &|l| l[0].detail = serde_json::json!({}).into());
+        assert!(m.contains("not a usage detail"), "{m}");
+    }
+}
