@@ -100,6 +100,9 @@ struct SeekingContext {
     /// Bumped on every rebalance: a batch that saw a bump is discarded.
     generation: AtomicU64,
     shutting_down: Arc<AtomicBool>,
+    /// Set by the rebalance callback when a partition cannot be resumed
+    /// safely; `run` returns it as a fatal error.
+    fatal: std::sync::Mutex<Option<String>>,
 }
 
 impl ClientContext for SeekingContext {}
@@ -120,6 +123,38 @@ impl ConsumerContext for SeekingContext {
                     .map(|e| (e.topic().to_string(), e.partition()))
                     .collect();
                 let offsets = self.stored_offsets_blocking(&parts);
+                // A stored offset past the partition's end means the broker
+                // no longer has records this ledger applied: the topic was
+                // deleted and created again, or the broker lost data. Its
+                // new records would sit below the stored offset and be
+                // skipped as applied, so stop instead, loudly.
+                for ((topic, partition), next) in parts.iter().zip(&offsets) {
+                    let Some(next) = *next else { continue };
+                    match base_consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10))
+                    {
+                        Ok((_, high)) if next > high => {
+                            let m = format!(
+                                "{topic}/{partition}: the ledger has applied up to offset {next} but the partition ends at {high} \
+                                 (the topic was recreated or the broker lost records); its new records would be skipped as applied. \
+                                 Stopping. If the topic was recreated on purpose, delete its rows from consumer_partitions to read it from the start."
+                            );
+                            tracing::error!("{m}");
+                            if let Ok(mut f) = self.fatal.lock() {
+                                f.get_or_insert(m);
+                            }
+                        }
+                        Ok(_) => {}
+                        // Not knowing is no reason to stop: the usual case
+                        // is a broker still starting.
+                        Err(e) => {
+                            tracing::warn!(%topic, partition, error = %e, "cannot read the partition's end offset; not checked")
+                        }
+                    }
+                }
+                if self.fatal.lock().map(|f| f.is_some()).unwrap_or(false) {
+                    self.shutting_down.store(true, Ordering::SeqCst);
+                    return;
+                }
                 for ((topic, partition), next) in parts.iter().zip(offsets) {
                     let offset = match next {
                         Some(n) => Offset::Offset(n),
@@ -185,6 +220,7 @@ pub async fn run(
         runtime: tokio::runtime::Handle::current(),
         generation: AtomicU64::new(0),
         shutting_down: shutting_down.clone(),
+        fatal: std::sync::Mutex::new(None),
     };
     let consumer: StreamConsumer<SeekingContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -208,6 +244,15 @@ pub async fn run(
     loop {
         if *shutdown.borrow() {
             break;
+        }
+        if let Some(m) = consumer
+            .context()
+            .fatal
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+        {
+            return Err(m);
         }
         // Open a batch with its first record. Records received under an
         // older assignment generation are dropped: the rebalance that bumped

@@ -188,6 +188,55 @@ async fn killed_service_resumes_without_applying_twice_or_skipping() {
     assert_eq!(distinct, total as i64);
 }
 
+/// A partition whose stored offset lies past its end — the topic was
+/// deleted and created again, or the broker lost records — would have its
+/// new records skipped as applied: the service stops instead, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_past_the_partition_end_stops_the_service() {
+    let ctx = TestCtx::new("offset_past_end").await;
+    register_world(&ctx).await;
+    // Applied before (by this ledger, from an earlier life of the topic):
+    // 1,000 records of partition 1. The topic is new: at most one record.
+    {
+        let c = ctx.pool.get().await.unwrap();
+        c.execute(
+            "INSERT INTO consumer_partitions (topic, partition, next_offset) VALUES ($1, 1, 1000)",
+            &[&ctx.topics.usage],
+        )
+        .await
+        .unwrap();
+    }
+    let ev = usage(
+        "k-1",
+        "gpt-4o",
+        "/v1/chat/completions",
+        "success",
+        json!({"input_tokens": 10}),
+    );
+    ctx.produce_raw(&ctx.topics.usage, None, ev.to_string().as_bytes())
+        .await;
+    let mut svc = ctx.serve();
+    let status = svc
+        .wait_exit(Duration::from_secs(90))
+        .unwrap_or_else(|| panic!("serve kept running; log: {}", svc.log));
+    assert!(!status.success(), "{status:?}");
+    let log = std::fs::read_to_string(&svc.log).unwrap();
+    assert!(
+        log.contains(&format!(
+            "{}/1: the ledger has applied up to offset 1000 but the partition ends at",
+            ctx.topics.usage
+        )),
+        "{log}"
+    );
+    let applied: i64 = ctx
+        .sql_one(
+            "SELECT count(*) FROM applied_events WHERE event_type = 'usage'",
+            &[],
+        )
+        .await;
+    assert_eq!(applied, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
     let ctx = TestCtx::new("expiry").await;
