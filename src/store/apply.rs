@@ -938,9 +938,13 @@ enum LedgerUnit<'a> {
 }
 
 /// Group the fold's entries into entry rows and postings, in order. A usage
-/// event's legs are consecutive (the fold writes them in one loop).
-fn ledger_units(entries: &[fold::Entry]) -> Vec<LedgerUnit<'_>> {
+/// event's legs are consecutive (the fold writes them in one loop); legs of
+/// one event split apart would be two posting rows for one event, which the
+/// store's unique event id refuses as if it were a lost race, retried
+/// forever: a broken invariant instead.
+fn ledger_units(entries: &[fold::Entry]) -> Result<Vec<LedgerUnit<'_>>, ApplyError> {
     let mut units: Vec<LedgerUnit<'_>> = Vec::with_capacity(entries.len());
+    let mut posted: std::collections::HashSet<&str> = Default::default();
     for e in entries {
         if e.entry_type != fold::EntryType::Usage {
             units.push(LedgerUnit::Row(e));
@@ -952,9 +956,15 @@ fn ledger_units(entries: &[fold::Entry]) -> Vec<LedgerUnit<'_>> {
                 continue;
             }
         }
+        if !posted.insert(e.event_id.as_str()) {
+            return Err(ApplyError::Invariant(format!(
+                "usage entries of event {} are not consecutive in the batch",
+                e.event_id
+            )));
+        }
         units.push(LedgerUnit::Posting(vec![e]));
     }
-    units
+    Ok(units)
 }
 
 /// A posting's legs by scope rank (key 0 … reseller 4) with their
@@ -1007,7 +1017,7 @@ fn posting_legs<'a>(
 async fn write_ledger(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(), ApplyError> {
     use postgres_types::{ToSql, Type};
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    let units = ledger_units(entries);
+    let units = ledger_units(entries)?;
     let ids: Vec<i64> = tx
         .query(
             "SELECT nextval('ledger_ids') FROM generate_series(1, $1::int) ORDER BY 1",
@@ -1458,7 +1468,7 @@ mod tests {
         entries.push(entry(User, "g-1", EntryType::Grant, true));
         entries.extend(legs("u-2", &[Key, App, User]));
         entries.extend(legs("u-3", &[Key, App, User, Reseller]));
-        let units = ledger_units(&entries);
+        let units = ledger_units(&entries).unwrap();
         let shape: Vec<(String, usize)> = units
             .iter()
             .map(|u| match u {
@@ -1529,5 +1539,13 @@ mod tests {
         assert!(m.contains("no key, app or user leg"), "{m}");
         let m = refuse(five(), &|l| l[0].detail = serde_json::json!({}).into());
         assert!(m.contains("not a usage detail"), "{m}");
+        // One event's legs apart from each other in the batch.
+        let mut split = legs("u-1", &[Key, App]);
+        split.push(entry(User, "g-1", EntryType::Grant, true));
+        split.extend(legs("u-1", &[User]));
+        match ledger_units(&split) {
+            Err(ApplyError::Invariant(m)) => assert!(m.contains("not consecutive"), "{m}"),
+            _ => panic!("accepted"),
+        }
     }
 }
