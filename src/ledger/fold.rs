@@ -520,32 +520,40 @@ impl std::ops::Index<&str> for Detail {
     }
 }
 
-/// The entry hash covers the previous hash and every field finance reads.
+/// The entry hash covers the previous hash and every field finance reads:
+/// each field as text, preceded by its length (8 bytes, little-endian).
+/// Formatted into one reused buffer (it was ten strings per entry, 7% of
+/// the sink's CPU); `entry_hash_is_stable` pins the output.
 pub fn entry_hash(prev: &[u8; 32], e: &Entry) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(prev);
-    let fields = [
-        e.account.kind.as_str().to_string(),
-        e.account.id.clone(),
-        e.seq.to_string(),
-        e.event_id.clone(),
-        e.entry_type.as_str().to_string(),
-        e.amount.normalize().to_string(),
-        e.balance_after.normalize().to_string(),
-        e.charge
-            .map(|c| c.normalize().to_string())
-            .unwrap_or_default(),
-        e.occurred_at.timestamp_micros().to_string(),
-        e.recorded_at.timestamp_micros().to_string(),
-    ];
-    for f in fields {
+    use std::fmt::Write;
+    fn field(h: &mut Sha256, f: &str) {
         h.update((f.len() as u64).to_le_bytes());
         h.update(f.as_bytes());
     }
+    let mut h = Sha256::new();
+    h.update(prev);
+    let mut buf = String::with_capacity(48);
+    let mut formatted = |h: &mut Sha256, v: &dyn std::fmt::Display| {
+        buf.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(buf, "{v}");
+        field(h, &buf);
+    };
+    field(&mut h, e.account.kind.as_str());
+    field(&mut h, &e.account.id);
+    formatted(&mut h, &e.seq);
+    field(&mut h, &e.event_id);
+    field(&mut h, e.entry_type.as_str());
+    formatted(&mut h, &e.amount.normalize());
+    formatted(&mut h, &e.balance_after.normalize());
+    match e.charge {
+        Some(c) => formatted(&mut h, &c.normalize()),
+        None => field(&mut h, ""),
+    }
+    formatted(&mut h, &e.occurred_at.timestamp_micros());
+    formatted(&mut h, &e.recorded_at.timestamp_micros());
     if let Some(a) = e.attributed_at {
-        let f = a.timestamp_micros().to_string();
-        h.update((f.len() as u64).to_le_bytes());
-        h.update(f.as_bytes());
+        formatted(&mut h, &a.timestamp_micros());
     }
     h.finalize().into()
 }
@@ -1443,6 +1451,47 @@ mod tests {
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
+    }
+
+    /// Stored hash chains were computed with this function: its output for
+    /// a given entry must never change (reconcile recomputes every hash).
+    #[test]
+    fn entry_hash_is_stable() {
+        let t = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 27, 10, 0, 0)
+            .unwrap();
+        let mut e = Entry {
+            account: AccountRef::new(AccountKind::Reseller, "r_1"),
+            seq: 42,
+            event_id: "u-7".into(),
+            entry_type: EntryType::Usage,
+            amount: d("-20.500"),
+            balance_after: d("99979.5"),
+            charge: Some(d("20.50")),
+            occurred_at: t,
+            attributed_at: None,
+            recorded_at: t + chrono::Duration::microseconds(1_500_001),
+            source: None,
+            detail: serde_json::json!({}).into(),
+            prev_hash: [7; 32],
+            hash: [0; 32],
+        };
+        let h = |e: &Entry| hex_of(&entry_hash(&e.prev_hash.clone(), e));
+        assert_eq!(
+            h(&e),
+            "ae2b09228de8a59a3db07e64172435be8655fd7b264b075d8b8e4cfbd3c5a18c"
+        );
+        e.charge = None;
+        e.attributed_at = Some(t + chrono::Duration::seconds(3));
+        e.entry_type = EntryType::Grant;
+        assert_eq!(
+            h(&e),
+            "9e580540e8a813f3594438b4377077cd1fab62f274d17235ea28aa6420e2c9c9"
+        );
+    }
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
     fn input(offset: i64, json: &str) -> Input {
