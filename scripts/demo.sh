@@ -21,7 +21,13 @@ demo() {
     sleep 0.2
   done
   echo "quota-engine serve is up on http://$addr (log: .stack/serve.log)"
-  "$bin" simulate --users "${DEMO_USERS:-12}" --events "${DEMO_EVENTS:-5000}" --check "$addr"
+  local checked=0
+  "$bin" simulate --users "${DEMO_USERS:-12}" --events "${DEMO_EVENTS:-5000}" --check "$addr" || checked=$?
+  if ! kill -0 $serve_pid 2>/dev/null; then
+    echo "quota-engine serve has stopped; the end of its log (.stack/serve.log):"
+    tail -3 "$repo/.stack/serve.log"
+    exit 1
+  fi
   echo
   "$bin" status
   echo
@@ -32,6 +38,7 @@ demo() {
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/ledger/user/<id>?format=csv"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/reconcile"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/openapi.json"
+  [ "$checked" = 0 ] || exit "$checked"
   if [ "${DEMO_WAIT:-1}" = 1 ]; then
     echo "The service keeps running; Ctrl-C stops it and the stack."
     wait $serve_pid
