@@ -710,18 +710,18 @@ async fn load_state(
             {
                 let seq: i64 = r.get(0);
                 let payload: &str = r.get(1);
-                let ev = event::decode(Some(payload.as_bytes())).map_err(|e| {
-                    ApplyError::Invariant(format!(
-                        "stored registry version {seq} does not decode: {}",
-                        e.detail
-                    ))
-                })?;
-                let EventBody::Upsert(up) = ev.body else {
-                    return Err(ApplyError::Invariant(format!(
-                        "stored registry version {seq} is not an upsert"
-                    )));
-                };
-                let entity = Arc::new(up.entity);
+                let entity = super::stored_entity(payload)
+                    .map_err(|why| {
+                        ApplyError::Invariant(format!(
+                            "stored registry version {seq} does not decode: {why}"
+                        ))
+                    })?
+                    .ok_or_else(|| {
+                        ApplyError::Invariant(format!(
+                            "stored registry version {seq} is not an upsert"
+                        ))
+                    })?;
+                let entity = Arc::new(entity);
                 cache.put(seq, entity.clone());
                 decoded.insert(seq, entity);
             }

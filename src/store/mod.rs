@@ -14,6 +14,19 @@ mod embedded {
     refinery::embed_migrations!("schema/migrations");
 }
 
+/// The entity of a stored registry version (its payload is the
+/// `*.upserted` event as applied): `Ok(None)` when the event is not an
+/// upsert, `Err` with the decoder's reason when it does not decode.
+pub(crate) fn stored_entity(payload: &str) -> Result<Option<crate::event::Entity>, String> {
+    match crate::event::decode(Some(payload.as_bytes())) {
+        Ok(ev) => Ok(match ev.body {
+            crate::event::EventBody::Upsert(up) => Some(up.entity),
+            _ => None,
+        }),
+        Err(e) => Err(e.detail),
+    }
+}
+
 /// A pool on `url`, creating the database first when it does not exist
 /// (so a fresh local cluster needs no setup).
 pub async fn connect(url: &str, max_size: usize) -> anyhow::Result<Pool> {

@@ -5,7 +5,7 @@ use deadpool_postgres::Pool;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::event::{self, AccountRef, EntityKind, EventBody};
+use crate::event::{AccountRef, EntityKind};
 use crate::ledger::registry::{Registry, Version};
 
 #[derive(Debug, Serialize)]
@@ -33,11 +33,9 @@ pub async fn entity_versions(pool: &Pool, kind: EntityKind, id: &str) -> anyhow:
         .await?;
     let mut reg = Registry::default();
     for r in rows {
-        let payload: String = r.get(3);
-        let ev = event::decode(Some(payload.as_bytes())).map_err(|e| {
-            anyhow::anyhow!("stored registry version does not decode: {}", e.detail)
-        })?;
-        if let EventBody::Upsert(up) = ev.body {
+        let entity = super::stored_entity(r.get(3))
+            .map_err(|why| anyhow::anyhow!("stored registry version does not decode: {why}"))?;
+        if let Some(entity) = entity {
             reg.insert(
                 kind,
                 id,
@@ -45,7 +43,7 @@ pub async fn entity_versions(pool: &Pool, kind: EntityKind, id: &str) -> anyhow:
                     effective_from: r.get(0),
                     seq: r.get(1),
                     event_id: r.get(2),
-                    entity: up.entity,
+                    entity,
                 },
             );
         }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::admission::{Ledger, Record, View};
-use crate::event::{self, AccountKind, Entity, EntityKind, EventBody};
+use crate::event::{AccountKind, Entity, EntityKind};
 
 pub const CHANNEL: &str = "quota_changes";
 
@@ -181,14 +181,10 @@ fn apply_version(view: &mut View, (kind, id, from, seq, entity): VersionRow) {
 
 fn decode_version(r: &tokio_postgres::Row) -> Option<VersionRow> {
     let kind = EntityKind::parse(r.get(0))?;
-    let payload: &str = r.get(4);
-    match event::decode(Some(payload.as_bytes())) {
-        Ok(ev) => match ev.body {
-            EventBody::Upsert(up) => Some((kind, r.get(1), r.get(2), r.get(3), up.entity)),
-            _ => None,
-        },
-        Err(e) => {
-            tracing::error!(detail = %e.detail, "stored registry version does not decode");
+    match super::stored_entity(r.get(4)) {
+        Ok(entity) => entity.map(|e| (kind, r.get(1), r.get(2), r.get(3), e)),
+        Err(detail) => {
+            tracing::error!(%detail, "stored registry version does not decode");
             None
         }
     }
