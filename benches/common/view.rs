@@ -56,7 +56,14 @@ pub fn build_view(n: usize) -> (View, Vec<String>) {
     }
     for r in 0..10 {
         let rec = v.resellers.entry(format!("r{r}")).or_default();
-        rec.insert(t0, 0, Entity::Reseller { quota: quota(true) });
+        rec.insert(
+            t0,
+            0,
+            Entity::Reseller {
+                quota: quota(true),
+                groups: vec![],
+            },
+        );
         rec.ledger = funded.clone();
     }
     let mut hashes = Vec::with_capacity(n);

@@ -111,6 +111,7 @@ fn view() -> View {
         rec(
             Entity::Reseller {
                 quota: q(true, None),
+                groups: vec![],
             },
             funded("1000"),
         ),
@@ -333,7 +334,7 @@ fn unknown_unregistered_and_deleted_fail_closed() {
         Err(ErrorCode::InvalidApp)
     );
     let mut v = view();
-    if let Entity::Reseller { quota } = &mut v.resellers.get_mut("r").unwrap().versions[0].2 {
+    if let Entity::Reseller { quota, .. } = &mut v.resellers.get_mut("r").unwrap().versions[0].2 {
         quota.status = Status::Deleted;
     }
     assert_eq!(

@@ -54,8 +54,20 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Event, Rejection> {
     let bytes = payload.ok_or_else(|| invalid("message has no value".into()))?;
     let text =
         std::str::from_utf8(bytes).map_err(|e| invalid(format!("value is not UTF-8: {e}")))?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| invalid(format!("value is not JSON: {e}")))?;
+    let value: Value = match serde_json::from_str::<Strict>(text) {
+        Ok(Strict(v)) => v,
+        Err(e) if e.to_string().starts_with(DUPLICATE) => {
+            // Parsers disagree on which copy of a repeated key wins: a
+            // producer and this service must never read two different
+            // events out of one message.
+            return Err(Rejection {
+                reason: Reason::Schema,
+                detail: format!("{e}"),
+                event_id: None,
+            });
+        }
+        Err(e) => return Err(invalid(format!("value is not JSON: {e}"))),
+    };
     let obj = match &value {
         Value::Object(m) => m,
         _ => return Err(invalid("value is not a JSON object".into())),
@@ -64,19 +76,123 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Event, Rejection> {
         .get("event_id")
         .and_then(Value::as_str)
         .map(str::to_string);
-    decode_object(obj, &value).map_err(|mut r| {
-        r.event_id = event_id.filter(|id| valid_id(id));
-        r
-    })
+    refuse_nul(&value, &mut String::from("$"))
+        .and_then(|()| decode_object(obj, &value))
+        .map_err(|mut r| {
+            r.event_id = event_id.filter(|id| valid_id(id));
+            r
+        })
+}
+
+const DUPLICATE: &str = "duplicate key";
+
+/// A JSON value read in one pass like `serde_json::Value`, except that an
+/// object that repeats a key is an error (serde_json keeps the last copy).
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(Strict(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut m = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let Strict(v) = map.next_value()?;
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!(
+                    "{DUPLICATE} `{}` in an object",
+                    k.escape_debug()
+                )));
+            }
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.chars().count() <= MAX_ID_CHARS
+    !s.is_empty() && s.chars().count() <= MAX_ID_CHARS && !s.chars().any(char::is_control)
+}
+
+/// Postgres `text` cannot hold NUL, and a NUL inside stored JSON cannot be
+/// read back as text: a NUL anywhere in the message (in a key or a string,
+/// at any depth) is `schema`, with the JSON path of the first one in the
+/// detail. Other control characters are kept in free text (escaped in the
+/// stored JSON) and refused in ids (see `valid_id`).
+fn refuse_nul(v: &Value, path: &mut String) -> R<()> {
+    let bad = |path: &str| schema(format!("{path} contains a NUL character (U+0000)"));
+    match v {
+        Value::String(s) if s.contains('\0') => Err(bad(path)),
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                refuse_nul(x, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Object(m) => {
+            for (k, x) in m {
+                if k.contains('\0') {
+                    return Err(bad(&format!("a key of {path}")));
+                }
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                refuse_nul(x, path)?;
+                path.truncate(len);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
     let f = Fields { obj, prefix: "" };
-    let event_id = f.id("event_id")?;
+    let event_id = f.producer_id("event_id")?;
     let event_type = f.text("type")?;
     let version = match obj.get("schema_version") {
         None => return Err(schema("missing field `schema_version`")),
@@ -100,7 +216,7 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
             EventBody::Upsert(upsert(&f, &event_type, occurred_at)?)
         }
         "quota.granted" => EventBody::Granted(Grant {
-            grant_id: f.id("grant_id")?,
+            grant_id: f.producer_id("grant_id")?,
             account: f.account("account")?,
             amount: {
                 let a = f.decimal("amount")?;
@@ -133,7 +249,7 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
             actor: f.opt_text("actor")?,
         }),
         "quota.adjusted" => EventBody::Adjusted(Adjustment {
-            adjustment_id: f.id("adjustment_id")?,
+            adjustment_id: f.producer_id("adjustment_id")?,
             account: f.account("account")?,
             amount: {
                 let a = f.decimal("amount")?;
@@ -146,7 +262,7 @@ fn decode_object(obj: &Map<String, Value>, value: &Value) -> R<Event> {
             actor: f.opt_text("actor")?,
         }),
         "usage.reversed" => EventBody::Reversed(Reversal {
-            reversal_id: f.id("reversal_id")?,
+            reversal_id: f.producer_id("reversal_id")?,
             usage_event_id: f.id("usage_event_id")?,
             reason: f.text("reason")?,
             actor: f.opt_text("actor")?,
@@ -320,6 +436,10 @@ fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -> R<Upsert>
             AccountKind::Reseller,
             Entity::Reseller {
                 quota: quota(false)?,
+                groups: match f.obj.get("groups") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(_) => f.str_list("groups")?,
+                },
             },
         ),
         "user.upserted" => {
@@ -498,7 +618,21 @@ impl Fields<'_> {
         let s = self.text(name)?;
         if !valid_id(&s) {
             return Err(schema(format!(
-                "`{}{name}` must be 1 to {MAX_ID_CHARS} characters",
+                "`{}{name}` must be 1 to {MAX_ID_CHARS} characters, none of them a control character",
+                self.prefix
+            )));
+        }
+        Ok(s)
+    }
+
+    /// An id a producer chooses that names a record of its own (`event_id`,
+    /// `grant_id`, `adjustment_id`, `reversal_id`): the `svc:` namespace is
+    /// the service's (see `svc_id`).
+    fn producer_id(&self, name: &str) -> R<String> {
+        let s = self.id(name)?;
+        if s.starts_with(SVC_PREFIX) {
+            return Err(schema(format!(
+                "`{}{name}` must not begin with `{SVC_PREFIX}` (ids the service makes)",
                 self.prefix
             )));
         }
@@ -584,7 +718,7 @@ impl Fields<'_> {
                 .map(|v| match v.as_str() {
                     Some(s) if valid_id(s) => Ok(s.to_string()),
                     _ => Err(schema(format!(
-                        "`{name}` must hold strings of 1 to {MAX_ID_CHARS} characters"
+                        "`{name}` must hold strings of 1 to {MAX_ID_CHARS} characters, none of them a control character"
                     ))),
                 })
                 .collect(),
@@ -750,5 +884,101 @@ mod tests {
         .unwrap_err();
         assert_eq!(r.event_id.as_deref(), Some("u-1"));
         assert!(r.detail.contains("status"), "{}", r.detail);
+    }
+
+    #[test]
+    fn a_nul_anywhere_is_schema_and_names_where() {
+        for (json, place) in [
+            (
+                USAGE.replace("\"trace_id\": \"t\"", "\"trace_id\": \"t\\u0000\""),
+                "$.trace_id",
+            ),
+            (
+                USAGE.replace("\"key_id\": \"k_1\"", "\"key_id\": \"k\\u0000\""),
+                "$.key_id",
+            ),
+            (
+                USAGE.replace(
+                    "\"trace_id\": \"t\"",
+                    "\"extra\": {\"a\": [\"x\", \"\\u0000\"]}",
+                ),
+                "$.extra.a[1]",
+            ),
+            (
+                USAGE.replace("\"trace_id\": \"t\"", "\"ex\\u0000tra\": 1"),
+                "a key of $",
+            ),
+        ] {
+            let r = decode(Some(json.as_bytes())).unwrap_err();
+            assert_eq!(r.reason, Reason::Schema, "{json}");
+            assert!(r.detail.contains(place), "{} should name {place}", r.detail);
+        }
+    }
+
+    #[test]
+    fn ids_refuse_control_characters_and_the_service_namespace() {
+        let r = decode(Some(USAGE.replace("\"u-1\"", "\"u-\\u0007\"").as_bytes())).unwrap_err();
+        assert_eq!(r.reason, Reason::Schema);
+        assert_eq!(r.event_id, None, "an unreadable id is not carried");
+        assert_eq!(
+            reason(&USAGE.replace("\"k_1\"", "\"k\\u0085\"")),
+            Reason::Schema
+        );
+        let r = decode(Some(
+            USAGE
+                .replace("\"u-1\"", "\"svc:expiry:user:u:b\"")
+                .as_bytes(),
+        ))
+        .unwrap_err();
+        assert_eq!(r.reason, Reason::Schema);
+        assert!(r.detail.contains("svc:"), "{}", r.detail);
+        let grant = r#"{"event_id":"g","type":"quota.granted","schema_version":1,"occurred_at":"2026-11-27T10:00:00Z","grant_id":"GID","account":{"kind":"user","id":"u"},"amount":"5","expires_at":null}"#;
+        assert_eq!(reason(&grant.replace("GID", "svc:x")), Reason::Schema);
+        // Ids with `:` and `/` and zero-width characters are ordinary ids.
+        assert!(decode(Some(
+            grant.replace("GID", "adjustment:x/y\u{200b}").as_bytes()
+        ))
+        .is_ok());
+        // Free text keeps its control characters (escaped when stored).
+        assert!(decode(Some(
+            USAGE
+                .replace("\"trace_id\": \"t\"", "\"trace_id\": \"t\\n\\u0007\"")
+                .as_bytes()
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn service_ids_are_escaped_so_different_parts_never_meet() {
+        assert_eq!(
+            svc_id(&["expiry", "user", "a:b", "c"]),
+            "svc:expiry:user:a%3Ab:c"
+        );
+        assert_ne!(
+            svc_id(&["expiry", "user", "a:b", "c"]),
+            svc_id(&["expiry", "user", "a", "b:c"])
+        );
+        assert_ne!(svc_id(&["x", "%3A"]), svc_id(&["x", ":"]));
+        assert_eq!(svc_id(&["x", "%3A"]), "svc:x:%253A");
+    }
+
+    #[test]
+    fn a_repeated_key_is_schema_at_any_depth() {
+        let twice = USAGE.replace(
+            "\"status\": \"success\"",
+            "\"status\": \"success\", \"status\": \"failed\"",
+        );
+        let r = decode(Some(twice.as_bytes())).unwrap_err();
+        assert_eq!(r.reason, Reason::Schema);
+        assert!(r.detail.contains("duplicate key `status`"), "{}", r.detail);
+        let inner = USAGE.replace(
+            "\"input_tokens\": 1200",
+            "\"input_tokens\": 1200, \"input_tokens\": 1",
+        );
+        assert_eq!(reason(&inner), Reason::Schema);
+        // Numbers, nesting and escapes read as serde_json reads them.
+        let e = decode(Some(USAGE.as_bytes())).unwrap();
+        let plain: Value = serde_json::from_str(USAGE).unwrap();
+        assert_eq!(e.canonical, plain.to_string());
     }
 }

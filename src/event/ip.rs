@@ -27,6 +27,17 @@ impl IpRule {
                 _ => return Err(format!("`{s}` has an invalid prefix length")),
             },
         };
+        // An IPv4-mapped IPv6 block (`::ffff:a.b.c.d/104`) is the IPv4
+        // block it maps, so that it matches IPv4 clients (which `contains`
+        // compares as IPv4).
+        if let IpAddr::V6(v6) = network {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Ok(IpRule {
+                    network: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(IpRule { network, prefix })
     }
 
@@ -84,6 +95,10 @@ mod tests {
             .unwrap()
             .contains("10.0.0.1".parse().unwrap()));
         assert!(IpRule::parse("10.0.0.0/33").is_err());
+        let mapped = IpRule::parse("::ffff:198.51.100.0/120").unwrap();
+        assert!(mapped.contains("198.51.100.7".parse().unwrap()));
+        assert!(mapped.contains("::ffff:198.51.100.8".parse().unwrap()));
+        assert!(!mapped.contains("198.51.101.7".parse().unwrap()));
         assert!(IpRule::parse("nonsense").is_err());
     }
 }

@@ -192,6 +192,9 @@ pub struct QuotaSettings {
 pub enum Entity {
     Reseller {
         quota: QuotaSettings,
+        /// The groups a reseller-scoped admin may put its users, apps and
+        /// keys in.
+        groups: Vec<String>,
     },
     User {
         reseller_id: Option<String>,
@@ -233,7 +236,7 @@ pub enum Entity {
 impl Entity {
     pub fn quota(&self) -> Option<&QuotaSettings> {
         match self {
-            Entity::Reseller { quota }
+            Entity::Reseller { quota, .. }
             | Entity::User { quota, .. }
             | Entity::App { quota, .. }
             | Entity::Key { quota, .. }
@@ -367,6 +370,8 @@ pub enum Reason {
     Overflow,
     UnknownUsage,
     Conflict,
+    /// Larger than `QUOTA_MESSAGE_MAX_BYTES`.
+    TooLarge,
     /// Waits in quarantine: no price, model or group discount yet.
     Unpriced,
     /// Waits in quarantine: the reversed usage or voided grant is not here yet.
@@ -383,6 +388,7 @@ impl Reason {
             Reason::Overflow => "overflow",
             Reason::UnknownUsage => "unknown_usage",
             Reason::Conflict => "conflict",
+            Reason::TooLarge => "too_large",
             Reason::Unpriced => "unpriced",
             Reason::UnknownTarget => "unknown_target",
         }
@@ -393,6 +399,32 @@ impl Reason {
     }
 }
 
+/// An id the service makes for a record of its own (an expiry
+/// finalization, a void correction, the credit block of an adjustment or a
+/// reversal): `svc:` then the parts joined with `:`, each part
+/// percent-escaped (`%` → `%25`, `:` → `%3A`). No two different part lists
+/// give one id, and none equals a producer's id (the decoder refuses
+/// producer ids that begin with `svc:`).
+pub fn svc_id(parts: &[&str]) -> String {
+    let mut s = String::from(SVC_PREFIX);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            s.push(':');
+        }
+        s.push_str(&escape_id_part(p));
+    }
+    s
+}
+
+/// One part of a composed id, percent-escaped (`%` → `%25`, `:` → `%3A`)
+/// so that it holds no `:`.
+pub fn escape_id_part(p: &str) -> String {
+    p.replace('%', "%25").replace(':', "%3A")
+}
+
+/// The namespace of ids the service makes ([`svc_id`]).
+pub const SVC_PREFIX: &str = "svc:";
+
 /// A message that could not be decoded into an event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rejection {
@@ -400,4 +432,17 @@ pub struct Rejection {
     pub detail: String,
     /// The event id, where the message had a readable one.
     pub event_id: Option<String>,
+}
+
+/// The id a credit block written before `svc:` ids has now (migration
+/// V7): `adjustment:<id>` and `reversal:<id>` became
+/// `svc:adjustment:<id>` and `svc:reversal:<id>`. A replay of an expiry
+/// recorded with the old block id finds the block by it.
+pub fn migrated_block_id(old: &str) -> Option<String> {
+    for kind in ["adjustment", "reversal"] {
+        if let Some(rest) = old.strip_prefix(kind).and_then(|r| r.strip_prefix(':')) {
+            return Some(svc_id(&[kind, rest]));
+        }
+    }
+    None
 }
