@@ -329,6 +329,15 @@ pub fn resweep(
         .chain(acct.hwm)
         .max();
     acct.sort_blocks();
+    for b in &mut acct.blocks {
+        // A void recorded on a block whose expiry was finalized came after
+        // the finalization (a finalization skips voided blocks) and took
+        // nothing; it does not close the block (as `apply_event` treats
+        // it). Blocks written before that rule may still carry it.
+        if b.expired_amount.is_some() && b.voided_at.is_some() {
+            b.voided_at = None;
+        }
+    }
     let mut moments: Vec<DateTime<Utc>> = debits.iter().map(|d| d.0).collect();
     for b in &mut acct.blocks {
         b.remaining = b.amount;
@@ -398,6 +407,9 @@ pub struct FoldState {
     /// `ALLOWED_LATENESS_SECS`: an event older than this on arrival is
     /// attributed at its arrival time, and flagged late.
     pub lateness: chrono::Duration,
+    /// `QUOTA_MAX_FUTURE_SECS`: an event dated further than this after its
+    /// arrival is attributed at its arrival time, and flagged future.
+    pub max_future: chrono::Duration,
     pub registry: Registry,
     pub accounts: BTreeMap<AccountRef, AccountState>,
     /// Applied events among the batch's ids: id -> content hash.
@@ -424,6 +436,7 @@ impl FoldState {
     pub fn new(lateness: chrono::Duration) -> Self {
         FoldState {
             lateness,
+            max_future: chrono::Duration::seconds(300),
             registry: Registry::default(),
             accounts: BTreeMap::new(),
             applied: HashMap::new(),
@@ -445,7 +458,45 @@ impl FoldState {
             (t, false)
         }
     }
+
+    /// Where the sweep places an event that happened at `t` (its
+    /// `occurred_at`), arriving at `now`: at `t`; or at `now`, flagged
+    /// `late` when `t` is before the lateness window, and flagged `future`
+    /// when `t` is more than `max_future` ahead (a producer's clock far
+    /// ahead must neither burn blocks that are not open yet nor move the
+    /// sweep into the future, where every later event would be behind it).
+    pub fn place(
+        &self,
+        t: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> (DateTime<Utc>, Option<&'static str>) {
+        if t < now - self.lateness {
+            (now, Some("late"))
+        } else if t > now + self.max_future {
+            (now, Some("future"))
+        } else {
+            (t, None)
+        }
+    }
+
+    /// Whether moving `account`'s balance by `delta` would take its
+    /// balance or debt past [`AMOUNT_LIMIT`].
+    fn would_overflow(&self, account: &AccountRef, delta: Decimal) -> bool {
+        let (balance, debt) = self
+            .accounts
+            .get(account)
+            .map_or((Decimal::ZERO, Decimal::ZERO), |a| (a.balance, a.debt));
+        let past = |x: Option<Decimal>| x.is_none_or(|x| x.abs() > AMOUNT_LIMIT);
+        past(balance.checked_add(delta)) || (delta < Decimal::ZERO && past(debt.checked_sub(delta)))
+    }
 }
+
+/// The largest balance or debt an account may reach, in quota units
+/// (10^20, a hundred times the largest single amount an event may carry):
+/// an event that would take one past it is dead-lettered `overflow`, so
+/// that balances, debts, block sums and finance sums over many accounts
+/// stay far inside `Decimal` (about 7.9 × 10^28).
+pub const AMOUNT_LIMIT: Decimal = Decimal::from_parts(1_661_992_960, 1_808_227_885, 5, false, 0);
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
@@ -851,6 +902,9 @@ fn apply_event(
             Outcome::Applied
         }
         EventBody::Granted(g) => {
+            if state.would_overflow(&g.account, g.amount) {
+                return overflow(&g.account);
+            }
             let (active_from, late) = state.sweep_time(g.effective_at, now);
             let block = Block {
                 block_id: g.grant_id.clone(),
@@ -891,11 +945,14 @@ fn apply_event(
             Outcome::Applied
         }
         EventBody::Adjusted(a) => {
-            let (t, late) = state.sweep_time(ev.occurred_at, now);
+            if state.would_overflow(&a.account, a.amount) {
+                return overflow(&a.account);
+            }
+            let (t, flag) = state.place(ev.occurred_at, now);
             let acct = account(state, &a.account);
             if a.amount > Decimal::ZERO {
                 acct.add_block(credit_block(
-                    format!("adjustment:{}", a.adjustment_id),
+                    svc_id(&["adjustment", &a.adjustment_id]),
                     &a.account,
                     "adjustment",
                     a.amount,
@@ -907,8 +964,8 @@ fn apply_event(
             }
             let mut detail =
                 json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor});
-            if late {
-                detail["late"] = json!(true);
+            if let Some(f) = flag {
+                detail[f] = json!(true);
             }
             push_entry(
                 state,
@@ -921,7 +978,7 @@ fn apply_event(
                 src,
                 now,
                 detail,
-                late.then_some(t),
+                flag.map(|_| t),
             );
             Outcome::Applied
         }
@@ -939,12 +996,18 @@ fn apply_event(
                     format!("event:{}", r.usage_event_id),
                 );
             };
-            let (t, late) = state.sweep_time(ev.occurred_at, now);
+            if let Some(p) = postings
+                .iter()
+                .find(|p| state.would_overflow(&p.account, -p.amount))
+            {
+                return overflow(&p.account);
+            }
+            let (t, flag) = state.place(ev.occurred_at, now);
             for p in &postings {
                 let credit = -p.amount;
                 if credit > Decimal::ZERO {
                     account(state, &p.account).add_block(credit_block(
-                        format!("reversal:{}", r.reversal_id),
+                        svc_id(&["reversal", &r.reversal_id]),
                         &p.account,
                         "reversal",
                         credit,
@@ -953,8 +1016,8 @@ fn apply_event(
                     ));
                 }
                 let mut detail = json!({"reversal_id": r.reversal_id, "usage_event_id": r.usage_event_id, "reason": r.reason, "actor": r.actor});
-                if late {
-                    detail["late"] = json!(true);
+                if let Some(f) = flag {
+                    detail[f] = json!(true);
                 }
                 push_entry(
                     state,
@@ -967,7 +1030,7 @@ fn apply_event(
                     src,
                     now,
                     detail,
-                    late.then_some(t),
+                    flag.map(|_| t),
                 );
             }
             state.reversed.insert(r.usage_event_id.clone());
@@ -983,7 +1046,7 @@ fn apply_event(
                     format!("grant:{}", v.grant_id),
                 );
             };
-            let (t, late) = state.sweep_time(ev.occurred_at, now);
+            let (t, flag) = state.place(ev.occurred_at, now);
             let acct = account(state, &acct_ref);
             let Some(i) = acct
                 .blocks
@@ -998,10 +1061,22 @@ fn apply_event(
             if acct.blocks[i].voided_at.is_some() {
                 return Outcome::Duplicate;
             }
-            let left = acct.void(i, t);
+            // A block whose expiry was finalized has nothing left: the
+            // expiry took it. Its void takes nothing and does not close the
+            // block in the sweep (the resweep ignores it the same way), so a
+            // later resweep agrees with the finalized expiry.
+            let expired = acct.blocks[i].expired_amount.is_some();
+            let left = if expired {
+                Decimal::ZERO
+            } else {
+                acct.void(i, t)
+            };
             let mut detail = json!({"grant_id": v.grant_id, "reason": v.reason, "actor": v.actor});
-            if late {
-                detail["late"] = json!(true);
+            if expired {
+                detail["already_expired"] = json!(true);
+            }
+            if let Some(f) = flag {
+                detail[f] = json!(true);
             }
             push_entry(
                 state,
@@ -1014,7 +1089,7 @@ fn apply_event(
                 src,
                 now,
                 detail,
-                late.then_some(t),
+                flag.map(|_| t),
             );
             Outcome::Applied
         }
@@ -1131,7 +1206,7 @@ fn apply_usage(
         }
     }
     let prices = serde_json::Value::Object(prices);
-    let (sweep_t, late) = state.sweep_time(t, now);
+    let (sweep_t, flag) = state.place(t, now);
     // What the charge was computed with (the token counts and status are
     // the event's own, in the applied-event store); each leg adds whether
     // its account is limited.
@@ -1140,10 +1215,17 @@ fn apply_usage(
         "prices": prices,
         "discount": priced.discount.normalize().to_string(),
     });
-    if late {
-        shared["late"] = json!(true);
+    if let Some(f) = flag {
+        shared[f] = json!(true);
     }
     let shared = std::sync::Arc::new(shared);
+    if !priced.charge.is_zero() {
+        if let Some(a) = u.accounts().into_iter().find(|a| {
+            state.registry.limited_at(a.kind, &a.id, t) && state.would_overflow(a, -priced.charge)
+        }) {
+            return overflow(&a);
+        }
+    }
     let mut postings = Vec::new();
     for acct_ref in u.accounts() {
         let limited = state.registry.limited_at(acct_ref.kind, &acct_ref.id, t);
@@ -1170,7 +1252,7 @@ fn apply_usage(
             src,
             now,
             detail,
-            late.then_some(sweep_t),
+            flag.map(|_| sweep_t),
         );
         postings.push(Posting {
             account: acct_ref,
@@ -1215,7 +1297,7 @@ pub fn settle(
                 state,
                 &mut fx,
                 &r,
-                (&format!("void-correction:{block_id}"), now),
+                (&svc_id(&["void-correction", &block_id]), now),
                 EntryType::GrantVoid,
                 -extra,
                 None,
@@ -1265,7 +1347,12 @@ pub fn expire_blocks(
         let Some(acct) = state.accounts.get_mut(acct_ref) else {
             continue;
         };
-        let Some(b) = acct.blocks.iter_mut().find(|b| &b.block_id == block_id) else {
+        let legacy = migrated_block_id(block_id);
+        let Some(b) = acct
+            .blocks
+            .iter_mut()
+            .find(|b| &b.block_id == block_id || Some(&b.block_id) == legacy.as_ref())
+        else {
             continue;
         };
         let left = b.remaining;
@@ -1276,7 +1363,35 @@ pub fn expire_blocks(
             },
             ExpiryCause::Account { closes_at } => *closes_at,
         };
-        if left <= Decimal::ZERO || b.voided_at.is_some() || b.expired_amount.is_some() {
+        if b.voided_at.is_some() || b.expired_amount.is_some() {
+            continue;
+        }
+        let prefix = if *cause == ExpiryCause::Block {
+            "expiry"
+        } else {
+            "account-expiry"
+        };
+        let event_id = svc_id(&[prefix, acct_ref.kind.as_str(), &acct_ref.id, &b.block_id]);
+        let body = json!({"event_id": event_id, "type": "expiry", "cause": prefix, "block_id": b.block_id, "account": {"kind": acct_ref.kind.as_str(), "id": acct_ref.id}, "amount": left.max(Decimal::ZERO).normalize().to_string(), "expires_at": at, "fired_at": now});
+        let (content_hash, canonical) = canonical_hash(&body);
+        let recorded = AppliedEvent {
+            event_id: event_id.clone(),
+            event_type: "expiry".into(),
+            content_hash,
+            idem_key: None,
+            idem_hash: None,
+            canonical,
+            occurred_at: at,
+            source: None,
+        };
+        if left <= Decimal::ZERO {
+            // Nothing left once the sweep reached the cutoff (the block was
+            // spent, or repaid debt when it opened): recorded all the same,
+            // with no entry, so a replay moves the sweep at the same point.
+            b.expired_amount = Some(Decimal::ZERO);
+            b.dirty = true;
+            acct.dirty = true;
+            fx.applied.push(recorded);
             continue;
         }
         b.remaining = Decimal::ZERO;
@@ -1286,22 +1401,9 @@ pub fn expire_blocks(
             b.expires_at = Some(b.expires_at.map_or(*closes_at, |e| e.min(*closes_at)));
         }
         b.dirty = true;
+        let detail = json!({"block_id": b.block_id, "category": b.category.map(|c| c.as_str()), "source": b.source, "cause": prefix, "fired_at": now});
         acct.balance -= left;
         acct.dirty = true;
-        let prefix = if *cause == ExpiryCause::Block {
-            "expiry"
-        } else {
-            "account-expiry"
-        };
-        let event_id = format!(
-            "{prefix}:{}:{}:{}",
-            acct_ref.kind.as_str(),
-            acct_ref.id,
-            block_id
-        );
-        let body = json!({"event_id": event_id, "type": "expiry", "cause": prefix, "block_id": block_id, "account": {"kind": acct_ref.kind.as_str(), "id": acct_ref.id}, "amount": left.normalize().to_string(), "expires_at": at, "fired_at": now});
-        let (content_hash, canonical) = canonical_hash(&body);
-        let detail = json!({"block_id": block_id, "category": b.category.map(|c| c.as_str()), "source": b.source, "cause": prefix, "fired_at": now});
         push_entry_from(
             state,
             &mut fx,
@@ -1315,16 +1417,7 @@ pub fn expire_blocks(
             detail,
             None,
         );
-        fx.applied.push(AppliedEvent {
-            event_id,
-            event_type: "expiry".into(),
-            content_hash,
-            idem_key: None,
-            idem_hash: None,
-            canonical,
-            occurred_at: at,
-            source: None,
-        });
+        fx.applied.push(recorded);
     }
     // An account-level expiry may have moved a block's expires_at (part of
     // the burn order).
@@ -1339,6 +1432,13 @@ pub fn expire_blocks(
         }
     }
     Ok(fx)
+}
+
+fn overflow(account: &AccountRef) -> Outcome {
+    Outcome::Reject(
+        Reason::Overflow,
+        format!("the event would take the balance or debt of {account} past 10^20 quota units"),
+    )
 }
 
 fn account<'a>(state: &'a mut FoldState, r: &AccountRef) -> &'a mut AccountState {
@@ -1626,7 +1726,7 @@ mod tests {
             (EntryType::Expiry, d("-4800"))
         );
         assert_eq!(st.accounts[&user].balance, Decimal::ZERO);
-        assert_eq!(fx.applied[0].event_id, "expiry:user:u_1:gr-1");
+        assert_eq!(fx.applied[0].event_id, "svc:expiry:user:u_1:gr-1");
         // Firing again finds nothing left.
         assert!(
             expire_blocks(&mut st, &[(user, "gr-1".into(), ExpiryCause::Block)], now())
@@ -1730,5 +1830,176 @@ mod tests {
             (user.debt, user.blocks[0].remaining),
             (d("5200"), d("10000"))
         );
+    }
+
+    #[test]
+    fn a_void_after_a_finalized_expiry_takes_nothing_and_a_resweep_agrees() {
+        let mut st = FoldState::new(chrono::Duration::hours(24));
+        let grant = GRANT.replace(
+            "\"expires_at\":null",
+            "\"expires_at\":\"2026-11-27T11:00:00Z\"",
+        );
+        fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, &grant),
+                input(3, USAGE),
+            ],
+            now(),
+        )
+        .unwrap();
+        let user = AccountRef::new(AccountKind::User, "u_1");
+        expire_blocks(
+            &mut st,
+            &[(user.clone(), "gr-1".into(), ExpiryCause::Block)],
+            now(),
+        )
+        .unwrap();
+        // The void arrives after the finalization, dated before the expiry
+        // (a second process whose clock is behind).
+        let void = r#"{"event_id":"c-v","type":"quota.grant_voided","schema_version":1,"occurred_at":"2026-11-27T10:30:00Z","grant_id":"gr-1","reason":"oops"}"#;
+        let fx = fold(&mut st, vec![input(4, void)], now()).unwrap();
+        let e = fx
+            .entries
+            .iter()
+            .find(|e| e.entry_type == EntryType::GrantVoid)
+            .unwrap();
+        assert_eq!(e.amount, Decimal::ZERO);
+        assert_eq!(e.detail["already_expired"], json!(true));
+        let acct = st.accounts.get_mut(&user).unwrap();
+        assert_eq!(
+            acct.blocks[0].voided_at, None,
+            "a void of an expired block closes nothing"
+        );
+        // Anything that resweeps the account (here: its whole history
+        // again) agrees with the finalized expiry instead of failing.
+        let debits = vec![(
+            Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap(),
+            d("5200"),
+        )];
+        let corrections = resweep(acct, &debits).unwrap();
+        assert!(corrections.is_empty());
+        acct.check().unwrap();
+        // A block stored with such a void before this rule resweeps too.
+        acct.blocks[0].voided_at = Some(Utc.with_ymd_and_hms(2026, 11, 27, 10, 30, 0).unwrap());
+        assert!(resweep(acct, &debits).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_expiry_that_finds_nothing_left_is_recorded_without_an_entry() {
+        // Debt first; then a small grant that opens and expires: its
+        // opening repays the debt when the finalizer sweeps to the cutoff.
+        let mut st = FoldState::new(chrono::Duration::seconds(300));
+        let usage = USAGE.replace("2026-11-27T10:00:00Z", "2026-11-27T11:57:00Z");
+        let grant = GRANT
+            .replace("\"amount\":\"10000\"", "\"amount\":\"100\"")
+            .replace("2026-11-27T09:00:01Z", "2026-11-27T11:58:00Z")
+            .replace(
+                "\"expires_at\":null",
+                "\"expires_at\":\"2026-11-27T11:58:02Z\"",
+            );
+        fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, &usage),
+                input(3, &grant),
+            ],
+            now(),
+        )
+        .unwrap();
+        let user = AccountRef::new(AccountKind::User, "u_1");
+        let later = now() + chrono::Duration::minutes(10);
+        let fx = expire_blocks(
+            &mut st,
+            &[(user.clone(), "gr-1".into(), ExpiryCause::Block)],
+            later,
+        )
+        .unwrap();
+        assert!(fx.entries.is_empty());
+        assert_eq!(
+            fx.applied.len(),
+            1,
+            "recorded, so a replay moves the sweep at the same point"
+        );
+        let a = &st.accounts[&user];
+        assert_eq!(a.debt, d("5100"));
+        assert_eq!(a.blocks[0].expired_amount, Some(Decimal::ZERO));
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn usage_dated_far_ahead_is_placed_at_arrival_and_flagged_future() {
+        let mut st = FoldState::new(chrono::Duration::seconds(300));
+        // A block that opens tomorrow must not pay for it.
+        let tomorrow = GRANT.replace("2026-11-27T09:00:01Z", "2026-11-28T12:00:00Z");
+        let usage = USAGE.replace("2026-11-27T10:00:00Z", "9999-12-31T23:59:59Z");
+        let fx = fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                input(2, &tomorrow),
+                input(3, &usage),
+            ],
+            now(),
+        )
+        .unwrap();
+        let e = fx
+            .entries
+            .iter()
+            .find(|e| e.entry_type == EntryType::Usage)
+            .unwrap();
+        assert_eq!(e.detail["future"], json!(true));
+        assert_eq!(e.attributed_at, Some(now()));
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        assert_eq!(user.debt, d("5200"), "nothing open now: debt");
+        assert_eq!(
+            user.hwm,
+            Some(now()),
+            "the sweep is not pinned in year 9999"
+        );
+        assert_eq!(user.blocks[0].remaining, d("10000"));
+    }
+
+    #[test]
+    fn an_event_that_would_take_a_balance_past_the_limit_is_overflow() {
+        assert_eq!(
+            AMOUNT_LIMIT,
+            Decimal::from(10u64.pow(10)) * Decimal::from(10u64.pow(10))
+        );
+        let mut st = FoldState::new(chrono::Duration::hours(24));
+        let big = |n: usize| {
+            GRANT
+                .replace("\"c-gr\"", &format!("\"c-gr{n}\""))
+                .replace("\"gr-1\"", &format!("\"gr-{n}\""))
+                .replace("\"10000\"", "\"999999999999999999\"")
+        };
+        let inputs: Vec<Input> = (0..102).map(|n| input(n as i64, &big(n))).collect();
+        let fx = fold(&mut st, inputs, now()).unwrap();
+        let c = fx.counts[&("t".to_string(), 0)];
+        assert_eq!((c.applied, c.rejected), (100, 2));
+        assert_eq!(fx.quarantined[0].reason, Reason::Overflow);
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        assert_eq!(user.balance, d("99999999999999999900"));
+    }
+
+    #[test]
+    fn producer_ids_shaped_like_the_service_s_never_meet_its_records() {
+        let mut st = FoldState::new(chrono::Duration::hours(24));
+        let grant = GRANT.replace("\"gr-1\"", "\"adjustment:x\"");
+        let adj = r#"{"event_id":"c-a","type":"quota.adjusted","schema_version":1,"occurred_at":"2026-11-27T09:30:00Z","adjustment_id":"x","account":{"kind":"user","id":"u_1"},"amount":"5","reason":"r"}"#;
+        fold(&mut st, vec![input(0, &grant), input(1, adj)], now()).unwrap();
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        let ids: Vec<&str> = user.blocks.iter().map(|b| b.block_id.as_str()).collect();
+        assert_eq!(ids.len(), 2);
+        assert!(
+            ids.contains(&"adjustment:x") && ids.contains(&"svc:adjustment:x"),
+            "{ids:?}"
+        );
+        assert_eq!(user.balance, d("10005"));
     }
 }

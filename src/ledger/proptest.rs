@@ -274,6 +274,13 @@ fn run(registry: &[String], events: &[String], rng: &mut Rng) -> Outcome {
         "every target arrived, nothing may still wait"
     );
     h.expire_all(now + Duration::days(30));
+    outcome(&h)
+}
+
+/// What the harness ended with, after checking on every account that
+/// grants − usage − expiry − voids + adjustments + reversals = balance and
+/// that the last entry's `balance_after` is the balance.
+fn outcome(h: &Harness) -> Outcome {
     let mut out = Outcome {
         accounts: BTreeMap::new(),
         sums: BTreeMap::new(),
@@ -405,5 +412,113 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
     assert!(
         resweeps > 0 && corrections > 0,
         "out-of-order arrivals must exercise the resweep and void corrections"
+    );
+}
+
+/// After expiries are finalized: voids of expired grants (dated before and
+/// after the expiry), a backdated grant and usage inside the lateness
+/// window, applied by two appliers whose clocks differ by up to 20 minutes.
+/// None of it may break an invariant (the fold and the resweep stop on
+/// one), a void of an expired block takes nothing, and a finalized expiry
+/// never changes.
+#[test]
+fn voids_of_expired_blocks_and_skewed_appliers_keep_every_invariant() {
+    let seeds = std::env::var("QUOTA_PROPTEST_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150u64);
+    let mut expired_voids = 0;
+    for seed in 1..=seeds {
+        let mut rng = Rng::new(0x51E3_77AA_0000_0001 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let (registry, mut events) = scenario(&mut rng);
+        let mut h = Harness::new();
+        let base = t0() + Duration::seconds(900);
+        let skew = Duration::seconds(rng.below(1200) as i64);
+        let applier = |rng: &mut Rng, t: DateTime<Utc>| if rng.chance(50) { t } else { t - skew };
+        let inputs: Vec<Input> = registry.iter().map(|j| h.input(j, None)).collect();
+        h.batch(inputs, base);
+        rng.shuffle(&mut events);
+        let mut i = 0;
+        while i < events.len() {
+            let n = 1 + rng.below(4) as usize;
+            let inputs: Vec<Input> = events[i..(i + n).min(events.len())]
+                .iter()
+                .map(|j| h.input(j, None))
+                .collect();
+            let now = applier(&mut rng, base);
+            h.batch(inputs, now);
+            i += n;
+        }
+        h.retry(base);
+        let later = base + Duration::days(30);
+        h.expire_all(later);
+        let finalized: BTreeMap<String, Decimal> =
+            h.st.accounts
+                .values()
+                .flat_map(|a| a.blocks.iter())
+                .filter_map(|b| b.expired_amount.map(|x| (b.block_id.clone(), x)))
+                .collect();
+        let voided: Vec<String> = events
+            .iter()
+            .filter(|e| e.contains("quota.grant_voided"))
+            .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .filter_map(|v| v["grant_id"].as_str().map(str::to_string))
+            .collect();
+        let ts_of = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut late = Vec::new();
+        for (n, a) in h.st.accounts.values().enumerate() {
+            for (m, b) in a.blocks.iter().enumerate() {
+                let (Some(e), "grant") = (b.expires_at, b.source) else {
+                    continue;
+                };
+                if voided.contains(&b.block_id) {
+                    continue;
+                }
+                let at = e + Duration::seconds(rng.below(400) as i64 - 200);
+                late.push(json!({"event_id": format!("lv{n}-{m}"), "type": "quota.grant_voided", "schema_version": 1, "occurred_at": ts_of(at), "grant_id": b.block_id, "reason": "late chargeback"}).to_string());
+            }
+        }
+        late.push(json!({"event_id": "lg", "type": "quota.granted", "schema_version": 1, "occurred_at": ts_of(later), "grant_id": "lg",
+            "account": {"kind": "user", "id": "u1"}, "amount": "5", "effective_at": ts(0), "expires_at": null}).to_string());
+        late.push(json!({"event_id": "lu", "type": "usage", "schema_version": 1, "occurred_at": ts_of(later - Duration::seconds(10)),
+            "key_id": "k1", "app_id": "a1", "user_id": "u1", "reseller_id": null, "group_id": null, "model": "m1", "path": "/v1/chat/completions",
+            "status": "success", "usage": {"input_tokens": 7}}).to_string());
+        rng.shuffle(&mut late);
+        for chunk in late.chunks(2) {
+            let inputs: Vec<Input> = chunk.iter().map(|j| h.input(j, None)).collect();
+            let now = applier(&mut rng, later);
+            h.batch(inputs, now);
+        }
+        for e in h
+            .entries
+            .iter()
+            .filter(|e| e.entry_type == EntryType::GrantVoid)
+        {
+            if e.detail["already_expired"] == json!(true) {
+                assert_eq!(
+                    e.amount,
+                    Decimal::ZERO,
+                    "seed {seed}: a void of an expired block took credit"
+                );
+                expired_voids += 1;
+            }
+        }
+        for a in h.st.accounts.values() {
+            for b in &a.blocks {
+                if let Some(x) = finalized.get(&b.block_id) {
+                    assert_eq!(
+                        b.expired_amount,
+                        Some(*x),
+                        "seed {seed}: finalized expiry of {} changed",
+                        b.block_id
+                    );
+                }
+            }
+        }
+        outcome(&h);
+    }
+    assert!(
+        expired_voids > 0,
+        "the generator should void expired blocks"
     );
 }
