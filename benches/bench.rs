@@ -438,13 +438,12 @@ async fn ingest(
         .unwrap()
         .get(0);
     assert_eq!(n, 0, "{database} is not empty: give a fresh database");
-    let sink = LedgerSink {
-        pool: pool.clone(),
-        dead_letters: None,
-        clock: system_clock(),
-        lateness: chrono::Duration::seconds(300),
-        registry_cache: Default::default(),
-    };
+    let sink = LedgerSink::new(
+        pool.clone(),
+        None,
+        system_clock(),
+        chrono::Duration::seconds(300),
+    );
     let args = quota_engine::sim::SimArgs {
         users,
         events,

@@ -35,6 +35,18 @@ pub struct Config {
     /// "Ingest": 14.6k events/s at 2,000, 20.4k at 8,000).
     #[arg(long, env = "QUOTA_BATCH_MAX", default_value_t = 8000)]
     pub batch_max_records: usize,
+    /// Most bytes (keys and values) in one batch: a batch closes at
+    /// whichever of this and `QUOTA_BATCH_MAX` comes first.
+    #[arg(long, env = "QUOTA_BATCH_MAX_BYTES", default_value_t = 64 << 20)]
+    pub batch_max_bytes: usize,
+    /// A message value larger than this is dead-lettered `too_large`
+    /// without being parsed.
+    #[arg(long, env = "QUOTA_MESSAGE_MAX_BYTES", default_value_t = 1 << 20)]
+    pub message_max_bytes: usize,
+    /// An event dated more than this many seconds after the service clock
+    /// is attributed at its arrival and flagged `future`.
+    #[arg(long, env = "QUOTA_MAX_FUTURE_SECS", default_value_t = 300)]
+    pub max_future_secs: u64,
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, env = "QUOTA_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
@@ -117,6 +129,15 @@ impl Config {
 
     pub fn lateness(&self) -> chrono::Duration {
         chrono::Duration::seconds(self.allowed_lateness_secs.min(i64::MAX as u64 / 1000) as i64)
+    }
+
+    pub fn sink_limits(&self) -> crate::store::apply::SinkLimits {
+        crate::store::apply::SinkLimits {
+            message_max_bytes: self.message_max_bytes,
+            max_future: chrono::Duration::seconds(
+                self.max_future_secs.min(i64::MAX as u64 / 1000) as i64
+            ),
+        }
     }
 
     pub fn batch_linger(&self) -> Duration {

@@ -26,6 +26,7 @@ pub mod codes;
 pub mod config;
 pub mod event;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod replay;
 pub mod serve;

@@ -227,16 +227,15 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
                 .set("bootstrap.servers", &config.kafka_brokers)
                 .create()?;
-            let sink = store::apply::LedgerSink {
+            let sink = store::apply::LedgerSink::new(
                 pool,
-                dead_letters: Some(store::apply::DeadLetters {
+                Some(store::apply::DeadLetters {
                     producer,
                     topic: config.topics.dlq.clone(),
                 }),
-                clock: store::apply::system_clock(),
-                lateness: config.lateness(),
-                registry_cache: Default::default(),
-            };
+                store::apply::system_clock(),
+                config.lateness(),
+            );
             let n = sink
                 .redrive(reason.as_deref(), id)
                 .await

@@ -16,7 +16,8 @@ use crate::store::{
 };
 
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let pool = store::connect(&cfg.database_url, 16).await?;
+    let pool = store::connect(&cfg.database_url, crate::limits::API_POOL).await?;
+    let reports = store::connect(&cfg.database_url, crate::limits::REPORTS_POOL).await?;
     store::migrate(&pool).await?;
     cfg.ensure_topics().await?;
     let producer: FutureProducer = ClientConfig::new()
@@ -27,6 +28,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         // the exact record).
         .set("acks", "all")
         .set("linger.ms", "5")
+        // A dead letter carries the original value (up to
+        // QUOTA_MESSAGE_MAX_BYTES) and headers: room for both.
+        .set(
+            "message.max.bytes",
+            (cfg.message_max_bytes + (64 << 10))
+                .max(1_000_000)
+                .to_string(),
+        )
         .create()?;
     // The clock: the system's, moved by `PUT /v1/test/clock` only when
     // QUOTA_TEST_CLOCK is on.
@@ -41,6 +50,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         apply::system_clock()
     };
     let lateness = cfg.lateness();
+    let limits = cfg.sink_limits();
     let publisher = api::operator::Publisher {
         producer: producer.clone(),
         topic: cfg.topics.control.clone(),
@@ -50,12 +60,15 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         topic: cfg.topics.dlq.clone(),
     };
     let consuming = Arc::new(AtomicBool::new(true));
+    let consumer_health: Arc<quota_consumers::Health> = Default::default();
 
     let consumer_cfg = quota_consumers::ConsumerConfig {
         brokers: cfg.kafka_brokers.clone(),
         group_id: cfg.kafka_group_id.clone(),
         topics: cfg.topics.consumed(),
         batch_max_records: cfg.batch_max_records,
+        batch_max_bytes: cfg.batch_max_bytes,
+        health: consumer_health.clone(),
         batch_linger: cfg.batch_linger(),
         stall_timeout: std::time::Duration::from_secs(cfg.stall_secs),
     };
@@ -86,16 +99,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
                         .map_err(|e| format!("cannot start the ingest runtime: {e}"))
                         .and_then(|rt| {
                             rt.block_on(async move {
-                                let pool = store::connect(&url, 8)
+                                let pool = store::connect(&url, crate::limits::INGEST_POOL)
                                     .await
                                     .map_err(|e| format!("{e:#}"))?;
-                                let sink = LedgerSink {
-                                    pool,
-                                    dead_letters: Some(dead_letters),
-                                    clock,
-                                    lateness,
-                                    registry_cache: Default::default(),
-                                };
+                                let sink =
+                                    LedgerSink::new(pool, Some(dead_letters), clock, lateness)
+                                        .with_limits(limits);
                                 let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
                                     sink.clone(),
                                     expire_balance_after,
@@ -169,8 +178,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let test_clock = cfg.test_clock.then_some(clock_offset_ms);
     let router = api::app(AppState {
         pool,
+        reports,
+        long_reads: Default::default(),
         clock,
         consuming,
+        consumer_health,
         view,
         view_synced_ms,
         admission: counters,

@@ -77,6 +77,30 @@ pub trait BatchSink: Send + Sync + 'static {
     fn apply<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<(), SinkError>>;
 }
 
+/// What the consumer loop says about itself, for readiness: set while the
+/// same batch keeps failing, cleared when a batch is applied.
+#[derive(Debug, Default)]
+pub struct Health {
+    stuck: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Failed attempts at one batch before the consumer reports itself
+    /// stuck (with backoff doubling from 50 ms to 5 s: about 8 s).
+    pub const STUCK_AFTER_ATTEMPTS: u32 = 8;
+
+    /// Why the consumer is not making progress, if it is not.
+    pub fn stuck(&self) -> Option<String> {
+        self.stuck.lock().ok().and_then(|s| s.clone())
+    }
+
+    fn set(&self, why: Option<String>) {
+        if let Ok(mut s) = self.stuck.lock() {
+            *s = why;
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
     pub brokers: String,
@@ -84,6 +108,11 @@ pub struct ConsumerConfig {
     pub topics: Vec<String>,
     /// Most records in one batch.
     pub batch_max_records: usize,
+    /// Most bytes (keys and values) in one batch; a batch always takes at
+    /// least one record.
+    pub batch_max_bytes: usize,
+    /// Readiness: the consumer reports here when one batch keeps failing.
+    pub health: Arc<Health>,
     /// Longest time a batch stays open after its first record.
     pub batch_linger: Duration,
     /// A partition assigned to another member whose stored offset has not
@@ -281,7 +310,8 @@ pub async fn run(
             }
         }
         let deadline = Instant::now() + config.batch_linger;
-        while batch.len() < config.batch_max_records {
+        let mut bytes = batch.iter().map(record_bytes).sum::<usize>();
+        while batch.len() < config.batch_max_records && bytes < config.batch_max_bytes {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -295,9 +325,12 @@ pub async fn run(
                         if now_gen != generation {
                             tracing::info!(records = batch.len(), "rebalance during batch; discarded what came before it");
                             batch.clear();
+                            bytes = 0;
                             generation = now_gen;
                         }
-                        batch.push(copy_record(&m));
+                        let r = copy_record(&m);
+                        bytes += record_bytes(&r);
+                        batch.push(r);
                     }
                     Ok(Err(e)) => log_kafka_error(&e),
                 },
@@ -312,15 +345,33 @@ pub async fn run(
             continue;
         }
         let mut delay = Duration::from_millis(50);
+        let mut attempts = 0u32;
         loop {
             match sink.apply(&batch).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    if attempts >= Health::STUCK_AFTER_ATTEMPTS {
+                        tracing::info!(attempts, "the batch went through after retries");
+                    }
+                    config.health.set(None);
+                    break;
+                }
                 Err(SinkError::Fatal(m)) => {
                     shutting_down.store(true, Ordering::SeqCst);
                     return Err(m);
                 }
                 Err(SinkError::Transient(m)) => {
-                    tracing::warn!(error = %m, records = batch.len(), "batch not applied; retrying");
+                    attempts += 1;
+                    tracing::warn!(error = %m, records = batch.len(), attempts, "batch not applied; retrying");
+                    if attempts >= Health::STUCK_AFTER_ATTEMPTS {
+                        let first = &batch[0];
+                        config.health.set(Some(format!(
+                            "the consumer has retried one batch {attempts} times ({} records from {}/{} offset {}): {m}",
+                            batch.len(),
+                            first.topic,
+                            first.partition,
+                            first.offset
+                        )));
+                    }
                     tokio::select! {
                         _ = shutdown.changed() => { shutting_down.store(true, Ordering::SeqCst); return Ok(()); }
                         _ = tokio::time::sleep(delay) => {}
@@ -333,6 +384,10 @@ pub async fn run(
     }
     shutting_down.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+fn record_bytes(r: &Record) -> usize {
+    r.key.as_ref().map_or(0, Vec::len) + r.payload.as_ref().map_or(0, Vec::len)
 }
 
 /// Watches the partitions other members own for progress; see

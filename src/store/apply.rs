@@ -45,6 +45,92 @@ pub struct LedgerSink {
     pub lateness: chrono::Duration,
     /// Decoded registry versions by `version_seq`.
     pub registry_cache: RegistryCache,
+    pub limits: SinkLimits,
+}
+
+/// What the sink refuses or places elsewhere because of its size or date.
+#[derive(Clone, Copy, Debug)]
+pub struct SinkLimits {
+    /// `QUOTA_MESSAGE_MAX_BYTES`: a larger message value is dead-lettered
+    /// `too_large` without being parsed.
+    pub message_max_bytes: usize,
+    /// `QUOTA_MAX_FUTURE_SECS`: events dated further ahead of the service
+    /// clock are placed at their arrival and flagged `future`.
+    pub max_future: chrono::Duration,
+}
+
+impl Default for SinkLimits {
+    fn default() -> Self {
+        SinkLimits {
+            message_max_bytes: 1 << 20,
+            max_future: chrono::Duration::seconds(300),
+        }
+    }
+}
+
+impl LedgerSink {
+    /// The sink with default limits ([`SinkLimits`]) and an empty registry
+    /// cache.
+    pub fn new(
+        pool: Pool,
+        dead_letters: Option<DeadLetters>,
+        clock: Clock,
+        lateness: chrono::Duration,
+    ) -> LedgerSink {
+        LedgerSink {
+            pool,
+            dead_letters,
+            clock,
+            lateness,
+            registry_cache: Default::default(),
+            limits: SinkLimits::default(),
+        }
+    }
+
+    pub fn with_limits(mut self, limits: SinkLimits) -> LedgerSink {
+        self.limits = limits;
+        self
+    }
+
+    /// The windows the fold places events with.
+    fn windows(&self) -> Windows {
+        Windows {
+            lateness: self.lateness,
+            max_future: self.limits.max_future,
+        }
+    }
+
+    /// Decode one message value, refusing one over the size limit unread.
+    fn decode(&self, payload: Option<&[u8]>) -> Result<event::Event, event::Rejection> {
+        match payload {
+            Some(p) if p.len() > self.limits.message_max_bytes => Err(event::Rejection {
+                reason: event::Reason::TooLarge,
+                detail: format!(
+                    "the message value is {} bytes, over QUOTA_MESSAGE_MAX_BYTES ({})",
+                    p.len(),
+                    self.limits.message_max_bytes
+                ),
+                event_id: None,
+            }),
+            p => event::decode(p),
+        }
+    }
+}
+
+/// How far from the batch time the fold places events on time
+/// (`ALLOWED_LATENESS_SECS` behind, `QUOTA_MAX_FUTURE_SECS` ahead).
+#[derive(Clone, Copy, Debug)]
+struct Windows {
+    lateness: chrono::Duration,
+    max_future: chrono::Duration,
+}
+
+impl Windows {
+    fn fold_state(self) -> FoldState {
+        let mut st = FoldState::new(self.lateness);
+        st.max_future = self.max_future;
+        st
+    }
 }
 
 /// Registry versions are immutable once written (a change is a new
@@ -81,6 +167,67 @@ pub enum ApplyError {
     Invariant(String),
 }
 
+/// What a database error means for the batch that met it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbErrorClass {
+    /// The infrastructure (connection lost, server shutting down, out of
+    /// resources, serialization failure or deadlock, a lost race on a
+    /// unique key): retry the same batch.
+    Retry,
+    /// Postgres refused a value (data exception, class 22) or a row
+    /// (integrity constraint, class 23, other than a unique key lost to a
+    /// concurrent writer): something in the batch's content that the
+    /// decoder and the fold let through. The batch is split until the one
+    /// event is found, and that event is dead-lettered; ingestion goes on.
+    Content,
+}
+
+impl ApplyError {
+    pub fn db_class(&self) -> Option<DbErrorClass> {
+        let ApplyError::Db(e) = self else {
+            return None;
+        };
+        let code = e.as_db_error().map(|d| d.code().code())?;
+        Some(
+            if (code.starts_with("23") && code != "23505") || code.starts_with("22") {
+                DbErrorClass::Content
+            } else {
+                DbErrorClass::Retry
+            },
+        )
+    }
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Say what Postgres said (disk full, connection lost…), with the
+            // cause of a client-side error; never the connection string.
+            ApplyError::Db(e) => match e.as_db_error() {
+                Some(d) => write!(
+                    f,
+                    "database: {} ({}){}",
+                    d.message(),
+                    d.code().code(),
+                    d.detail().map(|x| format!(": {x}")).unwrap_or_default()
+                ),
+                None => {
+                    write!(f, "database: {e}")?;
+                    let mut cause = std::error::Error::source(e);
+                    while let Some(c) = cause {
+                        write!(f, ": {c}")?;
+                        cause = c.source();
+                    }
+                    Ok(())
+                }
+            },
+            ApplyError::Pool(m) => write!(f, "database pool: {m}"),
+            ApplyError::Dlq(m) => write!(f, "dead-letter topic: {m}"),
+            ApplyError::Invariant(m) => write!(f, "broken ledger invariant: {m}"),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for ApplyError {
     fn from(e: tokio_postgres::Error) -> Self {
         ApplyError::Db(e)
@@ -90,24 +237,10 @@ impl From<tokio_postgres::Error> for ApplyError {
 impl From<ApplyError> for SinkError {
     fn from(e: ApplyError) -> Self {
         match e {
-            ApplyError::Invariant(m) => SinkError::Fatal(format!("broken ledger invariant: {m}")),
-            ApplyError::Db(e) => {
-                let code = e.as_db_error().map(|d| d.code().code().to_string());
-                match code.as_deref() {
-                    // Integrity and data errors other than a lost race on a
-                    // unique key mean the ledger would be wrong: stop.
-                    Some(c) if (c.starts_with("23") && c != "23505") || c.starts_with("22") => {
-                        SinkError::Fatal(format!("database refused a ledger write: {e:?}"))
-                    }
-                    // Say what Postgres said (disk full, connection lost…).
-                    _ => SinkError::Transient(match e.as_db_error() {
-                        Some(d) => format!("database: {} ({})", d.message(), d.code().code()),
-                        None => format!("database: {e}"),
-                    }),
-                }
-            }
-            ApplyError::Pool(m) => SinkError::Transient(format!("database pool: {m}")),
-            ApplyError::Dlq(m) => SinkError::Transient(format!("dead-letter topic: {m}")),
+            // Rows already written break an invariant: stop, no wrong money.
+            ApplyError::Invariant(_) => SinkError::Fatal(e.to_string()),
+            // Content errors never get here: `apply_records` isolates them.
+            _ => SinkError::Transient(e.to_string()),
         }
     }
 }
@@ -158,8 +291,42 @@ impl LedgerSink {
         (self.clock)().trunc_subsecs(6)
     }
 
+    /// Apply a consumed batch. When Postgres refuses something in it
+    /// (`DbErrorClass::Content`), the batch is applied again in halves
+    /// until the one record it refuses is alone, and that record is
+    /// dead-lettered `schema` with what Postgres said: one message never
+    /// stops ingestion.
     pub async fn apply_records(&self, batch: &[Record]) -> Result<(), ApplyError> {
-        self.apply_batch(batch, self.now(), Some(&self.clock)).await
+        match self
+            .apply_batch(batch, self.now(), Some(&self.clock), None)
+            .await
+        {
+            Err(e) if e.db_class() == Some(DbErrorClass::Content) => {
+                Box::pin(self.isolate(batch, e)).await
+            }
+            r => r,
+        }
+    }
+
+    async fn isolate(&self, batch: &[Record], e: ApplyError) -> Result<(), ApplyError> {
+        if let [one] = batch {
+            tracing::warn!(topic = %one.topic, partition = one.partition, offset = one.offset, error = %e, "the database refused a message; dead-lettering it");
+            let refused = event::Rejection {
+                reason: event::Reason::Schema,
+                detail: format!("the ledger cannot store this event: {e}"),
+                // Its id, so the quarantine row names it.
+                event_id: self
+                    .decode(one.payload.as_deref())
+                    .ok()
+                    .map(|ev| ev.event_id),
+            };
+            return self
+                .apply_batch(batch, self.now(), Some(&self.clock), Some(refused))
+                .await;
+        }
+        let (a, b) = batch.split_at(batch.len() / 2);
+        Box::pin(self.apply_records(a)).await?;
+        Box::pin(self.apply_records(b)).await
     }
 
     /// Apply a batch of consumed records as of `now` (a replay from Kafka
@@ -169,16 +336,19 @@ impl LedgerSink {
         batch: &[Record],
         now: DateTime<Utc>,
     ) -> Result<(), ApplyError> {
-        self.apply_batch(batch, now, None).await
+        self.apply_batch(batch, now, None, None).await
     }
 
     /// With `clock` (live), the batch's time is taken again once its
     /// accounts are locked (see `after_locks`).
+    /// `refused`: every record of the batch is rejected with it instead of
+    /// decoded (a record Postgres refused, isolated by `apply_records`).
     async fn apply_batch(
         &self,
         batch: &[Record],
         now: DateTime<Utc>,
         clock: Option<&Clock>,
+        refused: Option<event::Rejection>,
     ) -> Result<(), ApplyError> {
         let now = now.trunc_subsecs(6);
         let started = std::time::Instant::now();
@@ -213,7 +383,10 @@ impl LedgerSink {
                 },
                 key: r.key.clone(),
                 payload: r.payload.clone(),
-                decoded: event::decode(r.payload.as_deref()),
+                decoded: match &refused {
+                    Some(rej) => Err(rej.clone()),
+                    None => self.decode(r.payload.as_deref()),
+                },
                 retry_of: None,
             })
             .collect();
@@ -225,8 +398,15 @@ impl LedgerSink {
             *e = (*e).max(r.offset + 1);
         }
         let decoded = started.elapsed();
-        let (fx, phases) =
-            fold_and_write(&tx, &self.registry_cache, inputs, now, self.lateness, clock).await?;
+        let (fx, phases) = fold_and_write(
+            &tx,
+            &self.registry_cache,
+            inputs,
+            now,
+            self.windows(),
+            clock,
+        )
+        .await?;
         // For the produce → visible lag: the batch's oldest record time.
         if let Some(t) = fresh.iter().filter_map(|r| r.timestamp_ms).min() {
             let c = super::view::Changes {
@@ -274,7 +454,7 @@ impl LedgerSink {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let (fx, _) =
-            fold_and_write(&tx, &self.registry_cache, inputs, now, self.lateness, None).await?;
+            fold_and_write(&tx, &self.registry_cache, inputs, now, self.windows(), None).await?;
         tx.commit().await?;
         Ok(fx)
     }
@@ -287,20 +467,60 @@ impl LedgerSink {
     ) -> Result<Effects, ApplyError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let fx = expire_due(&tx, due, now, self.lateness, None).await?;
+        let fx = expire_due(&tx, due, now, self.windows(), None).await?;
         tx.commit().await?;
         Ok(fx)
     }
 
     /// Retry quarantined events whose cause may have arrived. Returns how
-    /// many rows were looked at.
+    /// many rows were looked at. When Postgres refuses something in them
+    /// (`DbErrorClass::Content`), each is retried alone, and one it still
+    /// refuses is rejected with what Postgres said, as in `apply_records`.
     pub async fn retry_waiting(&self, limit: i64) -> Result<usize, ApplyError> {
+        match self.retry_rows(None, limit, None).await {
+            Err(e) if e.db_class() == Some(DbErrorClass::Content) => {
+                let ids: Vec<i64> = self
+                    .client()
+                    .await?
+                    .query("SELECT quarantine_id FROM quarantine WHERE status = 'waiting' AND retry_after <= $1 ORDER BY quarantine_id LIMIT $2", &[&self.now(), &limit])
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                for id in &ids {
+                    if let Err(e) = self.retry_rows(Some(*id), 1, None).await {
+                        if e.db_class() != Some(DbErrorClass::Content) {
+                            return Err(e);
+                        }
+                        tracing::warn!(quarantine_id = id, error = %e, "the database refused a quarantined message; rejecting it");
+                        let refused = event::Rejection {
+                            reason: event::Reason::Schema,
+                            detail: format!("the ledger cannot store this event: {e}"),
+                            event_id: None,
+                        };
+                        self.retry_rows(Some(*id), 1, Some(refused)).await?;
+                    }
+                }
+                Ok(ids.len())
+            }
+            r => r,
+        }
+    }
+
+    /// Retry waiting rows (all that are due, or the one `only`), decoded
+    /// afresh or, with `refused`, rejected with it.
+    async fn retry_rows(
+        &self,
+        only: Option<i64>,
+        limit: i64,
+        refused: Option<event::Rejection>,
+    ) -> Result<usize, ApplyError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let now = self.now();
         // Lock order: offset rows first, like the consumers.
         let candidates = tx
-            .query("SELECT quarantine_id, topic, partition FROM quarantine WHERE status = 'waiting' AND retry_after <= $1 ORDER BY quarantine_id LIMIT $2", &[&now, &limit])
+            .query("SELECT quarantine_id, topic, partition FROM quarantine WHERE status = 'waiting' AND retry_after <= $1 AND ($3::bigint IS NULL OR quarantine_id = $3) ORDER BY quarantine_id LIMIT $2", &[&now, &limit, &only])
             .await?;
         if candidates.is_empty() {
             return Ok(0);
@@ -323,7 +543,10 @@ impl LedgerSink {
                         offset: r.get(3),
                     },
                     key: r.get(4),
-                    decoded: event::decode(payload.as_deref()),
+                    decoded: match &refused {
+                        Some(rej) => Err(rej.clone()),
+                        None => self.decode(payload.as_deref()),
+                    },
                     payload,
                     retry_of: Some(r.get(0)),
                 }
@@ -335,7 +558,7 @@ impl LedgerSink {
             &self.registry_cache,
             inputs,
             now,
-            self.lateness,
+            self.windows(),
             Some(&self.clock),
         )
         .await?;
@@ -437,7 +660,7 @@ impl LedgerSink {
         }
         // Another process may have fired some meanwhile: the fold skips
         // blocks that have nothing left, and the applied-event id is unique.
-        let fx = expire_due(&tx, &due, now, self.lateness, Some(&self.clock)).await?;
+        let fx = expire_due(&tx, &due, now, self.windows(), Some(&self.clock)).await?;
         tx.commit().await?;
         Ok(fx.applied.len())
     }
@@ -484,12 +707,26 @@ impl LedgerSink {
                     key: "original_offset",
                     value: Some(offset.as_str()),
                 });
+            // A value over the size limit is not sent again (the broker may
+            // refuse it, and a refused dead letter would hold up the batch):
+            // the quarantine row keeps it.
+            let omit = payload
+                .as_ref()
+                .is_some_and(|p| p.len() > self.limits.message_max_bytes);
+            let headers = if omit {
+                headers.insert(Header {
+                    key: "value_omitted",
+                    value: Some("over QUOTA_MESSAGE_MAX_BYTES; the quarantine table keeps it"),
+                })
+            } else {
+                headers
+            };
             let mut rec: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&dl.topic).headers(headers);
             if let Some(k) = key {
                 rec = rec.key(k.as_slice());
             }
-            if let Some(p) = payload {
+            if let Some(p) = payload.as_ref().filter(|_| !omit) {
                 rec = rec.payload(p.as_slice());
             }
             futures.push(dl.producer.send(rec, Duration::from_secs(10)));
@@ -547,12 +784,12 @@ async fn fold_and_write(
     cache: &RegistryCache,
     inputs: Vec<Input>,
     now: DateTime<Utc>,
-    lateness: chrono::Duration,
+    windows: Windows,
     clock: Option<&Clock>,
 ) -> Result<(Effects, Phases), ApplyError> {
     let mut phases = Phases::default();
     let t = std::time::Instant::now();
-    let mut state = load_state(tx, cache, &inputs, now, lateness).await?;
+    let mut state = load_state(tx, cache, &inputs, now, windows).await?;
     let now = after_locks(now, clock);
     phases.load = t.elapsed();
     let t = std::time::Instant::now();
@@ -568,7 +805,7 @@ async fn fold_and_write(
         .filter(|a| a.needs_resweep)
         .map(|a| a.account.clone())
         .collect();
-    resweep_accounts(tx, &flagged, now, lateness).await?;
+    resweep_accounts(tx, &flagged, now, windows).await?;
     phases.resweep = t.elapsed();
     Ok((fx, phases))
 }
@@ -580,12 +817,12 @@ async fn resweep_accounts(
     tx: &Transaction<'_>,
     accounts: &BTreeSet<AccountRef>,
     now: DateTime<Utc>,
-    lateness: chrono::Duration,
+    windows: Windows,
 ) -> Result<(), ApplyError> {
     if accounts.is_empty() {
         return Ok(());
     }
-    let mut st = FoldState::new(lateness);
+    let mut st = windows.fold_state();
     lock_accounts(tx, accounts, &mut st, Blocks::All).await?;
     let sorted = sorted_accounts(accounts);
     let kinds: Vec<&str> = sorted.iter().map(|(k, _)| *k).collect();
@@ -618,9 +855,9 @@ async fn load_state(
     cache: &RegistryCache,
     inputs: &[Input],
     now: DateTime<Utc>,
-    lateness: chrono::Duration,
+    windows: Windows,
 ) -> Result<FoldState, ApplyError> {
-    let mut st = FoldState::new(lateness);
+    let mut st = windows.fold_state();
     let events: Vec<&event::Event> = inputs
         .iter()
         .filter_map(|i| i.decoded.as_ref().ok())
@@ -780,7 +1017,7 @@ async fn load_state(
         &accounts,
         &mut st,
         Blocks::Relevant {
-            floor: now - lateness,
+            floor: now - windows.lateness,
             grants: &void_targets,
         },
     )
@@ -803,11 +1040,11 @@ async fn expire_due(
     tx: &Transaction<'_>,
     due: &[(AccountRef, String, fold::ExpiryCause)],
     now: DateTime<Utc>,
-    lateness: chrono::Duration,
+    windows: Windows,
     clock: Option<&Clock>,
 ) -> Result<Effects, ApplyError> {
     let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
-    let mut state = FoldState::new(lateness);
+    let mut state = windows.fold_state();
     lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
     let now = after_locks(now, clock);
     let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;

@@ -30,9 +30,10 @@ pub(crate) fn stored_entity(payload: &str) -> Result<Option<crate::event::Entity
 /// A pool on `url`, creating the database first when it does not exist
 /// (so a fresh local cluster needs no setup).
 pub async fn connect(url: &str, max_size: usize) -> anyhow::Result<Pool> {
+    // The URL may hold a password: never repeat it in an error.
     let config: tokio_postgres::Config = url
         .parse()
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL `{url}` is not a Postgres URL: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a Postgres URL: {e}"))?;
     create_database_if_missing(&config).await?;
     let mgr = Manager::from_config(
         config,
@@ -41,7 +42,15 @@ pub async fn connect(url: &str, max_size: usize) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    let pool = Pool::builder(mgr).max_size(max_size).build()?;
+    // Waiting for a connection is bounded: a caller that cannot have one
+    // in time says so (HTTP 503, a retried batch) instead of queueing
+    // without end behind slow readers.
+    let pool = Pool::builder(mgr)
+        .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(crate::limits::POOL_WAIT))
+        .create_timeout(Some(crate::limits::POOL_CONNECT))
+        .build()?;
     Ok(pool)
 }
 

@@ -53,7 +53,9 @@ impl Changes {
             .map(|x| (true, x))
             .chain(self.e.iter().map(|x| (false, x)));
         for (is_account, (k, i)) in items {
-            let item = k.len() + i.len() + 8;
+            // The item as it will be written (ids may hold characters JSON
+            // escapes), and its comma.
+            let item = serde_json::to_string(&(k, i)).map_or(0, |s| s.len()) + 1;
             if size + item > 7000 {
                 out.push(serde_json::to_string(&cur).unwrap_or_default());
                 cur = Changes::default();
@@ -373,4 +375,35 @@ async fn listen_once(
     driver.abort();
     drop(client);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_payloads_stay_under_the_limit_whatever_the_ids_hold() {
+        // Characters JSON escapes to six bytes each, in ids of 128.
+        let ugly: String = "\u{1}\"\\".repeat(43);
+        let changes = Changes {
+            a: (0..200)
+                .map(|n| ("user".to_string(), format!("{n}{ugly}")))
+                .collect(),
+            e: (0..200)
+                .map(|n| ("key".to_string(), format!("{n}{ugly}")))
+                .collect(),
+            t: Some(1),
+        };
+        let payloads = changes.payloads();
+        assert!(payloads.len() > 1);
+        let mut back = Changes::default();
+        for p in &payloads {
+            assert!(p.len() < 8000, "payload of {} bytes", p.len());
+            let c: Changes = serde_json::from_str(p).unwrap();
+            back.a.extend(c.a);
+            back.e.extend(c.e);
+        }
+        assert_eq!(back.a, changes.a);
+        assert_eq!(back.e, changes.e);
+    }
 }
