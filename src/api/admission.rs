@@ -126,9 +126,27 @@ fn field<'a>(
     match m.get(name) {
         None | Some(Value::Null) if !required => Ok(None),
         None | Some(Value::Null) => Err(ApiError::invalid(name, "is required")),
-        Some(Value::String(s)) if s.len() <= 4096 => Ok(Some(s)),
-        Some(Value::String(_)) => Err(ApiError::invalid(name, "is longer than 4096 bytes")),
+        // No control characters (NUL above all): the values reach logs,
+        // counters and the error summary's table.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(ApiError::invalid(
+            name,
+            "must not contain control characters",
+        )),
+        Some(Value::String(s)) if s.len() <= max_len(name) => Ok(Some(s)),
+        Some(Value::String(_)) => Err(ApiError::invalid(
+            name,
+            format!("is longer than {} bytes", max_len(name)),
+        )),
         Some(_) => Err(ApiError::invalid(name, "must be a string")),
+    }
+}
+
+/// The longest value each admission field may have, in bytes.
+fn max_len(name: &str) -> usize {
+    match name {
+        "model" | "trace_id" => 128,
+        "client_ip" | "estimated_cost" => 64,
+        _ => 4096,
     }
 }
 
@@ -233,9 +251,10 @@ async fn decide_http(
         }
     }
     // Decide and build the answer under the read lock (no await inside).
+    let scoped = caller.as_ref().is_some_and(|c| c.reseller_id.is_some());
     let decision: Result<Value, (ErrorCode, Option<String>)> = match st.view.read() {
         Ok(view) => admission::decide(&view, &req, hash.as_deref(), now)
-            .map(|a| allowed_body(&a, &trace_id))
+            .map(|a| allowed_body(&a, &trace_id, scoped))
             .map_err(|c| {
                 (
                     c,
@@ -262,10 +281,13 @@ async fn decide_http(
     }
 }
 
-fn allowed_body(a: &Allowed<'_>, trace_id: &str) -> Value {
+/// The allowed answer. For a reseller-scoped token the group's remaining
+/// credit is null: the group's ledger is shared across resellers.
+fn allowed_body(a: &Allowed<'_>, trace_id: &str, scoped: bool) -> Value {
+    let group = if scoped { None } else { a.group };
     json!({
         "allowed": true, "trace_id": trace_id, "key_id": a.key_id, "app_id": a.app_id, "user_id": a.user_id,
         "reseller_id": a.reseller_id, "group_id": a.group_id,
-        "remaining": {"key": amount(a.key), "app": amount(a.app), "user": amount(a.user), "group": amount(a.group), "reseller": amount(a.reseller)}
+        "remaining": {"key": amount(a.key), "app": amount(a.app), "user": amount(a.user), "group": amount(group), "reseller": amount(a.reseller)}
     })
 }

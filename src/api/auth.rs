@@ -54,66 +54,112 @@ pub struct Caller {
     pub reseller_id: Option<String>,
 }
 
-/// Known tokens by hash, refreshed from the database on a miss and after
-/// `TTL` (so a revoked token stops working within it).
+/// Every live token, by hash, loaded whole from `access_tokens` (a small
+/// table): a known token costs no database round trip, nor does an unknown
+/// one. The table is loaded again when it is older than `TOKEN_TTL` (so a
+/// revoked token stops working within it) or when a token is not in it
+/// (a new one), at most once per `TOKEN_RELOAD_MIN` and by one request at a
+/// time: a flood of unknown tokens makes at most one query per
+/// `TOKEN_RELOAD_MIN`, and expiry causes no stampede.
 #[derive(Clone, Default)]
 pub struct TokenCache {
-    inner: Arc<RwLock<HashMap<[u8; 32], Cached>>>,
+    inner: Arc<TokenTable>,
 }
 
-/// A lookup's answer (None: no such live token) and when it was made.
-type Cached = (Option<Caller>, Instant);
-
-const TTL: Duration = Duration::from_secs(30);
-/// Unknown hashes remembered (to keep guessing off the database).
-const MAX_ENTRIES: usize = 100_000;
+#[derive(Default)]
+struct TokenTable {
+    tokens: RwLock<HashMap<[u8; 32], Caller>>,
+    /// When the table was last loaded; the lock makes loads single-flight.
+    loaded: tokio::sync::Mutex<Option<Instant>>,
+    /// `loaded`, readable without the lock: ms since `epoch`.
+    loaded_ms: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
 
 pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+impl TokenTable {
+    fn epoch(&self) -> Instant {
+        *self.epoch.get_or_init(Instant::now)
+    }
+
+    fn fresh(&self, within: Duration) -> bool {
+        let ms = self.loaded_ms.load(std::sync::atomic::Ordering::Acquire);
+        ms > 0 && self.epoch().elapsed().as_millis() as u64 <= ms + within.as_millis() as u64
+    }
+
+    fn get(&self, h: &[u8; 32]) -> Option<Caller> {
+        self.tokens.read().ok().and_then(|m| m.get(h).cloned())
+    }
+
+    async fn load(&self, pool: &Pool) -> anyhow::Result<()> {
+        let rows = pool
+            .get()
+            .await?
+            .query("SELECT token_hash, token_id, role, reseller_id FROM access_tokens WHERE revoked_at IS NULL", &[])
+            .await?;
+        let mut m = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let h: &[u8] = r.get(0);
+            let (Ok(h), Some(role)) = (<[u8; 32]>::try_from(h), Role::parse(r.get(2))) else {
+                continue;
+            };
+            m.insert(
+                h,
+                Caller {
+                    token_id: r.get(1),
+                    role,
+                    reseller_id: r.get(3),
+                },
+            );
+        }
+        if let Ok(mut t) = self.tokens.write() {
+            *t = m;
+        }
+        Ok(())
+    }
+}
+
 impl TokenCache {
     async fn lookup(&self, pool: &Pool, token: &str) -> anyhow::Result<Option<Caller>> {
+        use crate::limits::{TOKEN_RELOAD_MIN, TOKEN_TTL};
+        let t = &self.inner;
         let h = token_hash(token);
-        let cached = self.inner.read().ok().and_then(|m| m.get(&h).cloned());
-        if let Some((c, at)) = &cached {
-            if at.elapsed() < TTL {
-                return Ok(c.clone());
-            }
+        let known = t.get(&h);
+        if t.fresh(TOKEN_TTL) && known.is_some() {
+            return Ok(known);
         }
-        let fetched = async {
-            pool.get()
-                .await?
-                .query_opt("SELECT token_id, role, reseller_id FROM access_tokens WHERE token_hash = $1 AND revoked_at IS NULL", &[&h.as_slice()])
-                .await
-                .map_err(anyhow::Error::from)
-        }
-        .await;
-        let row = match fetched {
-            Ok(row) => row,
-            // Postgres is down: a token known before keeps working, so
-            // admission goes on answering from the in-memory view.
-            Err(e) => {
-                return match cached {
-                    Some((c, _)) => Ok(c),
-                    None => Err(e),
+        let mut loaded = t.loaded.lock().await;
+        // Another request may have loaded it while this one waited.
+        if let Some(at) = *loaded {
+            let since = at.elapsed();
+            if since < TOKEN_RELOAD_MIN {
+                if let Some(c) = t.get(&h) {
+                    return Ok(Some(c));
                 }
+                tokio::time::sleep(TOKEN_RELOAD_MIN - since).await;
             }
-        };
-        let caller = row.and_then(|r| {
-            Some(Caller {
-                token_id: r.get(0),
-                role: Role::parse(r.get(1))?,
-                reseller_id: r.get(2),
-            })
-        });
-        if let Ok(mut m) = self.inner.write() {
-            if m.len() >= MAX_ENTRIES {
-                m.clear();
-            }
-            m.insert(h, (caller.clone(), Instant::now()));
         }
-        Ok(caller)
+        match t.load(pool).await {
+            Ok(()) => {
+                let now = Instant::now();
+                *loaded = Some(now);
+                t.loaded_ms.store(
+                    now.duration_since(t.epoch()).as_millis().max(1) as u64,
+                    std::sync::atomic::Ordering::Release,
+                );
+                Ok(t.get(&h))
+            }
+            // Postgres is down: the tokens known before keep working, so
+            // admission goes on answering from the in-memory view.
+            Err(e) => match known {
+                Some(c) => Ok(Some(c)),
+                None if loaded.is_some() => Ok(None),
+                None => Err(e),
+            },
+        }
     }
 }
 
@@ -234,10 +280,16 @@ pub async fn require_token(State(st): State<AppState>, mut req: Request, next: N
         }
         // Account routes: the account must be in the reseller's tree.
         if path.starts_with("/v1/balances/") || path.starts_with("/v1/ledger/") {
-            let uri_path = req.uri().path().to_string();
-            let mut parts = uri_path.trim_start_matches('/').splitn(4, '/').skip(2);
-            let (kind, id) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let id = percent_decode(id);
+            // The router's own percent-decoding, as the handler sees it.
+            let params = axum::RequestExt::extract_parts::<
+                axum::extract::Path<HashMap<String, String>>,
+            >(&mut req)
+            .await;
+            let Ok(axum::extract::Path(params)) = params else {
+                return access_denied().into_response();
+            };
+            let kind = params.get("kind").map(String::as_str).unwrap_or("");
+            let id = params.get("id").cloned().unwrap_or_default();
             let now = (st.clock)();
             let ok = AccountKind::parse(kind).is_some_and(|k| {
                 st.view
@@ -252,24 +304,6 @@ pub async fn require_token(State(st): State<AppState>, mut req: Request, next: N
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The reseller an account belongs to, as registered at `now`: a reseller

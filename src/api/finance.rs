@@ -66,6 +66,7 @@ pub struct LedgerQuery {
 /// `GET /v1/ledger/{kind}/{id}`: the statement, paged JSON or streamed CSV.
 pub async fn ledger(
     State(st): State<AppState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
     Path((kind, id)): Path<(String, String)>,
     headers: HeaderMap,
     q: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
@@ -92,7 +93,7 @@ pub async fn ledger(
         }
     };
     let exists = st
-        .pool
+        .reports
         .get()
         .await
         .map_err(ApiError::internal)?
@@ -110,9 +111,19 @@ pub async fn ledger(
         ));
     }
     if csv {
-        let stream = finance::csv(&st.pool, &a, period)
+        // A CSV stream holds a connection as long as its reader takes:
+        // each token may have only a few open.
+        let permit = st
+            .long_reads
+            .acquire(caller.as_ref().map_or("", |c| c.token_id.as_str()))
+            .ok_or_else(too_many_long_reads)?;
+        let stream = finance::csv(&st.reports, &a, period)
             .await
             .map_err(ApiError::internal)?;
+        let stream = futures_util::StreamExt::map(stream, move |chunk| {
+            let _held = &permit;
+            chunk
+        });
         let name = format!(
             "attachment; filename=\"ledger-{}-{}.csv\"",
             a.kind.as_str(),
@@ -139,10 +150,10 @@ pub async fn ledger(
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this endpoint returned"))?,
     };
-    let (entries, next) = finance::page(&st.pool, &a, period, after, limit)
+    let (entries, next) = finance::page(&st.reports, &a, period, after, limit)
         .await
         .map_err(ApiError::internal)?;
-    let summary = finance::summary(&st.pool, &a, period)
+    let summary = finance::summary(&st.reports, &a, period)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(json!({"kind": a.kind.as_str(), "id": a.id, "from": period.from, "to": period.to, "entries": entries, "summary": summary, "next": next.map(|n| format!("s{n}"))})).into_response())
@@ -150,7 +161,7 @@ pub async fn ledger(
 
 /// `GET /v1/reconcile`.
 pub async fn reconcile(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let report = finance::reconcile(&st.pool)
+    let report = finance::reconcile(&st.reports)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(report).into_response())
@@ -158,7 +169,7 @@ pub async fn reconcile(State(st): State<AppState>) -> Result<Response, ApiError>
 
 /// `GET /v1/checksum`: the projection's digest (as `quota-engine checksum`).
 pub async fn checksum(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let c = finance::checksum(&st.pool)
+    let c = finance::checksum(&st.reports)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(c).into_response())
@@ -228,8 +239,52 @@ pub async fn errors_summary(
         st.admission.restore_log(pending);
         return Err(ApiError::internal(e));
     }
-    let v = finance::error_summary(&st.pool, period, g, limit)
+    let v = finance::error_summary(&st.reports, period, g, limit)
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(v).into_response())
+}
+
+fn too_many_long_reads() -> ApiError {
+    ApiError {
+        status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+        code: "too_many_long_reads".into(),
+        message: "This token has too many CSV streams open.".into(),
+        error_type: "fastapi_request_error",
+        param: None,
+        detail: Some(format!(
+            "at most {} at once per token; retry when one has finished",
+            crate::limits::LONG_READS_PER_TOKEN
+        )),
+    }
+}
+
+/// Long reads (CSV streams) open per token, bounded by
+/// `LONG_READS_PER_TOKEN`.
+#[derive(Clone, Default)]
+pub struct LongReads(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
+    >,
+);
+
+impl LongReads {
+    /// A permit for one more long read of `token_id`, if it has one left.
+    pub fn acquire(&self, token_id: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = {
+            let mut m = self.0.lock().ok()?;
+            // Tokens with nothing open are forgotten.
+            if m.len() > 10_000 {
+                m.retain(|_, s| s.available_permits() < crate::limits::LONG_READS_PER_TOKEN);
+            }
+            m.entry(token_id.to_string())
+                .or_insert_with(|| {
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(
+                        crate::limits::LONG_READS_PER_TOKEN,
+                    ))
+                })
+                .clone()
+        };
+        sem.try_acquire_owned().ok()
+    }
 }

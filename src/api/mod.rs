@@ -28,10 +28,16 @@ pub use admission::{parse as parse_admission_request, AdmissionCounters, Rejecti
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Short reads and writes (tokens, balances, operator writes).
     pub pool: Pool,
+    /// Long reads (statements, CSV, reconcile, checksum, summaries).
+    pub reports: Pool,
+    pub long_reads: finance::LongReads,
     pub clock: Clock,
     /// False once the consumer has stopped (fatal error or shutdown).
     pub consuming: Arc<AtomicBool>,
+    /// Set while the consumer keeps failing one batch.
+    pub consumer_health: Arc<quota_consumers::Health>,
     /// The in-memory view admission decides from.
     pub view: SharedView,
     /// Unix ms at which the view was last known current.
@@ -186,8 +192,24 @@ impl ApiError {
         self.message = format!("{} TraceId: {trace_id}", self.message);
         self
     }
-    pub fn internal(err: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %err, "internal error");
+    /// A failure of the service's own: logged with its whole cause chain
+    /// (never sent to the client). A pooled connection not had in time is
+    /// `503` (the database is busy or gone), anything else `500`.
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        let err: anyhow::Error = err.into();
+        let busy = err.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<deadpool_postgres::PoolError>(),
+                Some(deadpool_postgres::PoolError::Timeout(_))
+            )
+        });
+        if busy {
+            tracing::warn!(error = format!("{err:#}"), "no database connection in time");
+            let mut e = Self::documented(ErrorCode::ServiceUnavailable);
+            e.detail = Some("no database connection was free in time; retry".into());
+            return e;
+        }
+        tracing::error!(error = format!("{err:#}"), "internal error");
         Self::documented(ErrorCode::InternalError)
     }
     pub fn not_found(code: &str, message: String) -> Self {
@@ -244,6 +266,10 @@ async fn readyz(State(st): State<AppState>) -> Response {
     if !consuming {
         reasons.push("the consumer has stopped".to_string());
     }
+    let stuck = st.consumer_health.stuck();
+    if let Some(why) = &stuck {
+        reasons.push(why.clone());
+    }
     if !view_loaded {
         reasons.push("the admission view has not been loaded yet".to_string());
     }
@@ -253,7 +279,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({"ready": ready, "database": db, "broker": broker, "consumer": consuming, "admission_view_loaded": view_loaded, "admission_view_synced_ms_ago": staleness_ms, "reasons": reasons}))).into_response()
+    (status, Json(json!({"ready": ready, "database": db, "broker": broker, "consumer": consuming && stuck.is_none(), "admission_view_loaded": view_loaded, "admission_view_synced_ms_ago": staleness_ms, "reasons": reasons}))).into_response()
 }
 
 #[derive(Deserialize)]

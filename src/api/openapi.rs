@@ -11,10 +11,10 @@ fn error_responses(codes: &[u16]) -> Value {
             401 => "invalid_access_token (or, for admission, the documented key and account codes)",
             403 => "access_denied: the token's role or reseller scope does not allow this",
             404 => "account_not_found, unknown_url, or the documented not-found codes",
-            409 => "idempotency_conflict: the Idempotency-Key was used with another request",
+            409 => "idempotency_conflict: the Idempotency-Key was used with another request; business_id_conflict: the grant, adjustment or reversal id was used by another request",
             413 => "the body is larger than 64 KiB",
-            429 => "the documented quota codes",
-            503 => "the service is paused, or the broker did not acknowledge a write",
+            429 => "the documented quota codes; too_many_long_reads: the token has too many CSV streams open",
+            503 => "the service is paused, the broker did not acknowledge a write, or no database connection was free in time",
             _ => "internal error (details are logged, never sent)",
         };
         m.insert(c.to_string(), json!({"description": why, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}));
@@ -92,7 +92,7 @@ pub fn document() -> Value {
                     json!({"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}, "description": "or `Accept: text/csv`"})
                 ]).collect::<Vec<_>>(),
                 "responses": {"200": {"description": "a page, or the CSV", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LedgerPage"}}, "text/csv": {"schema": {"type": "string"}}}}}
-            }), &[400, 401, 403, 404, 500])},
+            }), &[400, 401, 403, 404, 429, 500, 503])},
             "/v1/reconcile": {"get": with_errors(json!({"summary": "Every ledger invariant checked; `problems` name what is broken, `notices` what finance should know. Role finance, unscoped.", "responses": {"200": ok("the report", "Reconcile")}}), auth_errors)},
             "/v1/checksum": {"get": with_errors(json!({"summary": "Digest of all balances, debts and block remainders (as `quota-engine checksum`). Role finance, unscoped.", "responses": {"200": ok("the checksum", "Checksum")}}), auth_errors)},
             "/v1/errors/summary": {"get": with_errors(json!({
@@ -125,7 +125,7 @@ pub fn document() -> Value {
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message", "type", "param"], "properties": {
                     "code": {"type": "string"}, "message": {"type": "string"}, "type": {"type": "string", "enum": ["fastapi_request_error", "fastapi_error"]}, "param": {"type": "string", "nullable": true}, "detail": {"type": "string"}}}}},
-                "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}, "database": {"type": "boolean"}, "consumer": {"type": "boolean"}, "admission_view_loaded": {"type": "boolean"}, "admission_view_synced_ms_ago": {"type": "integer", "nullable": true}}},
+                "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}, "database": {"type": "boolean"}, "broker": {"type": "boolean"}, "reasons": {"type": "array", "items": {"type": "string"}}, "consumer": {"type": "boolean", "description": "consuming, and not stuck retrying one batch"}, "admission_view_loaded": {"type": "boolean"}, "admission_view_synced_ms_ago": {"type": "integer", "nullable": true}}},
                 "AdmissionRequest": {"type": "object", "required": ["client_ip", "model", "path"], "properties": {"api_key": {"type": "string"}, "client_ip": {"type": "string"}, "model": {"type": "string"}, "path": {"type": "string"}, "trace_id": {"type": "string"}, "estimated_cost": dec}},
                 "Allowed": {"type": "object", "properties": {"allowed": {"type": "boolean"}, "trace_id": {"type": "string"}, "key_id": {"type": "string"}, "app_id": {"type": "string"}, "user_id": {"type": "string"}, "reseller_id": {"type": "string", "nullable": true}, "group_id": {"type": "string"},
                     "remaining": {"type": "object", "properties": {"key": dec, "app": dec, "user": dec, "group": dec, "reseller": dec}}}},
@@ -138,7 +138,7 @@ pub fn document() -> Value {
                 "Reconcile": {"type": "object", "properties": {"ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "object"}}, "notices": {"type": "array", "items": {"type": "object"}}, "checked": {"type": "object"}}},
                 "Checksum": {"type": "object", "properties": {"checksum": {"type": "string"}, "accounts": {"type": "integer"}, "blocks": {"type": "integer"}, "entries": {"type": "integer"}}},
                 "ErrorSummary": {"type": "object", "properties": {"bucket": {"type": "string"}, "error_events": {"type": "array", "items": {"type": "object"}}, "admission_rejections": {"type": "array", "items": {"type": "object"}}}},
-                "WriteAccepted": {"type": "object", "properties": {"event_id": {"type": "string"}, "type": {"type": "string"}, "status": {"type": "string"}, "repeated": {"type": "boolean"}}},
+                "WriteAccepted": {"type": "object", "properties": {"event_id": {"type": "string"}, "type": {"type": "string"}, "status": {"type": "string"}, "repeated": {"type": "boolean"}, "business_id": {"type": "string", "nullable": true, "description": "the grant, adjustment or reversal id published (a reseller-scoped admin's carry `<reseller>:`)"}}},
                 "GrantWrite": {"type": "object", "required": ["account", "amount", "expires_at"], "properties": {"grant_id": {"type": "string"}, "account": account, "amount": dec, "expires_at": {"type": "string", "format": "date-time", "nullable": true}, "effective_at": {"type": "string", "format": "date-time"}, "category": {"type": "string", "enum": ["paid", "promotional", "refund"]}, "reference": {"type": "string"}}},
                 "AdjustmentWrite": {"type": "object", "required": ["account", "amount", "reason"], "properties": {"adjustment_id": {"type": "string"}, "account": account, "amount": dec, "reason": {"type": "string"}}},
                 "ReversalWrite": {"type": "object", "required": ["usage_event_id", "reason"], "properties": {"reversal_id": {"type": "string"}, "usage_event_id": {"type": "string"}, "reason": {"type": "string"}}},

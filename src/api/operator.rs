@@ -146,11 +146,58 @@ async fn write(
         Write::Void => ("quota.grant_voided", "grant_id"),
     };
     let mut fields = fields;
+    let caller = caller.map(|c| c.0);
+    let scope = caller.as_ref().and_then(|c| c.reseller_id.clone());
+    let key = scoped_key(scope.as_deref(), key);
     // The business id defaults to one derived from the idempotency key.
     if !fields.contains_key(id_field) {
         fields.insert(id_field.into(), json!(format!("op-{}", short_hash(&key))));
     }
-    publish(&st, caller.map(|c| c.0), key, ty, fields).await
+    // A scoped admin's grant, adjustment and reversal ids live in its
+    // reseller's namespace, so that no tenant can take (or find out about)
+    // another's. A void names an existing grant: checked to be in scope.
+    if let (Some(r), false) = (&scope, matches!(what, Write::Void)) {
+        if let Some(Value::String(given)) = fields.get(id_field) {
+            let namespaced = format!("{}:{given}", event::escape_id_part(r));
+            fields.insert(id_field.into(), json!(namespaced));
+        }
+    }
+    if !matches!(what, Write::Void) {
+        if let Some(Value::String(id)) = fields.get(id_field) {
+            let idem = format!("{}:{id}", id_field.trim_end_matches("_id"));
+            let taken =
+                crate::store::read::business_id_taken(&st.pool, &idem, ty, id_field, id, &key)
+                    .await
+                    .map_err(ApiError::internal)?;
+            if taken {
+                return Err(business_id_conflict(id_field));
+            }
+        }
+    }
+    publish(&st, caller, key, ty, fields).await
+}
+
+/// The stored Idempotency-Key: a scoped admin's keys live in its
+/// reseller's namespace (a key never holds a space, so `<reseller> <key>`
+/// is never an unscoped key, and splits at its last space).
+fn scoped_key(scope: Option<&str>, key: String) -> String {
+    match scope {
+        Some(r) => format!("{r} {key}"),
+        None => key,
+    }
+}
+
+fn business_id_conflict(field: &str) -> ApiError {
+    ApiError {
+        status: StatusCode::CONFLICT,
+        code: "business_id_conflict".into(),
+        message: format!("This {field} was used by another request."),
+        error_type: "fastapi_request_error",
+        param: Some(field.into()),
+        detail: Some(format!(
+            "a {field} is an idempotency key: use a new one, or repeat the first request with its Idempotency-Key"
+        )),
+    }
 }
 
 /// `PUT /v1/entities/{type}/{id}`: a registry change (`{type}.upserted`)
@@ -185,17 +232,21 @@ pub async fn entity(
             ));
         }
         fields.insert("id".into(), json!(id));
-        publish(
-            &st,
-            caller.map(|c| c.0),
-            key,
-            &format!("{ty}.upserted"),
-            fields,
-        )
-        .await
+        let caller = caller.map(|c| c.0);
+        let key = scoped_key(caller.as_ref().and_then(|c| c.reseller_id.as_deref()), key);
+        publish(&st, caller, key, &format!("{ty}.upserted"), fields).await
     }
     .await
     .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The grant, adjustment or reversal id an event was published with (a
+/// scoped admin's carry its reseller's prefix).
+fn business_id(ev: &Value) -> Value {
+    ["grant_id", "adjustment_id", "reversal_id"]
+        .iter()
+        .find_map(|f| ev.get(*f).cloned())
+        .unwrap_or(Value::Null)
 }
 
 fn short_hash(s: &str) -> String {
@@ -225,6 +276,7 @@ async fn publish(
     if let Some(row) = client.query_opt("SELECT request_hash, event_id, event_type, event::text, published_at IS NOT NULL FROM operator_requests WHERE idempotency_key = $1", &[&key]).await.map_err(ApiError::internal)? {
         let (h, event_id, event_type, ev, published): (Vec<u8>, String, String, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         if h.as_slice() != request_hash.as_slice() {
+            // Keys are per scope: this one is the caller's own.
             return Err(conflict(format!("it was used for {event_type} {event_id}")));
         }
         if !published {
@@ -232,7 +284,8 @@ async fn publish(
             send(st, &ev).await?;
             client.execute("UPDATE operator_requests SET published_at = now() WHERE idempotency_key = $1", &[&key]).await.map_err(ApiError::internal)?;
         }
-        return Ok((StatusCode::OK, Json(json!({"event_id": event_id, "type": event_type, "status": "published", "repeated": true}))).into_response());
+        let ev: Value = serde_json::from_str(&ev).unwrap_or_default();
+        return Ok((StatusCode::OK, Json(json!({"event_id": event_id, "type": event_type, "status": "published", "repeated": true, "business_id": business_id(&ev)}))).into_response());
     }
     let event_id = format!("op-{}", short_hash(&key));
     let now = (st.clock)();
@@ -282,7 +335,7 @@ async fn publish(
         .map_err(ApiError::internal)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"event_id": event_id, "type": ty, "status": "published", "repeated": false})),
+        Json(json!({"event_id": event_id, "type": ty, "status": "published", "repeated": false, "business_id": business_id(&ev)})),
     )
         .into_response())
 }
@@ -345,14 +398,51 @@ async fn in_scope(st: &AppState, body: &EventBody, reseller: &str) -> Result<boo
                 AccountKind::parse(r.get(0)).is_some_and(|k| view_check(k, r.get(1)))
             })
         }
-        EventBody::Upsert(up) => match &up.entity {
-            crate::event::Entity::User { reseller_id, .. } => {
-                reseller_id.as_deref() == Some(reseller)
-            }
-            crate::event::Entity::App { user_id, .. } => view_check(AccountKind::User, user_id),
-            crate::event::Entity::Key { app_id, .. } => view_check(AccountKind::App, app_id),
-            _ => false,
-        },
+        EventBody::Upsert(up) => upsert_in_scope(st, up, reseller).await?,
         _ => false,
     })
+}
+
+/// A scoped admin may write a user, app or key only when both its new state
+/// and every stored state of it lie in the admin's tree (so it can neither
+/// take another reseller's entity nor move its own out), and the groups it
+/// names are ones its reseller lists.
+async fn upsert_in_scope(
+    st: &AppState,
+    up: &crate::event::Upsert,
+    reseller: &str,
+) -> Result<bool, ApiError> {
+    use crate::event::{Entity, EntityKind};
+    use crate::store::read;
+    let EntityKind::Account(kind) = up.kind else {
+        return Ok(false);
+    };
+    let groups: Vec<&str> = match &up.entity {
+        Entity::User { groups, .. } => groups.iter().map(|g| g.group_id.as_str()).collect(),
+        Entity::App { group_id, .. } | Entity::Key { group_id, .. } => {
+            group_id.iter().map(String::as_str).collect()
+        }
+        _ => return Ok(false),
+    };
+    let new_owner = read::parent_reseller(&st.pool, &up.entity)
+        .await
+        .map_err(ApiError::internal)?;
+    if new_owner.as_deref() != Some(reseller) {
+        return Ok(false);
+    }
+    let stored = read::stored_resellers(&st.pool, kind, &up.id)
+        .await
+        .map_err(ApiError::internal)?;
+    if stored.is_some_and(|owners| owners.iter().any(|o| o.as_deref() != Some(reseller))) {
+        return Ok(false);
+    }
+    if !groups.is_empty() {
+        let allowed = read::reseller_groups(&st.pool, reseller)
+            .await
+            .map_err(ApiError::internal)?;
+        if groups.iter().any(|g| !allowed.iter().any(|a| a == g)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }

@@ -70,9 +70,15 @@ fn entry_view(r: &Row) -> EntryView {
 
 pub const CSV_HEADER: &str = "entry_id,seq,event_id,entry_type,amount,balance_after,charge,occurred_at,recorded_at,topic,partition,offset,attributed_at\n";
 
-/// A CSV field, quoted when it needs to be.
+/// A CSV text field (an id, a topic: never a number), quoted when it needs
+/// to be. A cell a spreadsheet would run as a formula (one that begins with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'` and
+/// quotes, as OWASP advises; numbers are written without this function and
+/// stay numbers.
 pub fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("\"'{}\"", s.replace('"', "\"\""))
+    } else if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
@@ -663,4 +669,26 @@ pub async fn error_summary(
     Ok(
         json!({"bucket": g.bucket, "from": p.from, "to": p.to, "error_events": events, "admission_rejections": rejections}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_cells_a_spreadsheet_would_run_are_neutralised() {
+        for (cell, out) in [
+            ("=HYPERLINK(\"x\")", "\"'=HYPERLINK(\"\"x\"\")\""),
+            ("+1", "\"'+1\""),
+            ("-2+3", "\"'-2+3\""),
+            ("@SUM(A1)", "\"'@SUM(A1)\""),
+            ("\tx", "\"'\tx\""),
+            ("\rx", "\"'\rx\""),
+            ("u-1", "u-1"),
+            ("a,b", "\"a,b\""),
+            ("say \"hi\"", "\"say \"\"hi\"\"\""),
+        ] {
+            assert_eq!(csv_field(cell), out, "{cell:?}");
+        }
+    }
 }

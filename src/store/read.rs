@@ -5,7 +5,9 @@ use deadpool_postgres::Pool;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::event::{AccountRef, EntityKind};
+use std::collections::BTreeSet;
+
+use crate::event::{AccountKind, AccountRef, Entity, EntityKind};
 use crate::ledger::registry::{Registry, Version};
 
 #[derive(Debug, Serialize)]
@@ -144,4 +146,91 @@ pub async fn partition_counts(pool: &Pool) -> anyhow::Result<Vec<PartitionCounts
             waiting: r.get(7),
         })
         .collect())
+}
+
+/// The resellers an entity belongs to as stored: for each of its stored
+/// versions (whatever their effective dates), the reseller its chain leads
+/// to (a user's `reseller_id`; an app through its user; a key through its
+/// app and user, each parent as its latest version says), `None` where the
+/// chain ends without one. `None` overall when nothing of it is stored.
+pub async fn stored_resellers(
+    pool: &Pool,
+    kind: AccountKind,
+    id: &str,
+) -> anyhow::Result<Option<BTreeSet<Option<String>>>> {
+    let ek = EntityKind::Account(kind);
+    let reg = entity_versions(pool, ek, id).await?;
+    let versions = reg.versions(ek, id);
+    if versions.is_empty() {
+        return Ok(None);
+    }
+    let mut out = BTreeSet::new();
+    for v in versions {
+        out.insert(parent_reseller(pool, &v.entity).await?);
+    }
+    Ok(Some(out))
+}
+
+/// The reseller an entity's state places it under, following its parents
+/// as stored (their latest versions).
+pub async fn parent_reseller(pool: &Pool, entity: &Entity) -> anyhow::Result<Option<String>> {
+    let mut current = entity.clone();
+    // user -> reseller, app -> user, key -> app: at most three steps.
+    for _ in 0..3 {
+        let (kind, id) = match &current {
+            Entity::User { reseller_id, .. } => return Ok(reseller_id.clone()),
+            Entity::App { user_id, .. } => (AccountKind::User, user_id.clone()),
+            Entity::Key { app_id, .. } => (AccountKind::App, app_id.clone()),
+            _ => return Ok(None),
+        };
+        let ek = EntityKind::Account(kind);
+        let reg = entity_versions(pool, ek, &id).await?;
+        match reg.versions(ek, &id).last() {
+            Some(v) => current = v.entity.clone(),
+            None => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// The groups a reseller's latest stored version lets its scoped admins
+/// use (`reseller.upserted` `groups`).
+pub async fn reseller_groups(pool: &Pool, reseller: &str) -> anyhow::Result<Vec<String>> {
+    let ek = EntityKind::Account(AccountKind::Reseller);
+    let reg = entity_versions(pool, ek, reseller).await?;
+    Ok(match reg.versions(ek, reseller).last().map(|v| &v.entity) {
+        Some(Entity::Reseller { groups, .. }) => groups.clone(),
+        _ => Vec::new(),
+    })
+}
+
+/// Whether a business id (`grant:<id>`, `adjustment:<id>`,
+/// `reversal:<id>`) is taken: applied, or published by an operator write
+/// under another Idempotency-Key and not applied yet.
+pub async fn business_id_taken(
+    pool: &Pool,
+    idem_key: &str,
+    event_type: &str,
+    field: &str,
+    id: &str,
+    idempotency_key: &str,
+) -> anyhow::Result<bool> {
+    let client = pool.get().await?;
+    let applied = client
+        .query_opt(
+            "SELECT 1 FROM applied_events WHERE idem_key = $1",
+            &[&idem_key],
+        )
+        .await?
+        .is_some();
+    if applied {
+        return Ok(true);
+    }
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM operator_requests WHERE event_type = $1 AND event->>$2 = $3 AND idempotency_key <> $4 LIMIT 1",
+            &[&event_type, &field, &id, &idempotency_key],
+        )
+        .await?
+        .is_some())
 }
