@@ -403,3 +403,244 @@ async fn roles_scopes_operator_writes_and_the_openapi_document() {
     );
     assert!(svc.terminate().success());
 }
+
+/// A write over HTTP with an Idempotency-Key: (status, body).
+async fn put_or_post(
+    client: &reqwest::Client,
+    svc: &Service,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> (u16, Value) {
+    let r = client
+        .request(method.parse().unwrap(), svc.url(path))
+        .header("Idempotency-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_admin_writes_only_inside_its_tree_before_and_after() {
+    let ctx = TestCtx::new("scope").await;
+    let mut svc = ctx.serve();
+    svc.ready().await;
+    register_world(&ctx).await;
+    ctx.produce_control(second_reseller()).await;
+    ctx.produce_control([
+        control(
+            "c-res1-groups",
+            "reseller.upserted",
+            json!({"id": "r_1", "status": "enabled", "quota_limited": true, "quota_expires_at": null, "groups": ["g_1"]}),
+        ),
+        control(
+            "c-group2",
+            "group.upserted",
+            json!({"id": "g_2", "status": "enabled", "quota_limited": false, "quota_expires_at": null, "discount": "1", "models": []}),
+        ),
+    ])
+    .await;
+    ctx.wait_consumed(&ctx.topics.control, 19, Duration::from_secs(60))
+        .await;
+    let a = svc.http_as(&ctx.token("admin", Some("r_1")));
+    let b = svc.http_as(&ctx.token("admin", Some("r_2")));
+    let admin = svc.http();
+    let hash = hex::encode(Sha256::digest(b"sk-stolen"));
+    let user = |reseller: &str, groups: Value| json!({"reseller_id": reseller, "status": "enabled", "quota_expires_at": null, "groups": groups});
+    let key = |app: &str, h: &str| json!({"app_id": app, "key_hash": h, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []});
+    let denied = |r: (u16, Value)| {
+        assert_eq!(
+            (r.0, r.1["error"]["code"].as_str()),
+            (403, Some("access_denied")),
+            "{}",
+            r.1
+        );
+    };
+    // Another reseller's user moved in, its key re-parented, its key's hash
+    // changed: each refused, although the new state names A's tree or B's.
+    denied(
+        put_or_post(
+            &a,
+            &svc,
+            "PUT",
+            "/v1/entities/user/u_2",
+            "s-1",
+            user("r_1", json!([])),
+        )
+        .await,
+    );
+    denied(
+        put_or_post(
+            &a,
+            &svc,
+            "PUT",
+            "/v1/entities/key/k_2",
+            "s-2",
+            key("a_1", &hash),
+        )
+        .await,
+    );
+    denied(
+        put_or_post(
+            &a,
+            &svc,
+            "PUT",
+            "/v1/entities/key/k_2",
+            "s-3",
+            key("a_2", &hash),
+        )
+        .await,
+    );
+    // Its own user moved out of its tree: refused too.
+    denied(
+        put_or_post(
+            &a,
+            &svc,
+            "PUT",
+            "/v1/entities/user/u_1",
+            "s-4",
+            user("r_2", json!([])),
+        )
+        .await,
+    );
+    // Groups: only those its reseller lists.
+    let g = |id: &str| json!([{"group_id": id, "weight": 1, "default": true}]);
+    denied(
+        put_or_post(
+            &a,
+            &svc,
+            "PUT",
+            "/v1/entities/user/u_1",
+            "s-5",
+            user("r_1", g("g_2")),
+        )
+        .await,
+    );
+    let (code, body) = put_or_post(
+        &a,
+        &svc,
+        "PUT",
+        "/v1/entities/user/u_1",
+        "s-6",
+        user("r_1", g("g_1")),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    // r_2 lists no group at all.
+    denied(
+        put_or_post(
+            &b,
+            &svc,
+            "PUT",
+            "/v1/entities/user/u_2",
+            "s-7",
+            user("r_2", g("g_1")),
+        )
+        .await,
+    );
+    let (code, body) = put_or_post(
+        &a,
+        &svc,
+        "PUT",
+        "/v1/entities/user/u_new",
+        "s-8",
+        user("r_1", json!([])),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    // Unscoped admins may use any group.
+    let (code, body) = put_or_post(
+        &admin,
+        &svc,
+        "PUT",
+        "/v1/entities/user/u_2",
+        "s-9",
+        user("r_2", g("g_2")),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+
+    // Business ids and Idempotency-Keys are per tenant: the same ones from
+    // two resellers are two writes, and nothing of B's shows to A.
+    let grant = |account: &str, id: &str| json!({"account": {"kind": "user", "id": account}, "amount": "1", "expires_at": null, "grant_id": id});
+    let (code, from_b) = put_or_post(
+        &b,
+        &svc,
+        "POST",
+        "/v1/grants",
+        "same-key",
+        grant("u_2", "inv-1"),
+    )
+    .await;
+    assert_eq!(
+        (code, from_b["business_id"].as_str()),
+        (202, Some("r_2:inv-1")),
+        "{from_b}"
+    );
+    let (code, from_a) = put_or_post(
+        &a,
+        &svc,
+        "POST",
+        "/v1/grants",
+        "same-key",
+        grant("u_1", "inv-1"),
+    )
+    .await;
+    assert_eq!(
+        (code, from_a["business_id"].as_str()),
+        (202, Some("r_1:inv-1")),
+        "{from_a}"
+    );
+    assert_ne!(from_a["event_id"], from_b["event_id"]);
+    // A business id reused under another key: 409 at request time.
+    let (code, body) = put_or_post(
+        &admin,
+        &svc,
+        "POST",
+        "/v1/grants",
+        "k-dup-1",
+        grant("u_1", "dup-1"),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    let (code, body) = put_or_post(&admin, &svc, "POST", "/v1/grants", "k-dup-2", json!({"account": {"kind": "user", "id": "u_1"}, "amount": "2", "expires_at": null, "grant_id": "dup-1"})).await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("business_id_conflict")),
+        "{body}"
+    );
+    assert!(
+        !body.to_string().contains("op-"),
+        "names no other event: {body}"
+    );
+
+    // A reseller-scoped gateway token does not see the shared group's
+    // remaining credit.
+    let scoped_gw = svc.http_as(&ctx.token("gateway", Some("r_1")));
+    let body = json!({"api_key": "test", "client_ip": "203.0.113.7", "model": "gpt-4o", "path": "/v1/chat/completions"});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scoped = loop {
+        let (code, scoped) = status(
+            &scoped_gw,
+            &svc,
+            "POST",
+            "/v1/admission",
+            Some(body.clone()),
+        )
+        .await;
+        if code == 200 {
+            break scoped;
+        }
+        assert!(Instant::now() < deadline, "{code} {scoped}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(scoped["remaining"]["group"], Value::Null, "{scoped}");
+    assert!(scoped["remaining"]["user"].is_string(), "{scoped}");
+    let (code, full) = status(&admin, &svc, "POST", "/v1/admission", Some(body)).await;
+    assert_eq!(code, 200, "{full}");
+    assert!(full["remaining"]["group"].is_string(), "{full}");
+}

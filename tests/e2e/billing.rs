@@ -192,7 +192,7 @@ async fn debt_repayment_reversal_expiry_and_admission_over_injected_time() {
         d("15"),
         "50 - 30 debt repaid - 5 used"
     );
-    assert_eq!(remaining("reversal:rv1").await, d("30"));
+    assert_eq!(remaining("svc:reversal:rv1").await, d("30"));
     assert_eq!(balance(&svc, "user", "u_b").await, d("45"));
     let (_, b) = svc.get_json("/v1/balances/user/u_b").await;
     assert_eq!(b["debt"], "0", "{b}");

@@ -289,7 +289,7 @@ async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
         "not before the lateness window"
     );
     assert_eq!(balance(&svc, "user", "u_1").await, d("5000000"));
-    let fired: i64 = ctx.sql_one("SELECT count(*) FROM applied_events WHERE event_id = 'expiry:user:u_1:gr-exp' AND event_type = 'expiry'", &[]).await;
+    let fired: i64 = ctx.sql_one("SELECT count(*) FROM applied_events WHERE event_id = 'svc:expiry:user:u_1:gr-exp' AND event_type = 'expiry'", &[]).await;
     assert_eq!(fired, 1, "recorded in the applied-event store");
     let bad: i64 = ctx.sql_one("SELECT count(*) FROM accounts a WHERE balance <> (SELECT coalesce(sum(amount), 0) FROM ledger_entries e WHERE e.kind = a.kind AND e.id = a.id)", &[]).await;
     assert_eq!(bad, 0);
@@ -309,13 +309,12 @@ async fn concurrent_sinks_record_each_account_in_seq_order() {
     use quota_consumers::Record;
     use quota_engine::store::apply::{system_clock, LedgerSink};
     let ctx = TestCtx::new("order").await;
-    let sink = LedgerSink {
-        pool: ctx.pool.clone(),
-        dead_letters: None,
-        clock: system_clock(),
-        lateness: chrono::Duration::seconds(300),
-        registry_cache: Default::default(),
-    };
+    let sink = LedgerSink::new(
+        ctx.pool.clone(),
+        None,
+        system_clock(),
+        chrono::Duration::seconds(300),
+    );
     let args = quota_engine::sim::SimArgs {
         users: 40,
         events: 6000,

@@ -9,6 +9,7 @@ mod common;
 mod deadletter;
 mod faults;
 mod finance;
+mod hostile;
 mod ingest;
 mod replay;
 mod schemas;

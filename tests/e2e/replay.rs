@@ -117,6 +117,16 @@ fn workload(rng: &mut Rng) -> Vec<(DateTime<Utc>, &'static str, String, Value)> 
         let (target, t) = usage_times[r * (usage_times.len() / 1000)].clone();
         out.push(ev(format!("rev{r}"), "usage.reversed", t + Duration::seconds(60 + rng.below(300) as i64), json!({"reversal_id": format!("rev{r}"), "usage_event_id": target, "reason": "upstream error"})));
     }
+    // Accounts in debt that then receive a small grant expiring two
+    // seconds later: its opening repays debt only when the expiry
+    // finalizer sweeps the account, and finds nothing left to expire. The
+    // finalization is recorded all the same, so a replay moves the sweep
+    // at the same point (it diverged when it was not).
+    for i in 0..10u64 {
+        out.push(ev(format!("debt{i}"), "usage", m(40), json!({"key_id": format!("kd{i}"), "app_id": format!("ad{i}"), "user_id": format!("ud{i}"), "reseller_id": "r0", "group_id": "g1",
+            "model": "m1", "path": "/v1/chat/completions", "status": "success", "usage": {"input_tokens": 5000}})));
+        out.push(ev(format!("gd{i}"), "quota.granted", m(45), json!({"grant_id": format!("gd{i}"), "account": {"kind": "user", "id": format!("ud{i}")}, "amount": "10", "expires_at": ts(m(45) + Duration::seconds(2))})));
+    }
     for v in 0..100u64 {
         out.push(ev(
             format!("void{v}"),
@@ -151,13 +161,12 @@ async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
     let lateness = chrono::Duration::hours(1);
     let now = Arc::new(std::sync::Mutex::new(t0()));
     let clock_now = now.clone();
-    let sink = LedgerSink {
-        pool: ctx.pool.clone(),
-        dead_letters: None,
-        clock: Arc::new(move || *clock_now.lock().unwrap()),
+    let sink = LedgerSink::new(
+        ctx.pool.clone(),
+        None,
+        Arc::new(move || *clock_now.lock().unwrap()),
         lateness,
-        registry_cache: Default::default(),
-    };
+    );
     let mut offsets: HashMap<(&str, i32), i64> = HashMap::new();
     let started = Instant::now();
     let all: Vec<_> = reg.into_iter().chain(events).collect();
@@ -183,8 +192,11 @@ async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
                 }
             })
             .collect();
-        // Each batch arrives a second after the latest event in it.
-        let at = batch.iter().map(|e| e.0).max().unwrap() + Duration::seconds(1);
+        // Each batch arrives a second after the latest event in it, and
+        // never before the batch before it (the last window of shuffled
+        // events may straddle two batches).
+        let latest = batch.iter().map(|e| e.0).max().unwrap() + Duration::seconds(1);
+        let at = latest.max(*now.lock().unwrap());
         *now.lock().unwrap() = at;
         sink.apply_records_at(&records, at).await.unwrap();
         // The quarantine sweeper: a reversal that overtook its target.
@@ -212,6 +224,16 @@ async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
         .await;
     assert_eq!(applied as usize, total + fired, "every event applied");
     assert!(fired > 0);
+    let repaid: i64 = ctx
+        .sql_one(
+            "SELECT count(*) FROM credit_blocks WHERE block_id LIKE 'gd%' AND expired_amount = 0",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        repaid, 10,
+        "each small grant repaid debt and expired with nothing left"
+    );
     let voids: i64 = ctx
         .sql_one(
             "SELECT count(*) FROM ledger_entries WHERE entry_type = 'grant_void'",
