@@ -5,6 +5,12 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
+# The HTTP fuzzer the end-to-end suite runs (tests/e2e/fuzz_http.rs).
+SCHEMATHESIS_VERSION=4.32.5
+if ! schemathesis --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "schemathesis==$SCHEMATHESIS_VERSION" \
+    || { echo "cannot install schemathesis $SCHEMATHESIS_VERSION from PyPI" >&2; exit 1; }
+fi
 # Build first, outside the stack, so a slow compile holds no servers.
 cargo build --workspace --tests --locked
 out=$(mktemp)

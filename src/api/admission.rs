@@ -132,10 +132,10 @@ fn field<'a>(
             name,
             "must not contain control characters",
         )),
-        Some(Value::String(s)) if s.len() <= max_len(name) => Ok(Some(s)),
+        Some(Value::String(s)) if s.chars().count() <= max_len(name) => Ok(Some(s)),
         Some(Value::String(_)) => Err(ApiError::invalid(
             name,
-            format!("is longer than {} bytes", max_len(name)),
+            format!("is longer than {} characters", max_len(name)),
         )),
         Some(_) => Err(ApiError::invalid(name, "must be a string")),
     }
@@ -158,11 +158,8 @@ pub fn parse(body: &[u8]) -> Result<(Request, Option<String>), ApiError> {
         .as_object()
         .ok_or_else(|| ApiError::invalid("body", "must be a JSON object"))?;
     let trace_id = field(m, "trace_id", false)?.map(str::to_string);
-    if trace_id
-        .as_ref()
-        .is_some_and(|t| t.is_empty() || t.len() > 128)
-    {
-        return Err(ApiError::invalid("trace_id", "must be 1 to 128 bytes"));
+    if trace_id.as_ref().is_some_and(|t| t.is_empty()) {
+        return Err(ApiError::invalid("trace_id", "must be 1 to 128 characters"));
     }
     let client_ip: IpAddr = field(m, "client_ip", true)?
         .unwrap_or_default()

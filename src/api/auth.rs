@@ -234,18 +234,18 @@ fn role_allows(role: Role, method: &Method, path: &str) -> bool {
 /// Routes a reseller-scoped token may use at all (the account routes check
 /// the account; writes check their target).
 fn scope_allows(path: &str) -> bool {
-    matches!(
-        path,
-        "/v1/admission"
-            | "/v1/balances/{kind}/{id}"
-            | "/v1/ledger/{kind}/{id}"
-            | "/openapi.json"
-            | "/v1/grants"
-            | "/v1/adjustments"
-            | "/v1/reversals"
-            | "/v1/voids"
-            | "/v1/entities/{type}/{id}"
-    )
+    path.starts_with("/v1/entities/")
+        || matches!(
+            path,
+            "/v1/admission"
+                | "/v1/balances/{kind}/{id}"
+                | "/v1/ledger/{kind}/{id}"
+                | "/openapi.json"
+                | "/v1/grants"
+                | "/v1/adjustments"
+                | "/v1/reversals"
+                | "/v1/voids"
+        )
 }
 
 /// The middleware: a valid bearer token with the role for the route, and

@@ -20,8 +20,11 @@ pub fn account(kind: &str, id: &str) -> Result<AccountRef, ApiError> {
             format!("`{kind}` is not one of key, app, user, group, reseller"),
         )
     })?;
-    if id.is_empty() || id.chars().count() > 128 {
-        return Err(ApiError::invalid("id", "must be 1 to 128 characters"));
+    if id.is_empty() || id.chars().count() > 128 || id.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "id",
+            "must be 1 to 128 characters, none of them a control character",
+        ));
     }
     Ok(AccountRef::new(k, id))
 }
@@ -31,7 +34,7 @@ pub fn time_param(
     v: Option<&str>,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
     match v {
-        None | Some("") => Ok(None),
+        None => Ok(None),
         Some(s) => crate::event::parse_time(s).map(Some).ok_or_else(|| {
             ApiError::invalid(
                 name,

@@ -71,7 +71,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/adjustments"),
     ("POST", "/v1/reversals"),
     ("POST", "/v1/voids"),
-    ("PUT", "/v1/entities/{type}/{id}"),
+    ("PUT", "/v1/entities/model/{id}"),
+    ("PUT", "/v1/entities/group/{id}"),
+    ("PUT", "/v1/entities/reseller/{id}"),
+    ("PUT", "/v1/entities/user/{id}"),
+    ("PUT", "/v1/entities/app/{id}"),
+    ("PUT", "/v1/entities/key/{id}"),
+    ("PUT", "/v1/entities/service/{id}"),
     ("PUT", "/v1/test/clock"),
 ];
 
@@ -83,7 +89,9 @@ fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppSta
         ("GET", "/healthz") => get(|| async { Json(json!({"status": "ok"})) }),
         ("GET", "/readyz") => get(readyz),
         ("GET", "/metrics") => get(metrics),
-        ("GET", "/openapi.json") => get(|| async { Json(openapi::document()) }),
+        ("GET", "/openapi.json") => get(|State(st): State<AppState>| async move {
+            Json(openapi::document(st.test_clock.is_some()))
+        }),
         ("POST", "/v1/admission") => post(admission::admission),
         ("GET", "/v1/balances/{kind}/{id}") => get(balance),
         ("GET", "/v1/ledger/{kind}/{id}") => get(finance::ledger),
@@ -94,7 +102,7 @@ fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppSta
         ("POST", "/v1/adjustments") => post(operator::adjustment),
         ("POST", "/v1/reversals") => post(operator::reversal),
         ("POST", "/v1/voids") => post(operator::void),
-        ("PUT", "/v1/entities/{type}/{id}") => axum::routing::put(operator::entity),
+        ("PUT", p) if p.starts_with("/v1/entities/") => axum::routing::put(operator::entity),
         ("PUT", "/v1/test/clock") => axum::routing::put(set_test_clock),
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
@@ -128,7 +136,53 @@ pub fn app(state: AppState) -> Router {
         .merge(open)
         .fallback(|| async { ApiError::documented(ErrorCode::UnknownUrl) })
         .layer(axum::extract::DefaultBodyLimit::max(operator::MAX_BODY))
+        .layer(axum::middleware::map_response(gateway_error_body))
         .with_state(state)
+}
+
+/// Every error answer in the gateway's body: what the framework answers by
+/// itself (a query or path it cannot parse, a method the route does not
+/// have, an unsupported media type) becomes `{"error": {...}}` too, with
+/// the framework's text as `detail`.
+async fn gateway_error_body(resp: Response) -> Response {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 8192)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let mut e = match status.as_u16() {
+        400 | 413 | 415 | 422 => ApiError::invalid("request", &text),
+        404 => ApiError::documented(ErrorCode::UnknownUrl),
+        _ => ApiError {
+            status,
+            code: status.as_u16().to_string(),
+            message: status.canonical_reason().unwrap_or("Error").to_string() + ".",
+            error_type: if status.is_client_error() {
+                "fastapi_request_error"
+            } else {
+                "fastapi_error"
+            },
+            param: None,
+            detail: (!text.is_empty()).then_some(text),
+        },
+    };
+    e.status = status;
+    let mut out = e.into_response();
+    for (name, value) in parts.headers.iter() {
+        if name == axum::http::header::ALLOW || name == axum::http::header::RETRY_AFTER {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 async fn time_admission(
@@ -148,7 +202,7 @@ async fn time_admission(
 }
 
 /// A request body, or `invalid_parameter` when it could not be read (too
-/// large: the limit is 64 KiB).
+/// large: the limit is 1 MiB).
 pub fn body_bytes(
     b: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<axum::body::Bytes, ApiError> {

@@ -3,6 +3,322 @@
 
 use serde_json::{json, Value};
 
+/// An id: 1 to 128 characters, none of them a control character (as the
+/// decoder's ids).
+fn id() -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"})
+}
+
+/// An id a producer picks for a record of its own: not in `svc:`.
+fn producer_id() -> Value {
+    let mut v = id();
+    v["not"] = json!({"pattern": "^svc:"});
+    v
+}
+
+/// Free text: at most 4,096 characters, no NUL.
+fn text() -> Value {
+    json!({"type": "string", "maxLength": 4096, "pattern": "^[^\\u0000]*$"})
+}
+
+/// An admission field: no control characters, at most `max` characters.
+fn admission_text(max: usize) -> Value {
+    json!({"type": "string", "maxLength": max, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"})
+}
+
+fn nullable(mut v: Value) -> Value {
+    v["nullable"] = json!(true);
+    v
+}
+
+/// A decimal string exactly as the decoder reads one.
+fn decimal() -> Value {
+    json!({"type": "string", "pattern": crate::event::decimal_pattern(), "description": "exact decimal: at most 18 digits before the point, 18 after, 28 in all"})
+}
+
+fn decimal_not(patterns: &[&str]) -> Value {
+    let mut v = decimal();
+    let alts: Vec<Value> = patterns.iter().map(|p| json!({"pattern": p})).collect();
+    v["not"] = json!({"anyOf": alts});
+    v
+}
+
+const ZERO: &str = "^-?0+(\\.0+)?$";
+const NEGATIVE: &str = "^-";
+const NEGATIVE_NONZERO: &str = "^-0*([1-9]|0\\.0*[1-9]|\\.0*[1-9])";
+
+fn time() -> Value {
+    json!({"type": "string", "format": "date-time"})
+}
+
+fn status_enum() -> Value {
+    json!({"type": "string", "enum": ["enabled", "disabled", "deleted"]})
+}
+
+/// A list in an operator write: at most `MAX_LIST` items over HTTP (the
+/// control topic's decoder takes up to 10,000), so that every body the
+/// document allows fits in `MAX_BODY`.
+fn list(item: Value) -> Value {
+    json!({"type": "array", "maxItems": MAX_LIST, "items": item})
+}
+
+/// Most items of a list in an operator write.
+pub const MAX_LIST: usize = 100;
+/// Longest `path` of a price-list entry in an operator write.
+pub const MAX_PRICE_PATH: usize = 256;
+
+fn ip_rules() -> Value {
+    list(
+        json!({"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}], "description": "an address, or a CIDR block such as 198.51.100.0/24"}),
+    )
+}
+
+/// The fields of a price-list entry.
+pub const PRICE_FIELDS: [&str; 6] = [
+    "path",
+    "input",
+    "output",
+    "cache_read",
+    "cache_write",
+    "per_call",
+];
+
+/// A write's fields, with their schemas (the envelope fields are the
+/// service's; `actor` defaults to the token's id).
+fn write_schema(
+    what: super::operator::Write,
+) -> (Vec<(&'static str, Value)>, &'static [&'static str]) {
+    use super::operator::Write;
+    let account = json!({"type": "object", "required": ["kind", "id"], "additionalProperties": false, "properties": {"kind": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}, "id": id()}});
+    let actor = ("actor", nullable(text()));
+    match what {
+        Write::Grant => (
+            vec![
+                ("grant_id", producer_id()),
+                ("account", account),
+                ("amount", decimal_not(&[NEGATIVE, ZERO])),
+                ("expires_at", nullable(time())),
+                ("effective_at", nullable(time())),
+                (
+                    "category",
+                    json!({"type": "string", "enum": ["paid", "promotional", "refund", null], "nullable": true}),
+                ),
+                ("reference", nullable(text())),
+                actor,
+            ],
+            &["account", "amount", "expires_at"],
+        ),
+        Write::Adjustment => (
+            vec![
+                ("adjustment_id", producer_id()),
+                ("account", account),
+                ("amount", decimal_not(&[ZERO])),
+                ("reason", text()),
+                actor,
+            ],
+            &["account", "amount", "reason"],
+        ),
+        Write::Reversal => (
+            vec![
+                ("reversal_id", producer_id()),
+                ("usage_event_id", id()),
+                ("reason", text()),
+                actor,
+            ],
+            &["usage_event_id", "reason"],
+        ),
+        Write::Void => (
+            vec![("grant_id", id()), ("reason", text()), actor],
+            &["grant_id", "reason"],
+        ),
+    }
+}
+
+/// An entity type's fields, with their schemas (`id` is the path's).
+fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static str]) {
+    let quota = |limited: bool| {
+        let mut v = vec![
+            ("status", status_enum()),
+            ("quota_expires_at", nullable(time())),
+            ("effective_from", nullable(time())),
+        ];
+        if limited {
+            v.push(("quota_limited", json!({"type": "boolean"})));
+        }
+        v
+    };
+    let scoped = |mut v: Vec<(&'static str, Value)>| {
+        v.extend([
+            ("models", list(id())),
+            ("group_id", nullable(id())),
+            ("ip_allow", ip_rules()),
+            ("ip_deny", ip_rules()),
+        ]);
+        v
+    };
+    match ty {
+        "reseller" => {
+            let mut v = quota(true);
+            v.push(("groups", nullable(list(id()))));
+            (v, &["status", "quota_limited"])
+        }
+        "user" => {
+            let mut v = quota(false);
+            v.push(("reseller_id", nullable(id())));
+            v.push(("groups", list(json!({"type": "object", "required": ["group_id"], "additionalProperties": false, "properties": {
+                "group_id": id(), "weight": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX}, "default": {"type": "boolean"}}}))));
+            (v, &["status", "groups"])
+        }
+        "app" => {
+            let mut v = scoped(quota(true));
+            v.push(("user_id", id()));
+            (
+                v,
+                &[
+                    "user_id",
+                    "status",
+                    "quota_limited",
+                    "models",
+                    "ip_allow",
+                    "ip_deny",
+                ],
+            )
+        }
+        "key" => {
+            let mut v = scoped(quota(true));
+            v.push(("app_id", id()));
+            v.push(("key_hash", json!({"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "hex SHA-256 of the secret"})));
+            (
+                v,
+                &[
+                    "app_id",
+                    "key_hash",
+                    "status",
+                    "quota_limited",
+                    "models",
+                    "ip_allow",
+                    "ip_deny",
+                ],
+            )
+        }
+        "group" => {
+            let mut v = quota(true);
+            v.push(("discount", decimal_not(&[NEGATIVE_NONZERO])));
+            v.push(("models", list(id())));
+            (v, &["status", "quota_limited", "discount", "models"])
+        }
+        "model" => {
+            let price = decimal_not(&[NEGATIVE_NONZERO]);
+            let mut props = serde_json::Map::new();
+            let mut path = text();
+            path["maxLength"] = json!(MAX_PRICE_PATH);
+            props.insert("path".into(), path);
+            for f in &PRICE_FIELDS[1..] {
+                props.insert((*f).into(), nullable(price.clone()));
+            }
+            let entry = json!({"type": "object", "required": ["path"], "additionalProperties": false, "properties": props});
+            let mut prices = list(entry);
+            prices["description"] = json!("one entry per path (a path listed twice is refused)");
+            (
+                vec![
+                    ("status", status_enum()),
+                    ("effective_from", nullable(time())),
+                    ("prices", prices),
+                ],
+                &["status", "prices"],
+            )
+        }
+        _ => (
+            vec![
+                ("paused", json!({"type": "boolean"})),
+                ("ip_whitelist", ip_rules()),
+            ],
+            &["paused", "ip_whitelist"],
+        ),
+    }
+}
+
+fn object(fields: Vec<(&'static str, Value)>, required: &[&str]) -> Value {
+    let props: serde_json::Map<String, Value> = fields
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    json!({"type": "object", "required": required, "additionalProperties": false, "properties": props})
+}
+
+/// The fields a write's body may have.
+pub fn write_fields(what: super::operator::Write) -> &'static [&'static str] {
+    use super::operator::Write;
+    match what {
+        Write::Grant => &[
+            "grant_id",
+            "account",
+            "amount",
+            "expires_at",
+            "effective_at",
+            "category",
+            "reference",
+            "actor",
+        ],
+        Write::Adjustment => &["adjustment_id", "account", "amount", "reason", "actor"],
+        Write::Reversal => &["reversal_id", "usage_event_id", "reason", "actor"],
+        Write::Void => &["grant_id", "reason", "actor"],
+    }
+}
+
+/// The fields an entity type's body may have.
+pub fn entity_fields(ty: &str) -> &'static [&'static str] {
+    match ty {
+        "reseller" => &[
+            "status",
+            "quota_expires_at",
+            "effective_from",
+            "quota_limited",
+            "groups",
+        ],
+        "user" => &[
+            "status",
+            "quota_expires_at",
+            "effective_from",
+            "reseller_id",
+            "groups",
+        ],
+        "app" => &[
+            "status",
+            "quota_expires_at",
+            "effective_from",
+            "quota_limited",
+            "models",
+            "group_id",
+            "ip_allow",
+            "ip_deny",
+            "user_id",
+        ],
+        "key" => &[
+            "status",
+            "quota_expires_at",
+            "effective_from",
+            "quota_limited",
+            "models",
+            "group_id",
+            "ip_allow",
+            "ip_deny",
+            "app_id",
+            "key_hash",
+        ],
+        "group" => &[
+            "status",
+            "quota_expires_at",
+            "effective_from",
+            "quota_limited",
+            "discount",
+            "models",
+        ],
+        "model" => &["status", "effective_from", "prices"],
+        _ => &["paused", "ip_whitelist"],
+    }
+}
+
 fn error_responses(codes: &[u16]) -> Value {
     let mut m = serde_json::Map::new();
     for c in codes {
@@ -12,7 +328,7 @@ fn error_responses(codes: &[u16]) -> Value {
             403 => "access_denied: the token's role or reseller scope does not allow this",
             404 => "account_not_found, unknown_url, or the documented not-found codes",
             409 => "idempotency_conflict: the Idempotency-Key was used with another request; business_id_conflict: the grant, adjustment or reversal id was used by another request",
-            413 => "the body is larger than 64 KiB",
+            413 => "the body is larger than 1 MiB",
             429 => "the documented quota codes; too_many_long_reads: the token has too many CSV streams open",
             503 => "the service is paused, the broker did not acknowledge a write, or no database connection was free in time",
             _ => "internal error (details are logged, never sent)",
@@ -29,7 +345,7 @@ fn ok(description: &str, schema: &str) -> Value {
 fn account_params() -> Value {
     json!([
         {"name": "kind", "in": "path", "required": true, "schema": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}},
-        {"name": "id", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 128}}
+        {"name": "id", "in": "path", "required": true, "schema": id()}
     ])
 }
 
@@ -41,7 +357,7 @@ fn write_op(summary: &str, schema: &str) -> Value {
     json!({
         "summary": summary,
         "description": "Validated with the consumers' decoder and published to the control topic; applied when consumed. Role admin (a reseller-scoped admin only within its reseller).",
-        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 128}}],
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "pattern": "^[!-~]{1,128}$"}}],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}},
         "responses": {
             "202": ok("published", "WriteAccepted"),
@@ -60,11 +376,13 @@ fn with_errors(mut op: Value, codes: &[u16]) -> Value {
     op
 }
 
-pub fn document() -> Value {
+/// The document; `test_clock`: whether `PUT /v1/test/clock` is routed.
+pub fn document(test_clock: bool) -> Value {
+    use super::operator::Write;
     let dec = json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$", "description": "exact decimal"});
-    let account = json!({"type": "object", "required": ["kind", "id"], "properties": {"kind": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}, "id": {"type": "string"}}});
+    let dn = nullable(dec.clone());
     let auth_errors: &[u16] = &[401, 403, 500];
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "quota-engine", "version": env!("CARGO_PKG_VERSION"), "description": "Event-sourced quota and billing engine for LLM API gateways. Every endpoint but /healthz and /readyz needs `Authorization: Bearer <token>` (`quota-engine token create`)."},
         "security": [{"bearer": []}],
@@ -88,7 +406,7 @@ pub fn document() -> Value {
                 "parameters": account_params().as_array().unwrap().iter().cloned().chain([
                     time_param("from", "recorded_at at or after"), time_param("to", "recorded_at before"),
                     json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}),
-                    json!({"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "`next` of the previous page"}),
+                    json!({"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": "^(s[0-9]{1,18})?$"}, "description": "`next` of the previous page"}),
                     json!({"name": "format", "in": "query", "schema": {"type": "string", "enum": ["json", "csv"]}, "description": "or `Accept: text/csv`"})
                 ]).collect::<Vec<_>>(),
                 "responses": {"200": {"description": "a page, or the CSV", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LedgerPage"}}, "text/csv": {"schema": {"type": "string"}}}}}
@@ -99,7 +417,7 @@ pub fn document() -> Value {
                 "summary": "Error events and admission rejections counted by time bucket, code, model, model agent and key. Role finance, unscoped.",
                 "parameters": [time_param("from", "at or after"), time_param("to", "before"),
                     {"name": "bucket", "in": "query", "schema": {"type": "string", "enum": ["minute", "hour", "day"], "default": "hour"}},
-                    {"name": "by", "in": "query", "schema": {"type": "string", "default": "code,model,agent,key"}, "description": "comma-separated dimensions"},
+                    {"name": "by", "in": "query", "schema": {"type": "string", "default": "code,model,agent,key", "pattern": "^(code|model|agent|key)?(,(code|model|agent|key)?)*$"}, "description": "comma-separated dimensions"},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}],
                 "responses": {"200": ok("the summary", "ErrorSummary")}
             }), &[400, 401, 403, 500])},
@@ -107,13 +425,7 @@ pub fn document() -> Value {
             "/v1/adjustments": {"post": with_errors(write_op("Adjust a balance (publishes quota.adjusted)", "AdjustmentWrite"), &[400, 401, 403, 409, 413, 500, 503])},
             "/v1/reversals": {"post": with_errors(write_op("Reverse a usage event (publishes usage.reversed)", "ReversalWrite"), &[400, 401, 403, 409, 413, 500, 503])},
             "/v1/voids": {"post": with_errors(write_op("Void what is left of a grant (publishes quota.grant_voided)", "VoidWrite"), &[400, 401, 403, 409, 413, 500, 503])},
-            "/v1/entities/{type}/{id}": {"put": with_errors({
-                let mut op = write_op("Register or change an entity (publishes <type>.upserted with the body as its whole new state)", "EntityWrite");
-                op["parameters"].as_array_mut().unwrap().extend([
-                    json!({"name": "type", "in": "path", "required": true, "schema": {"type": "string", "enum": ["model", "group", "reseller", "user", "app", "key", "service"]}}),
-                    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}})]);
-                op
-            }, &[400, 401, 403, 409, 413, 500, 503])},
+
             "/v1/test/clock": {"put": with_errors(json!({
                 "summary": "Tests only (routed when QUOTA_TEST_CLOCK=true): move the service's clock. Role admin.",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["now"], "properties": {"now": {"type": "string", "format": "date-time"}}}}}},
@@ -126,27 +438,46 @@ pub fn document() -> Value {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message", "type", "param"], "properties": {
                     "code": {"type": "string"}, "message": {"type": "string"}, "type": {"type": "string", "enum": ["fastapi_request_error", "fastapi_error"]}, "param": {"type": "string", "nullable": true}, "detail": {"type": "string"}}}}},
                 "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}, "database": {"type": "boolean"}, "broker": {"type": "boolean"}, "reasons": {"type": "array", "items": {"type": "string"}}, "consumer": {"type": "boolean", "description": "consuming, and not stuck retrying one batch"}, "admission_view_loaded": {"type": "boolean"}, "admission_view_synced_ms_ago": {"type": "integer", "nullable": true}}},
-                "AdmissionRequest": {"type": "object", "required": ["client_ip", "model", "path"], "properties": {"api_key": {"type": "string"}, "client_ip": {"type": "string"}, "model": {"type": "string"}, "path": {"type": "string"}, "trace_id": {"type": "string"}, "estimated_cost": dec}},
-                "Allowed": {"type": "object", "properties": {"allowed": {"type": "boolean"}, "trace_id": {"type": "string"}, "key_id": {"type": "string"}, "app_id": {"type": "string"}, "user_id": {"type": "string"}, "reseller_id": {"type": "string", "nullable": true}, "group_id": {"type": "string"},
-                    "remaining": {"type": "object", "properties": {"key": dec, "app": dec, "user": dec, "group": dec, "reseller": dec}}}},
-                "Balance": {"type": "object", "properties": {"kind": {"type": "string"}, "id": {"type": "string"}, "balance": dec, "available": dec, "debt": dec, "limited": {"type": "boolean"}, "expires_at": {"type": "string", "format": "date-time", "nullable": true}, "status": {"type": "string", "nullable": true}, "registered": {"type": "boolean"}, "as_of": {"type": "string", "format": "date-time"}}},
-                "Entry": {"type": "object", "properties": {"entry_id": {"type": "integer"}, "seq": {"type": "integer"}, "event_id": {"type": "string"}, "entry_type": {"type": "string", "enum": ["grant", "usage", "adjustment", "expiry", "reversal", "grant_void"]}, "amount": dec, "balance_after": dec, "charge": dec,
+                "AdmissionRequest": {"type": "object", "required": ["client_ip", "model", "path"], "properties": {
+                    "api_key": nullable(admission_text(4096)), "client_ip": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]},
+                    "model": admission_text(128), "path": admission_text(4096),
+                    "trace_id": nullable({let mut t = admission_text(128); t["minLength"] = json!(1); t}), "estimated_cost": nullable(decimal_not(&[NEGATIVE_NONZERO]))}},
+                "Allowed": {"type": "object", "properties": {"allowed": {"type": "boolean"}, "trace_id": {"type": "string"}, "key_id": {"type": "string"}, "app_id": {"type": "string"}, "user_id": {"type": "string"}, "reseller_id": {"type": "string", "nullable": true}, "group_id": {"type": "string", "nullable": true},
+                    "remaining": {"type": "object", "properties": {"key": dn, "app": dn, "user": dn, "group": dn, "reseller": dn}}}},
+                "Balance": {"type": "object", "properties": {"kind": {"type": "string"}, "id": {"type": "string"}, "balance": dec, "available": dn, "debt": dn, "limited": {"type": "boolean"}, "expires_at": {"type": "string", "format": "date-time", "nullable": true}, "status": {"type": "string", "nullable": true}, "registered": {"type": "boolean"}, "as_of": {"type": "string", "format": "date-time"}}},
+                "Entry": {"type": "object", "properties": {"entry_id": {"type": "integer"}, "seq": {"type": "integer"}, "event_id": {"type": "string"}, "entry_type": {"type": "string", "enum": ["grant", "usage", "adjustment", "expiry", "reversal", "grant_void"]}, "amount": dec, "balance_after": dec, "charge": dn,
                     "occurred_at": {"type": "string", "format": "date-time"}, "recorded_at": {"type": "string", "format": "date-time"}, "attributed_at": {"type": "string", "format": "date-time", "nullable": true}, "topic": {"type": "string", "nullable": true}, "partition": {"type": "integer", "nullable": true}, "offset": {"type": "integer", "nullable": true}, "detail": {"type": "object"}}},
                 "Summary": {"type": "object", "properties": {"opening_balance": dec, "grants": dec, "usage": dec, "expiry": dec, "adjustments": dec, "reversals": dec, "voids": dec, "closing_balance": dec, "entries": {"type": "integer"}, "ties_out": {"type": "boolean"},
-                    "breakage": {"type": "object", "nullable": true, "additionalProperties": dec}, "breakage_revenue": dec}},
+                    "breakage": {"type": "object", "nullable": true, "additionalProperties": dec}, "breakage_revenue": dn}},
                 "LedgerPage": {"type": "object", "properties": {"kind": {"type": "string"}, "id": {"type": "string"}, "entries": {"type": "array", "items": {"$ref": "#/components/schemas/Entry"}}, "summary": {"$ref": "#/components/schemas/Summary"}, "next": {"type": "string", "nullable": true}}},
                 "Reconcile": {"type": "object", "properties": {"ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "object"}}, "notices": {"type": "array", "items": {"type": "object"}}, "checked": {"type": "object"}}},
                 "Checksum": {"type": "object", "properties": {"checksum": {"type": "string"}, "accounts": {"type": "integer"}, "blocks": {"type": "integer"}, "entries": {"type": "integer"}}},
                 "ErrorSummary": {"type": "object", "properties": {"bucket": {"type": "string"}, "error_events": {"type": "array", "items": {"type": "object"}}, "admission_rejections": {"type": "array", "items": {"type": "object"}}}},
                 "WriteAccepted": {"type": "object", "properties": {"event_id": {"type": "string"}, "type": {"type": "string"}, "status": {"type": "string"}, "repeated": {"type": "boolean"}, "business_id": {"type": "string", "nullable": true, "description": "the grant, adjustment or reversal id published (a reseller-scoped admin's carry `<reseller>:`)"}}},
-                "GrantWrite": {"type": "object", "required": ["account", "amount", "expires_at"], "properties": {"grant_id": {"type": "string"}, "account": account, "amount": dec, "expires_at": {"type": "string", "format": "date-time", "nullable": true}, "effective_at": {"type": "string", "format": "date-time"}, "category": {"type": "string", "enum": ["paid", "promotional", "refund"]}, "reference": {"type": "string"}}},
-                "AdjustmentWrite": {"type": "object", "required": ["account", "amount", "reason"], "properties": {"adjustment_id": {"type": "string"}, "account": account, "amount": dec, "reason": {"type": "string"}}},
-                "ReversalWrite": {"type": "object", "required": ["usage_event_id", "reason"], "properties": {"reversal_id": {"type": "string"}, "usage_event_id": {"type": "string"}, "reason": {"type": "string"}}},
-                "VoidWrite": {"type": "object", "required": ["grant_id", "reason"], "properties": {"grant_id": {"type": "string"}, "reason": {"type": "string"}}},
-                "EntityWrite": {"type": "object", "description": "the fields of the <type>.upserted event (docs/contract.md), without the envelope"}
+                "GrantWrite": object(write_schema(Write::Grant).0, write_schema(Write::Grant).1),
+                "AdjustmentWrite": object(write_schema(Write::Adjustment).0, write_schema(Write::Adjustment).1),
+                "ReversalWrite": object(write_schema(Write::Reversal).0, write_schema(Write::Reversal).1),
+                "VoidWrite": object(write_schema(Write::Void).0, write_schema(Write::Void).1)
             }
         }
-    })
+    });
+    for ty in super::operator::ENTITY_TYPES {
+        let (fields, required) = entity_schema(ty);
+        let name = format!("{}{}Write", ty[..1].to_uppercase(), &ty[1..]);
+        doc["components"]["schemas"][&name] = object(fields, required);
+        let mut op = write_op(&format!("Register or change a {ty} (publishes {ty}.upserted with the body as its whole new state)"), &name);
+        if let Some(params) = op["parameters"].as_array_mut() {
+            params.push(json!({"name": "id", "in": "path", "required": true, "schema": id()}));
+        }
+        doc["paths"][format!("/v1/entities/{ty}/{{id}}")] =
+            json!({"put": with_errors(op, &[400, 401, 403, 409, 413, 500, 503])});
+    }
+    if !test_clock {
+        if let Some(paths) = doc["paths"].as_object_mut() {
+            paths.remove("/v1/test/clock");
+        }
+    }
+    doc
 }
 
 #[cfg(test)]
@@ -155,7 +486,7 @@ mod tests {
 
     #[test]
     fn the_document_describes_exactly_the_routes_the_router_has() {
-        let doc = document();
+        let doc = document(true);
         let mut described: Vec<(String, String)> = Vec::new();
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for method in ops.as_object().unwrap().keys() {

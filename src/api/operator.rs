@@ -27,8 +27,9 @@ pub struct Publisher {
     pub topic: String,
 }
 
-/// Request bodies above this are refused before parsing.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Request bodies above this are refused before parsing (every body the
+/// OpenAPI document allows fits).
+pub const MAX_BODY: usize = 1 << 20;
 
 fn conflict(detail: String) -> ApiError {
     ApiError {
@@ -69,6 +70,72 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
         ));
     }
     Ok(k.to_string())
+}
+
+/// A write's body may hold only the fields its OpenAPI schema lists (a
+/// typo is an error, not a field silently kept), and an `account` only
+/// `kind` and `id`.
+fn only_fields(fields: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    if let Some(k) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::invalid(k, "is not a field of this request"));
+    }
+    if let Some(Value::Object(a)) = fields.get("account") {
+        if let Some(k) = a.keys().find(|k| !["kind", "id"].contains(&k.as_str())) {
+            return Err(ApiError::invalid(
+                &format!("account.{k}"),
+                "is not a field of an account",
+            ));
+        }
+    }
+    if let Some(Value::Array(groups)) = fields.get("groups") {
+        for g in groups.iter().filter_map(Value::as_object) {
+            if let Some(k) = g
+                .keys()
+                .find(|k| !["group_id", "weight", "default"].contains(&k.as_str()))
+            {
+                return Err(ApiError::invalid(
+                    &format!("groups[].{k}"),
+                    "is not a field of a group membership",
+                ));
+            }
+        }
+    }
+    if let Some(Value::Array(prices)) = fields.get("prices") {
+        for p in prices.iter().filter_map(Value::as_object) {
+            if let Some(k) = p
+                .keys()
+                .find(|k| !super::openapi::PRICE_FIELDS.contains(&k.as_str()))
+            {
+                return Err(ApiError::invalid(
+                    &format!("prices[].{k}"),
+                    "is not a field of a price",
+                ));
+            }
+            if p.get("path")
+                .and_then(Value::as_str)
+                .is_some_and(|s| s.chars().count() > super::openapi::MAX_PRICE_PATH)
+            {
+                return Err(ApiError::invalid(
+                    "prices[].path",
+                    format!(
+                        "is longer than {} characters",
+                        super::openapi::MAX_PRICE_PATH
+                    ),
+                ));
+            }
+        }
+    }
+    for (k, v) in fields {
+        if v.as_array()
+            .is_some_and(|a| a.len() > super::openapi::MAX_LIST)
+        {
+            return Err(ApiError::invalid(
+                k,
+                format!("has more than {} items", super::openapi::MAX_LIST),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn body_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
@@ -139,6 +206,7 @@ async fn write(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let fields = body_object(&super::body_bytes(body)?)?;
+    only_fields(&fields, super::openapi::write_fields(what))?;
     let (ty, id_field) = match what {
         Write::Grant => ("quota.granted", "grant_id"),
         Write::Adjustment => ("quota.adjusted", "adjustment_id"),
@@ -149,8 +217,9 @@ async fn write(
     let caller = caller.map(|c| c.0);
     let scope = caller.as_ref().and_then(|c| c.reseller_id.clone());
     let key = scoped_key(scope.as_deref(), key);
-    // The business id defaults to one derived from the idempotency key.
-    if !fields.contains_key(id_field) {
+    // The business id defaults to one derived from the idempotency key (a
+    // void names the grant it voids).
+    if !fields.contains_key(id_field) && !matches!(what, Write::Void) {
         fields.insert(id_field.into(), json!(format!("op-{}", short_hash(&key))));
     }
     // A scoped admin's grant, adjustment and reversal ids live in its
@@ -202,26 +271,30 @@ fn business_id_conflict(field: &str) -> ApiError {
 
 /// `PUT /v1/entities/{type}/{id}`: a registry change (`{type}.upserted`)
 /// with the entity's whole new state in the body.
+/// The entity types, each routed as `/v1/entities/<type>/{id}`.
+pub const ENTITY_TYPES: [&str; 7] = [
+    "model", "group", "reseller", "user", "app", "key", "service",
+];
+
 pub async fn entity(
     State(st): State<AppState>,
     caller: Option<Extension<Caller>>,
-    Path((ty, id)): Path<(String, String)>,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     async {
         let key = idempotency_key(&headers)?;
-        if ![
-            "model", "group", "reseller", "user", "app", "key", "service",
-        ]
-        .contains(&ty.as_str())
-        {
+        let ty = uri.path().split('/').nth(3).unwrap_or_default().to_string();
+        if !ENTITY_TYPES.contains(&ty.as_str()) {
             return Err(ApiError::invalid(
                 "type",
-                format!("`{ty}` is not model, group, reseller, user, app, key or service"),
+                format!("`{ty}` is not an entity type"),
             ));
         }
         let mut fields = body_object(&super::body_bytes(body)?)?;
+        only_fields(&fields, super::openapi::entity_fields(&ty))?;
         if fields
             .get("id")
             .is_some_and(|v| v.as_str() != Some(id.as_str()))
@@ -234,7 +307,14 @@ pub async fn entity(
         fields.insert("id".into(), json!(id));
         let caller = caller.map(|c| c.0);
         let key = scoped_key(caller.as_ref().and_then(|c| c.reseller_id.as_deref()), key);
-        publish(&st, caller, key, &format!("{ty}.upserted"), fields).await
+        // The service switch is the one registry event not named
+        // `<type>.upserted`.
+        let event_type = if ty == "service" {
+            "service.switched".to_string()
+        } else {
+            format!("{ty}.upserted")
+        };
+        publish(&st, caller, key, &event_type, fields).await
     }
     .await
     .unwrap_or_else(IntoResponse::into_response)

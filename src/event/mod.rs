@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-pub use decode::{canonical_hash, decode, parse_decimal, parse_time};
+pub use decode::{canonical_hash, decimal_pattern, decode, parse_decimal, parse_time};
 pub use ip::IpRule;
 
 /// The five scopes that have ledgers.

@@ -9,6 +9,7 @@ mod common;
 mod deadletter;
 mod faults;
 mod finance;
+mod fuzz_http;
 mod hostile;
 mod ingest;
 mod replay;
