@@ -64,6 +64,15 @@ fn benches(c: &mut Criterion) {
     g.bench_function("decode usage event", |b| {
         b.iter(|| event::decode(Some(std::hint::black_box(USAGE.as_bytes()))).unwrap())
     });
+    // The floor: the same bytes parsed into a serde_json::Value and
+    // written back as canonical text, without any of the decoder's checks.
+    g.bench_function("floor: serde_json parse + canonical text", |b| {
+        b.iter(|| {
+            let v: serde_json::Value =
+                serde_json::from_slice(std::hint::black_box(USAGE.as_bytes())).unwrap();
+            v.to_string()
+        })
+    });
     let prices = vec![PriceEntry {
         path: "*".into(),
         input: Some(Decimal::from_str("2.5").unwrap()),

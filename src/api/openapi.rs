@@ -246,77 +246,14 @@ fn object(fields: Vec<(&'static str, Value)>, required: &[&str]) -> Value {
     json!({"type": "object", "required": required, "additionalProperties": false, "properties": props})
 }
 
-/// The fields a write's body may have.
-pub fn write_fields(what: super::operator::Write) -> &'static [&'static str] {
-    use super::operator::Write;
-    match what {
-        Write::Grant => &[
-            "grant_id",
-            "account",
-            "amount",
-            "expires_at",
-            "effective_at",
-            "category",
-            "reference",
-            "actor",
-        ],
-        Write::Adjustment => &["adjustment_id", "account", "amount", "reason", "actor"],
-        Write::Reversal => &["reversal_id", "usage_event_id", "reason", "actor"],
-        Write::Void => &["grant_id", "reason", "actor"],
-    }
+/// The fields a write's body may have: those its schema lists.
+pub fn write_fields(what: super::operator::Write) -> Vec<&'static str> {
+    write_schema(what).0.into_iter().map(|(k, _)| k).collect()
 }
 
-/// The fields an entity type's body may have.
-pub fn entity_fields(ty: &str) -> &'static [&'static str] {
-    match ty {
-        "reseller" => &[
-            "status",
-            "quota_expires_at",
-            "effective_from",
-            "quota_limited",
-            "groups",
-        ],
-        "user" => &[
-            "status",
-            "quota_expires_at",
-            "effective_from",
-            "reseller_id",
-            "groups",
-        ],
-        "app" => &[
-            "status",
-            "quota_expires_at",
-            "effective_from",
-            "quota_limited",
-            "models",
-            "group_id",
-            "ip_allow",
-            "ip_deny",
-            "user_id",
-        ],
-        "key" => &[
-            "status",
-            "quota_expires_at",
-            "effective_from",
-            "quota_limited",
-            "models",
-            "group_id",
-            "ip_allow",
-            "ip_deny",
-            "app_id",
-            "key_hash",
-        ],
-        "group" => &[
-            "status",
-            "quota_expires_at",
-            "effective_from",
-            "quota_limited",
-            "discount",
-            "models",
-        ],
-        "model" => &["status", "effective_from", "prices"],
-        _ => &["paused", "ip_whitelist"],
-    }
+/// The fields an entity type's body may have: those its schema lists.
+pub fn entity_fields(ty: &str) -> Vec<&'static str> {
+    entity_schema(ty).0.into_iter().map(|(k, _)| k).collect()
 }
 
 fn error_responses(codes: &[u16]) -> Value {

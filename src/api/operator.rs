@@ -206,7 +206,7 @@ async fn write(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let fields = body_object(&super::body_bytes(body)?)?;
-    only_fields(&fields, super::openapi::write_fields(what))?;
+    only_fields(&fields, &super::openapi::write_fields(what))?;
     let (ty, id_field) = match what {
         Write::Grant => ("quota.granted", "grant_id"),
         Write::Adjustment => ("quota.adjusted", "adjustment_id"),
@@ -294,7 +294,7 @@ pub async fn entity(
             ));
         }
         let mut fields = body_object(&super::body_bytes(body)?)?;
-        only_fields(&fields, super::openapi::entity_fields(&ty))?;
+        only_fields(&fields, &super::openapi::entity_fields(&ty))?;
         if fields
             .get("id")
             .is_some_and(|v| v.as_str() != Some(id.as_str()))

@@ -1694,8 +1694,8 @@ mod tests {
         user.check().unwrap();
     }
 
-    #[test]
-    fn expiry_removes_exactly_what_the_block_has_left() {
+    /// A 10,000 grant expiring at 11:00, and usage of 5,200 at 10:00.
+    fn expiring_grant_half_used() -> (FoldState, AccountRef) {
         let mut st = FoldState::new(chrono::Duration::hours(24));
         let grant = GRANT.replace(
             "\"expires_at\":null",
@@ -1712,7 +1712,12 @@ mod tests {
             now(),
         )
         .unwrap();
-        let user = AccountRef::new(AccountKind::User, "u_1");
+        (st, AccountRef::new(AccountKind::User, "u_1"))
+    }
+
+    #[test]
+    fn expiry_removes_exactly_what_the_block_has_left() {
+        let (mut st, user) = expiring_grant_half_used();
         let fx = expire_blocks(
             &mut st,
             &[(user.clone(), "gr-1".into(), ExpiryCause::Block)],
@@ -1834,23 +1839,7 @@ mod tests {
 
     #[test]
     fn a_void_after_a_finalized_expiry_takes_nothing_and_a_resweep_agrees() {
-        let mut st = FoldState::new(chrono::Duration::hours(24));
-        let grant = GRANT.replace(
-            "\"expires_at\":null",
-            "\"expires_at\":\"2026-11-27T11:00:00Z\"",
-        );
-        fold(
-            &mut st,
-            vec![
-                input(0, MODEL),
-                input(1, GROUP),
-                input(2, &grant),
-                input(3, USAGE),
-            ],
-            now(),
-        )
-        .unwrap();
-        let user = AccountRef::new(AccountKind::User, "u_1");
+        let (mut st, user) = expiring_grant_half_used();
         expire_blocks(
             &mut st,
             &[(user.clone(), "gr-1".into(), ExpiryCause::Block)],

@@ -349,12 +349,17 @@ fn t_static(t: &str) -> &'static str {
     .unwrap()
 }
 
-#[test]
-fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
-    let seeds = std::env::var("QUOTA_PROPTEST_SEEDS")
+/// How many seeds a property runs (`QUOTA_PROPTEST_SEEDS`, default 150).
+fn seeds() -> u64 {
+    std::env::var("QUOTA_PROPTEST_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(150u64);
+        .unwrap_or(150)
+}
+
+#[test]
+fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
+    let seeds = seeds();
     let mut flagged_any = 0;
     let only: Option<u64> = std::env::var("QUOTA_PROPTEST_SEED")
         .ok()
@@ -423,10 +428,7 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
 /// never changes.
 #[test]
 fn voids_of_expired_blocks_and_skewed_appliers_keep_every_invariant() {
-    let seeds = std::env::var("QUOTA_PROPTEST_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(150u64);
+    let seeds = seeds();
     let mut expired_voids = 0;
     for seed in 1..=seeds {
         let mut rng = Rng::new(0x51E3_77AA_0000_0001 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
