@@ -288,3 +288,41 @@ fn allowed_body(a: &Allowed<'_>, trace_id: &str, scoped: bool) -> Value {
         "remaining": {"key": amount(a.key), "app": amount(a.app), "user": amount(a.user), "group": amount(group), "reseller": amount(a.reseller)}
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    fn param(body: &str) -> Option<String> {
+        parse(body.as_bytes()).err().and_then(|e| e.param)
+    }
+
+    #[test]
+    fn every_field_refuses_control_characters_and_overlong_values() {
+        let ok = r#"{"api_key": "sk", "client_ip": "203.0.113.7", "model": "m", "path": "/p", "trace_id": "t"}"#;
+        assert!(parse(ok.as_bytes()).is_ok());
+        for (field, bad) in [
+            ("model", "m\\u0000"),
+            ("path", "/p\\n"),
+            ("api_key", "sk\\u0007"),
+            ("trace_id", "t\\u0085"),
+        ] {
+            let body = ok.replace(
+                &format!("\"{field}\": \""),
+                &format!("\"{field}\": \"{bad}"),
+            );
+            assert_eq!(param(&body).as_deref(), Some(field), "{body}");
+        }
+        let long_model = ok.replace(
+            "\"model\": \"m\"",
+            &format!("\"model\": \"{}\"", "é".repeat(129)),
+        );
+        assert_eq!(param(&long_model).as_deref(), Some("model"));
+        // Lengths are in characters: 128 two-byte characters are fine.
+        let model_128 = ok.replace(
+            "\"model\": \"m\"",
+            &format!("\"model\": \"{}\"", "é".repeat(128)),
+        );
+        assert!(parse(model_128.as_bytes()).is_ok());
+    }
+}

@@ -73,6 +73,9 @@ struct TokenTable {
     loaded: tokio::sync::Mutex<Option<Instant>>,
     /// `loaded`, readable without the lock: ms since `epoch`.
     loaded_ms: std::sync::atomic::AtomicU64,
+    /// Loads so far: a request that finds a load finished after it arrived
+    /// answers from that load instead of loading again.
+    loads: std::sync::atomic::AtomicU64,
     epoch: std::sync::OnceLock<Instant>,
 }
 
@@ -131,34 +134,45 @@ impl TokenCache {
         if t.fresh(TOKEN_TTL) && known.is_some() {
             return Ok(known);
         }
+        let arrived = t.loads.load(std::sync::atomic::Ordering::Acquire);
         let mut loaded = t.loaded.lock().await;
-        // Another request may have loaded it while this one waited.
+        // A load that finished after this request arrived saw every token
+        // made before it: answer from it (a flood of unknown tokens costs
+        // one load, not one each).
+        if t.loads.load(std::sync::atomic::Ordering::Acquire) != arrived {
+            return Ok(t.get(&h));
+        }
         if let Some(at) = *loaded {
             let since = at.elapsed();
             if since < TOKEN_RELOAD_MIN {
-                if let Some(c) = t.get(&h) {
-                    return Ok(Some(c));
-                }
                 tokio::time::sleep(TOKEN_RELOAD_MIN - since).await;
             }
         }
-        match t.load(pool).await {
-            Ok(()) => {
-                let now = Instant::now();
-                *loaded = Some(now);
-                t.loaded_ms.store(
-                    now.duration_since(t.epoch()).as_millis().max(1) as u64,
-                    std::sync::atomic::Ordering::Release,
+        let result = t.load(pool).await;
+        if result.is_ok() || loaded.is_some() {
+            // Loaded; or Postgres is down and the table as it was stands
+            // for another `TOKEN_TTL`: the tokens known before keep
+            // working (admission goes on answering from the in-memory
+            // view), and the requests queued behind this one do not each
+            // wait for the database in turn.
+            let now = Instant::now();
+            *loaded = Some(now);
+            t.loads.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            t.loaded_ms.store(
+                now.duration_since(t.epoch()).as_millis().max(1) as u64,
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        match result {
+            Ok(()) => Ok(t.get(&h)),
+            Err(e) if loaded.is_none() => Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "cannot reload the token table; using the one loaded before"
                 );
                 Ok(t.get(&h))
             }
-            // Postgres is down: the tokens known before keep working, so
-            // admission goes on answering from the in-memory view.
-            Err(e) => match known {
-                Some(c) => Ok(Some(c)),
-                None if loaded.is_some() => Ok(None),
-                None => Err(e),
-            },
         }
     }
 }

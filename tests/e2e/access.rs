@@ -644,3 +644,42 @@ async fn a_scoped_admin_writes_only_inside_its_tree_before_and_after() {
     assert_eq!(code, 200, "{full}");
     assert!(full["remaining"]["group"].is_string(), "{full}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_tokens_costs_no_database_round_trip_each() {
+    let ctx = TestCtx::new("tokenflood").await;
+    let mut svc = ctx.serve();
+    svc.ready().await;
+    // A known token works, and a token made now works at once.
+    let (code, _) = status(&svc.http(), &svc, "GET", "/v1/checksum", None).await;
+    assert_eq!(code, 200);
+    let scans = || async {
+        ctx.sql_one::<i64>("SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'access_tokens'", &[]).await
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = scans().await;
+    let flood = (0..300).map(|i| {
+        let client = svc.http_as(&format!("qet_unknown_{i}"));
+        let url = svc.url("/v1/checksum");
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    });
+    let answers = futures_util::future::join_all(flood).await;
+    assert!(answers.iter().all(|c| *c == 401), "{answers:?}");
+    let fresh = svc.http_as(&ctx.token("finance", None));
+    let (code, _) = status(&fresh, &svc, "GET", "/v1/checksum", None).await;
+    assert_eq!(code, 200, "a token made during the flood works");
+    // Backends report their table statistics within about ten seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut after = scans().await;
+    while after == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        after = scans().await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    after = scans().await;
+    assert!(
+        after - before <= 4,
+        "300 unknown tokens and one new one read access_tokens {} times",
+        after - before
+    );
+}
