@@ -359,3 +359,83 @@ async fn replay_from_kafka_reproduces_the_live_checksum() {
     assert_eq!(report["differences"], json!([]), "{report}");
     assert_eq!(report["checksum"]["checksum"], live, "{report}");
 }
+
+/// Slow readers: a token has at most two CSV streams open; long reads draw
+/// from a pool of their own, so when slow readers hold all of it a long
+/// read answers 503 after a bounded wait while balances and admission go
+/// on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_are_bounded_per_token_and_cannot_starve_short_reads() {
+    let ctx = TestCtx::new("slowreaders").await;
+    // A ledger far larger than the socket buffers, written directly (what
+    // is tested is the reading).
+    ctx.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "INSERT INTO accounts (kind, id) VALUES ('user', 'big');
+             INSERT INTO ledger_entry_rows (entry_id, kind, id, seq, event_id, entry_type, amount, balance_after, occurred_at, recorded_at, prev_hash, hash)
+             SELECT 8 * g, 'user', 'big', g, 'adj-' || g, 'adjustment', 1, g, now(), now(), '\\x00', '\\x00' FROM generate_series(1, 300000) g;",
+        )
+        .await
+        .unwrap();
+    let mut svc = ctx.serve();
+    svc.ready().await;
+    let csv = "/v1/ledger/user/big?format=csv";
+    let open = |client: reqwest::Client| {
+        let url = svc.url(csv);
+        async move { client.get(url).send().await.unwrap() }
+    };
+    let a = svc.http_as(&ctx.token("finance", None));
+    let b = svc.http_as(&ctx.token("finance", None));
+    // Two streams per token, left unread.
+    let a1 = open(a.clone()).await;
+    let a2 = open(a.clone()).await;
+    assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));
+    let a3 = open(a.clone()).await;
+    assert_eq!(a3.status().as_u16(), 429);
+    let body: serde_json::Value = a3.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_long_reads", "{body}");
+    // Another token has its own two; now all four connections of the
+    // long-read pool are held by readers that do not read.
+    let b1 = open(b.clone()).await;
+    let b2 = open(b.clone()).await;
+    assert_eq!((b1.status().as_u16(), b2.status().as_u16()), (200, 200));
+    let started = Instant::now();
+    let (code, body) = svc.get_json("/v1/reconcile").await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (503, Some("503")),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // Short reads do not wait behind them.
+    let started = Instant::now();
+    let (code, _) = svc.get_json("/v1/balances/user/big").await;
+    assert_eq!(code, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // A reader that goes away gives its stream back.
+    drop(a1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = open(a.clone()).await;
+        if r.status().as_u16() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream of a closed connection was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((a2, b1, b2));
+}
