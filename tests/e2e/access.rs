@@ -683,3 +683,23 @@ async fn a_flood_of_unknown_tokens_costs_no_database_round_trip_each() {
         after - before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_password_never_appears_in_an_error() {
+    let ctx = TestCtx::new("secrets").await;
+    let secret = "s3cr3t-Pa55w0rd";
+    for url in [
+        // Unparsable (a port that is not a number).
+        format!("postgres://postgres:{secret}@127.0.0.1:notaport/x"),
+        // Parsable, nothing listening.
+        format!("postgres://postgres:{secret}@127.0.0.1:1/x"),
+    ] {
+        let (code, out, err) = ctx.cli(&["migrate"], &[("DATABASE_URL", url.as_str())]);
+        assert_ne!(code, 0, "migrate against {url} succeeded");
+        assert!(!err.is_empty(), "an error says what went wrong");
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "the password leaked:\n{out}\n{err}"
+        );
+    }
+}
