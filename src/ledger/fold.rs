@@ -1219,21 +1219,29 @@ fn apply_usage(
         shared[f] = json!(true);
     }
     let shared = std::sync::Arc::new(shared);
-    if !priced.charge.is_zero() {
-        if let Some(a) = u.accounts().into_iter().find(|a| {
-            state.registry.limited_at(a.kind, &a.id, t) && state.would_overflow(a, -priced.charge)
-        }) {
-            return overflow(&a);
-        }
+    // Each leg's amount, evaluated once: limited accounts move by the
+    // charge, the others record it and move nothing.
+    let legs: Vec<(AccountRef, Decimal, bool)> = u
+        .accounts()
+        .into_iter()
+        .map(|a| {
+            let limited = state.registry.limited_at(a.kind, &a.id, t);
+            let amount = if limited && !priced.charge.is_zero() {
+                -priced.charge
+            } else {
+                Decimal::ZERO
+            };
+            (a, amount, limited)
+        })
+        .collect();
+    if let Some((a, ..)) = legs
+        .iter()
+        .find(|(a, amount, _)| !amount.is_zero() && state.would_overflow(a, *amount))
+    {
+        return overflow(a);
     }
     let mut postings = Vec::new();
-    for acct_ref in u.accounts() {
-        let limited = state.registry.limited_at(acct_ref.kind, &acct_ref.id, t);
-        let amount = if limited && !priced.charge.is_zero() {
-            -priced.charge
-        } else {
-            Decimal::ZERO
-        };
+    for (acct_ref, amount, limited) in legs {
         if !amount.is_zero() {
             account(state, &acct_ref).debit(priced.charge, sweep_t);
         }

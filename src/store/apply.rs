@@ -117,6 +117,15 @@ impl LedgerSink {
     }
 }
 
+/// The rejection of one message Postgres refused (`DbErrorClass::Content`).
+fn refused_by_postgres(e: &ApplyError, event_id: Option<String>) -> event::Rejection {
+    event::Rejection {
+        reason: event::Reason::Schema,
+        detail: format!("the ledger cannot store this event: {e}"),
+        event_id,
+    }
+}
+
 /// How far from the batch time the fold places events on time
 /// (`ALLOWED_LATENESS_SECS` behind, `QUOTA_MAX_FUTURE_SECS` ahead).
 #[derive(Clone, Copy, Debug)]
@@ -311,15 +320,12 @@ impl LedgerSink {
     async fn isolate(&self, batch: &[Record], e: ApplyError) -> Result<(), ApplyError> {
         if let [one] = batch {
             tracing::warn!(topic = %one.topic, partition = one.partition, offset = one.offset, error = %e, "the database refused a message; dead-lettering it");
-            let refused = event::Rejection {
-                reason: event::Reason::Schema,
-                detail: format!("the ledger cannot store this event: {e}"),
-                // Its id, so the quarantine row names it.
-                event_id: self
-                    .decode(one.payload.as_deref())
-                    .ok()
-                    .map(|ev| ev.event_id),
-            };
+            // Its id, so the quarantine row names it.
+            let id = self
+                .decode(one.payload.as_deref())
+                .ok()
+                .map(|ev| ev.event_id);
+            let refused = refused_by_postgres(&e, id);
             return self
                 .apply_batch(batch, self.now(), Some(&self.clock), Some(refused))
                 .await;
@@ -493,11 +499,7 @@ impl LedgerSink {
                             return Err(e);
                         }
                         tracing::warn!(quarantine_id = id, error = %e, "the database refused a quarantined message; rejecting it");
-                        let refused = event::Rejection {
-                            reason: event::Reason::Schema,
-                            detail: format!("the ledger cannot store this event: {e}"),
-                            event_id: None,
-                        };
+                        let refused = refused_by_postgres(&e, None);
                         self.retry_rows(Some(*id), 1, Some(refused)).await?;
                     }
                 }
