@@ -422,7 +422,7 @@ async fn ingest(
     use quota_consumers::Record;
     // A steady feed: one sink, batched as a consumer would (below).
     let (sinks, batch) = if rate > 0 { (1, 2000) } else { (sinks, batch) };
-    use quota_engine::store::apply::{system_clock, LedgerSink};
+    use quota_engine::{clock::system_clock, store::LedgerSink};
     let pool = quota_engine::store::connect(&database, sinks + 2)
         .await
         .expect("database");

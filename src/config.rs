@@ -131,8 +131,8 @@ impl Config {
         chrono::Duration::seconds(self.allowed_lateness_secs.min(i64::MAX as u64 / 1000) as i64)
     }
 
-    pub fn sink_limits(&self) -> crate::store::apply::SinkLimits {
-        crate::store::apply::SinkLimits {
+    pub fn sink_limits(&self) -> crate::store::SinkLimits {
+        crate::store::SinkLimits {
             message_max_bytes: self.message_max_bytes,
             max_future: chrono::Duration::seconds(
                 self.max_future_secs.min(i64::MAX as u64 / 1000) as i64

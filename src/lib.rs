@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! Kafka message ─ consumers/ (quota-consumers: subscribe, batch, seek to stored offsets)
-//!   └ store::apply::LedgerSink (one Postgres transaction per batch, offsets included)
+//!   └ store::LedgerSink (one Postgres transaction per batch, offsets included)
 //!       ├ event::decode        wire JSON → domain Event, or a Rejection with its reason
 //!       ├ ledger::fold         decide: registry versions, entries, quarantine, counts (pure)
 //!       │   ├ ledger::pricing  usage → charge (pure)
@@ -22,6 +22,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod clock;
 pub mod codes;
 pub mod config;
 pub mod event;

@@ -29,3 +29,25 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(30);
 /// it: a flood of unknown tokens costs at most one query per this, and a
 /// newly made token is known at most this long after it is first used.
 pub const TOKEN_RELOAD_MIN: Duration = Duration::from_secs(1);
+/// Decoded registry versions the sink keeps (`store::load::RegistryCache`);
+/// cleared when full. A version is a few hundred bytes: tens of MB at most.
+pub const REGISTRY_CACHE_MAX: usize = 200_000;
+/// Quarantine rows one retry pass, and expiries one finalization pass,
+/// take: a pass is one transaction, short enough not to hold account locks
+/// long against the consumers.
+pub const SWEEP_BATCH_MAX: i64 = 500;
+/// The sweeper's pause after a pass that found work, found none, or failed.
+pub const SWEEP_PAUSE_BUSY: Duration = Duration::from_millis(10);
+pub const SWEEP_PAUSE_IDLE: Duration = Duration::from_millis(200);
+pub const SWEEP_PAUSE_FAILED: Duration = Duration::from_secs(1);
+/// When a newly waiting event is first retried (sooner when what it waits
+/// for arrives); later retries back off, doubling to a minute (the SQL in
+/// `store::write::resolve_retried`).
+pub const WAITING_FIRST_RETRY: Duration = Duration::from_secs(1);
+/// How long a dead letter may wait for the broker's acknowledgement; the
+/// batch is retried after.
+pub const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often admission rejections are written for the error summary.
+pub const REJECTION_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+/// Events a replay applies in one transaction at most.
+pub const REPLAY_BATCH_MAX: usize = 2000;

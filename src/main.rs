@@ -227,13 +227,13 @@ async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
                 .set("bootstrap.servers", &config.kafka_brokers)
                 .create()?;
-            let sink = store::apply::LedgerSink::new(
+            let sink = store::LedgerSink::new(
                 pool,
-                Some(store::apply::DeadLetters {
+                Some(store::DeadLetters {
                     producer,
                     topic: config.topics.dlq.clone(),
                 }),
-                store::apply::system_clock(),
+                quota_engine::clock::system_clock(),
                 config.lateness(),
             );
             let n = sink

@@ -12,9 +12,10 @@ use deadpool_postgres::Pool;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use crate::event::{self, AccountKind, AccountRef};
-use crate::ledger::fold::{ExpiryCause, Input, Source};
-use crate::store::apply::{system_clock, LedgerSink};
+use crate::event::{self, AccountRef};
+use crate::event::{ExpiryCause, ExpiryRecord};
+use crate::ledger::fold::{Input, Source};
+use crate::{clock::system_clock, store::LedgerSink};
 use crate::store::finance;
 
 /// One applied event as the store keeps it and `export` writes it.
@@ -189,25 +190,7 @@ pub async fn target(url: &str) -> anyhow::Result<Pool> {
 }
 
 fn expiry_due(e: &Exported) -> Result<(AccountRef, String, ExpiryCause), String> {
-    let p = &e.payload;
-    let kind = p["account"]["kind"]
-        .as_str()
-        .and_then(AccountKind::parse)
-        .ok_or("expiry without an account kind")?;
-    let id = p["account"]["id"]
-        .as_str()
-        .ok_or("expiry without an account id")?;
-    let block = p["block_id"].as_str().ok_or("expiry without a block id")?;
-    let at = p["expires_at"]
-        .as_str()
-        .and_then(event::parse_time)
-        .ok_or("expiry without expires_at")?;
-    let cause = if p["cause"] == "account-expiry" {
-        ExpiryCause::Account { closes_at: at }
-    } else {
-        ExpiryCause::Block
-    };
-    Ok((AccountRef::new(kind, id), block.to_string(), cause))
+    ExpiryRecord::due_from_json(&e.payload)
 }
 
 /// Replays events in applied order: consecutive events applied at the same
@@ -232,7 +215,7 @@ impl OrderedReplay {
         let same_moment = self.batch.last().is_none_or(|l| {
             l.applied_at == e.applied_at && (l.event_type == "expiry") == (e.event_type == "expiry")
         });
-        if !same_moment || self.batch.len() >= 2000 {
+        if !same_moment || self.batch.len() >= crate::limits::REPLAY_BATCH_MAX {
             self.flush().await?;
         }
         self.batch.push(e);
@@ -260,12 +243,8 @@ impl OrderedReplay {
             for (e, (account, block, cause)) in batch.iter().zip(&due) {
                 // Recorded before `svc:` ids, an expiry's id and block id
                 // had another form: compare by what it names.
-                let cause = match cause {
-                    ExpiryCause::Block => "expiry",
-                    ExpiryCause::Account { .. } => "account-expiry",
-                };
                 let block = event::migrated_block_id(block).unwrap_or_else(|| block.clone());
-                let id = event::svc_id(&[cause, account.kind.as_str(), &account.id, &block]);
+                let id = ExpiryRecord::event_id(account, &block, *cause);
                 if !fired.contains(id.as_str()) {
                     self.not_applied.push(json!({"event_id": e.event_id, "why": "the expiry found nothing left to expire"}));
                 }

@@ -12,7 +12,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::store::{
     self,
-    apply::{self, DeadLetters, LedgerSink},
+    DeadLetters, LedgerSink,
 };
 
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -40,14 +40,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     // The clock: the system's, moved by `PUT /v1/test/clock` only when
     // QUOTA_TEST_CLOCK is on.
     let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let clock: apply::Clock = if cfg.test_clock {
+    let clock: crate::clock::Clock = if cfg.test_clock {
         tracing::warn!("QUOTA_TEST_CLOCK is on: PUT /v1/test/clock moves this service's clock");
         let off = clock_offset_ms.clone();
         Arc::new(move || {
             chrono::Utc::now() + chrono::Duration::milliseconds(off.load(Ordering::SeqCst))
         })
     } else {
-        apply::system_clock()
+        crate::clock::system_clock()
     };
     let lateness = cfg.lateness();
     let limits = cfg.sink_limits();
@@ -105,7 +105,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
                                 let sink =
                                     LedgerSink::new(pool, Some(dead_letters), clock, lateness)
                                         .with_limits(limits);
-                                let sweeper = tokio::spawn(apply::run_quarantine_sweeper(
+                                let sweeper = tokio::spawn(store::run_quarantine_sweeper(
                                     sink.clone(),
                                     expire_balance_after,
                                     shutdown.clone(),

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 use crate::codes::ErrorCode;
 use crate::event::{Entity, GroupMembership, IpRule, QuotaSettings, Status};
 use crate::ledger::pricing;
+use crate::ledger::registry::{in_force, insert_dated};
+use crate::ledger::sweep;
 
 /// Maps keyed by registry ids and key hashes: the ids are the operators'
 /// and the hashes are SHA-256 output, so a fast non-keyed hash is safe.
@@ -36,30 +38,20 @@ pub struct Ledger {
 impl Ledger {
     /// Credit in blocks open at `now` minus debt: the contract's `available`.
     pub fn available(&self, now: DateTime<Utc>) -> Decimal {
-        let open: Decimal = self
-            .blocks
-            .iter()
-            .filter(|(from, until, _)| *from <= now && until.is_none_or(|u| now < u))
-            .map(|(_, _, r)| *r)
-            .sum();
-        open - self.debt
+        sweep::available(self.blocks.iter().copied(), self.debt, now)
     }
 }
 
 impl Record {
     /// The version in force at `now`.
     pub fn at(&self, now: DateTime<Utc>) -> Option<&Entity> {
-        let n = self.versions.partition_point(|(from, _, _)| *from <= now);
-        n.checked_sub(1).map(|i| &self.versions[i].2)
+        in_force(&self.versions, now).map(|(_, _, e)| e)
     }
     pub fn insert(&mut self, from: DateTime<Utc>, seq: i64, e: Entity) {
         // Most entities have one version: grow one at a time (a Vec's first
         // allocation would otherwise hold four ~200-byte entities).
         self.versions.reserve_exact(1);
-        let at = self
-            .versions
-            .partition_point(|(f, s, _)| (*f, *s) <= (from, seq));
-        self.versions.insert(at, (from, seq, e));
+        insert_dated(&mut self.versions, (from, seq, e));
     }
 }
 

@@ -15,9 +15,7 @@ use super::{ApiError, AppState};
 use crate::admission::{self, Allowed, Request};
 use crate::codes::ErrorCode;
 
-/// Rejections not yet flushed to the database, per (minute, code, model,
-/// key id).
-pub type RejectionLog = std::collections::HashMap<(i64, &'static str, String, String), i64>;
+pub use crate::store::finance::RejectionLog;
 
 /// At most this many distinct rows wait for a flush; beyond it rejections
 /// are counted under model and key `(other)`.

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::codes::ErrorCode;
-use crate::store::apply::Clock;
+use crate::clock::Clock;
 use crate::store::read;
 use crate::store::view::SharedView;
 

@@ -4,6 +4,7 @@
 //! JSON. Pure: no IO, no clock.
 
 mod decode;
+mod expiry;
 pub mod ip;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +12,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 pub use decode::{canonical_hash, decimal_pattern, decode, parse_decimal, parse_time};
+pub use expiry::{ExpiryCause, ExpiryRecord};
 pub use ip::IpRule;
 
 /// The five scopes that have ledgers.
@@ -282,6 +284,16 @@ impl GrantCategory {
             GrantCategory::Promotional => "promotional",
             GrantCategory::Refund => "refund",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<GrantCategory> {
+        [
+            GrantCategory::Paid,
+            GrantCategory::Promotional,
+            GrantCategory::Refund,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
     }
 }
 

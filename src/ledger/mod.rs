@@ -1,9 +1,12 @@
-//! Money: pricing, the effective-dated registry and the fold that turns
-//! events into ledger entries. Pure: no tokio, no SQL, no clock.
+//! Money: pricing, the effective-dated registry, the attribution sweep and
+//! the fold that turns events into ledger entries. Pure: no tokio, no SQL,
+//! no clock.
 
+pub mod entry;
 pub mod fold;
 pub mod pricing;
 pub mod registry;
+pub mod sweep;
 
 #[cfg(test)]
 mod proptest;

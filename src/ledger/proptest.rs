@@ -176,13 +176,8 @@ impl Harness {
         // from their whole history of debits.
         let mut debits: HashMap<AccountRef, Vec<(DateTime<Utc>, Decimal)>> = HashMap::new();
         for e in &self.entries {
-            if e.amount < Decimal::ZERO
-                && matches!(e.entry_type, EntryType::Usage | EntryType::Adjustment)
-            {
-                debits
-                    .entry(e.account.clone())
-                    .or_default()
-                    .push((e.attributed_at.unwrap_or(e.occurred_at), -e.amount));
+            if let Some(debit) = e.sweep_debit() {
+                debits.entry(e.account.clone()).or_default().push(debit);
             }
         }
         let flagged = self

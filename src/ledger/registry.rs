@@ -7,6 +7,38 @@ use chrono::{DateTime, Utc};
 
 use crate::event::{AccountKind, Entity, EntityKind};
 
+/// Something effective-dated: in force from `effective_from`, ties broken
+/// by the order it was applied in.
+pub trait Dated {
+    fn effective_from(&self) -> DateTime<Utc>;
+    fn applied_seq(&self) -> i64;
+}
+
+/// Insert `v` into `list`, kept ordered by (effective_from, applied seq).
+pub fn insert_dated<T: Dated>(list: &mut Vec<T>, v: T) {
+    let key = (v.effective_from(), v.applied_seq());
+    let at = list.partition_point(|x| (x.effective_from(), x.applied_seq()) <= key);
+    list.insert(at, v);
+}
+
+/// The version in force at `t` in an ordered `list`: the latest
+/// `effective_from` not after `t`, the later applied of equal ones. The one
+/// rule the fold (pricing, limits) and admission share.
+pub fn in_force<T: Dated>(list: &[T], t: DateTime<Utc>) -> Option<&T> {
+    let n = list.partition_point(|x| x.effective_from() <= t);
+    n.checked_sub(1).map(|i| &list[i])
+}
+
+/// Admission's view keeps versions as (effective_from, applied seq, state).
+impl<T> Dated for (DateTime<Utc>, i64, T) {
+    fn effective_from(&self) -> DateTime<Utc> {
+        self.0
+    }
+    fn applied_seq(&self) -> i64 {
+        self.1
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Version {
     pub effective_from: DateTime<Utc>,
@@ -16,6 +48,15 @@ pub struct Version {
     pub entity: Entity,
 }
 
+impl Dated for Version {
+    fn effective_from(&self) -> DateTime<Utc> {
+        self.effective_from
+    }
+    fn applied_seq(&self) -> i64 {
+        self.seq
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     versions: HashMap<(EntityKind, String), Vec<Version>>,
@@ -23,16 +64,12 @@ pub struct Registry {
 
 impl Registry {
     pub fn insert(&mut self, kind: EntityKind, id: &str, v: Version) {
-        let list = self.versions.entry((kind, id.to_string())).or_default();
-        let at = list.partition_point(|x| (x.effective_from, x.seq) <= (v.effective_from, v.seq));
-        list.insert(at, v);
+        insert_dated(self.versions.entry((kind, id.to_string())).or_default(), v);
     }
 
     /// The version in force at `t`: the latest `effective_from` not after it.
     pub fn at(&self, kind: EntityKind, id: &str, t: DateTime<Utc>) -> Option<&Version> {
-        let list = self.versions.get(&(kind, id.to_string()))?;
-        let n = list.partition_point(|x| x.effective_from <= t);
-        n.checked_sub(1).map(|i| &list[i])
+        in_force(self.versions.get(&(kind, id.to_string()))?, t)
     }
 
     pub fn known(&self, kind: EntityKind, id: &str) -> bool {

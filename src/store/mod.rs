@@ -1,11 +1,31 @@
-//! Postgres: the only module with SQL. Connection pool, migrations, the
-//! batch sink that writes what the fold decided (`apply`), and the reads
-//! behind the HTTP API (`read`).
+//! Postgres: the only module with SQL. Connection pool and migrations
+//! (here); the ingest path: the sink the consumers hand batches to
+//! (`sink`), one batch's transaction as a script of steps (`batch`: `load`,
+//! fold, `write` with `postings`, `resweep`, `deadletter`), and the jobs
+//! beside it (`jobs`: retry, re-drive, expiry, the sweeper); the read side:
+//! the admission view (`view`), balances and registry reads (`read`),
+//! finance (`finance`: ledger pages, `statement`, `reconcile`,
+//! `summary`), tokens and operator requests (`access`), and the replay's
+//! reads (`replay`).
 
-pub mod apply;
+mod batch;
+mod deadletter;
+pub mod error;
 pub mod finance;
+pub mod jobs;
+mod load;
+mod postings;
 pub mod read;
+mod resweep;
+pub mod sink;
 pub mod view;
+mod write;
+
+pub use deadletter::DeadLetters;
+pub use error::{ApplyError, DbErrorClass};
+pub use jobs::run_quarantine_sweeper;
+pub use load::RegistryCache;
+pub use sink::{LedgerSink, SinkLimits};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;

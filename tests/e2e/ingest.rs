@@ -307,7 +307,7 @@ async fn an_expiring_block_leaves_by_exactly_what_it_has_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sinks_record_each_account_in_seq_order() {
     use quota_consumers::Record;
-    use quota_engine::store::apply::{system_clock, LedgerSink};
+    use quota_engine::{clock::system_clock, store::LedgerSink};
     let ctx = TestCtx::new("order").await;
     let sink = LedgerSink::new(
         ctx.pool.clone(),

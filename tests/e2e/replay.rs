@@ -14,7 +14,7 @@ use std::time::Instant;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use quota_consumers::Record;
 use quota_engine::sim::Rng;
-use quota_engine::store::apply::LedgerSink;
+use quota_engine::store::LedgerSink;
 use serde_json::{json, Value};
 
 use crate::common::TestCtx;

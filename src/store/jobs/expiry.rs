@@ -1,0 +1,99 @@
+//! Expiry finalization: blocks whose credit expired more than the lateness
+//! window ago (or whose account's quota expired, with
+//! `QUOTA_EXPIRE_BALANCE_AFTER_SECS`) get their `expiry` entry.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+
+use crate::clock::Clock;
+use crate::event::{AccountKind, AccountRef, ExpiryCause};
+use crate::ledger::fold::{self, Effects};
+use crate::store::batch::after_locks;
+use crate::store::error::ApplyError;
+use crate::store::load::{lock_accounts, Blocks};
+use crate::store::sink::{LedgerSink, Windows};
+use crate::store::write::write_effects;
+
+impl LedgerSink {
+    /// Finalize expiries that are due: blocks with credit left whose
+    /// `expires_at` is more than the lateness window ago; and, when the
+    /// operator setting `expire_balance_after` is on, every block with
+    /// credit left of an account whose `quota_expires_at` (as registered
+    /// now) is that long past. Returns how many fired.
+    pub async fn finalize_expiries(
+        &self,
+        expire_balance_after: Option<chrono::Duration>,
+        limit: i64,
+    ) -> Result<usize, ApplyError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let now = self.now();
+        let cutoff = now - self.lateness;
+        let mut rows = tx
+            .query(
+                "SELECT kind, id, block_id, NULL::timestamptz FROM credit_blocks WHERE remaining > 0 AND voided_at IS NULL AND expired_amount IS NULL AND expires_at <= $1 ORDER BY kind, id, block_id LIMIT $2",
+                &[&cutoff, &limit],
+            )
+            .await?;
+        if let Some(after) = expire_balance_after {
+            // Like block expiry, it waits out the lateness window, so usage
+            // from before the account expired is all in.
+            let account_cutoff = cutoff - after;
+            rows.extend(
+                tx.query(
+                    "SELECT b.kind, b.id, b.block_id, r.qx FROM credit_blocks b JOIN (
+                         SELECT DISTINCT ON (kind, id) kind, id, (payload->>'quota_expires_at')::timestamptz AS qx FROM registry_versions
+                         WHERE kind IN ('key', 'app', 'user', 'group', 'reseller') AND effective_from <= $1
+                         ORDER BY kind, id, effective_from DESC, version_seq DESC) r ON r.kind = b.kind AND r.id = b.id
+                     WHERE r.qx <= $2 AND b.remaining > 0 AND b.voided_at IS NULL AND b.expired_amount IS NULL
+                       AND (b.expires_at IS NULL OR b.expires_at > r.qx + $5 * interval '1 second')
+                     ORDER BY b.kind, b.id, b.block_id LIMIT $4",
+                    &[&now, &account_cutoff, &cutoff, &limit, &(after.num_seconds() as f64)],
+                )
+                .await?,
+            );
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut due = Vec::new();
+        for r in &rows {
+            let kind = AccountKind::parse(r.get(0))
+                .ok_or_else(|| ApplyError::Invariant("bad account kind in credit blocks".into()))?;
+            let a = AccountRef::new(kind, r.get::<_, String>(1));
+            let qx: Option<DateTime<Utc>> = r.get(3);
+            let cause = match (qx, expire_balance_after) {
+                (Some(qx), Some(after)) => ExpiryCause::Account {
+                    closes_at: qx + after,
+                },
+                _ => ExpiryCause::Block,
+            };
+            due.push((a, r.get::<_, String>(2), cause));
+        }
+        // Another process may have fired some meanwhile: the fold skips
+        // blocks that have nothing left, and the applied-event id is unique.
+        let fx = expire_due(&tx, &due, now, self.windows(), Some(&self.clock)).await?;
+        tx.commit().await?;
+        Ok(fx.applied.len())
+    }
+}
+
+/// Lock the accounts of `due` with all their blocks, fire the expiries,
+/// write them. The caller commits.
+pub(crate) async fn expire_due(
+    tx: &Transaction<'_>,
+    due: &[(AccountRef, String, ExpiryCause)],
+    now: DateTime<Utc>,
+    windows: Windows,
+    clock: Option<&Clock>,
+) -> Result<Effects, ApplyError> {
+    let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
+    let mut state = windows.fold_state();
+    lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
+    let now = after_locks(now, clock);
+    let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
+    write_effects(tx, &state, &fx, now).await?;
+    Ok(fx)
+}

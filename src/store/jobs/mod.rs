@@ -1,0 +1,50 @@
+//! Work beside the hot path, on the ingest runtime: the sweeper that
+//! retries waiting events and finalizes due expiries, and the operator's
+//! re-drive. Each pass is one transaction of its own, with the consumers'
+//! lock order.
+
+mod expiry;
+mod redrive;
+mod retry;
+
+pub(crate) use expiry::expire_due;
+
+use crate::limits;
+use crate::store::error::ApplyError;
+use crate::store::sink::LedgerSink;
+
+/// Keep retrying waiting events, and finalizing due expiries, until
+/// `shutdown`.
+pub async fn run_quarantine_sweeper(
+    sink: LedgerSink,
+    expire_balance_after: Option<chrono::Duration>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match sink.finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX).await {
+            Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),
+            Ok(_) => {}
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
+                return;
+            }
+            Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
+        }
+        let pause = match sink.retry_waiting(limits::SWEEP_BATCH_MAX).await {
+            Ok(n) if n > 0 => limits::SWEEP_PAUSE_BUSY,
+            Ok(_) => limits::SWEEP_PAUSE_IDLE,
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while retrying quarantine; stopping the sweeper");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, "quarantine retry failed");
+                limits::SWEEP_PAUSE_FAILED
+            }
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
