@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{ApiError, AppState};
 use crate::admission::View;
 use crate::event::{AccountKind, Entity};
+use crate::store::access;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Role {
@@ -98,23 +99,19 @@ impl TokenTable {
     }
 
     async fn load(&self, pool: &Pool) -> anyhow::Result<()> {
-        let rows = pool
-            .get()
-            .await?
-            .query("SELECT token_hash, token_id, role, reseller_id FROM access_tokens WHERE revoked_at IS NULL", &[])
-            .await?;
+        let rows = access::live_tokens(pool).await?;
         let mut m = HashMap::with_capacity(rows.len());
         for r in rows {
-            let h: &[u8] = r.get(0);
-            let (Ok(h), Some(role)) = (<[u8; 32]>::try_from(h), Role::parse(r.get(2))) else {
+            let (Ok(h), Some(role)) = (<[u8; 32]>::try_from(r.hash.as_slice()), Role::parse(&r.role))
+            else {
                 continue;
             };
             m.insert(
                 h,
                 Caller {
-                    token_id: r.get(1),
+                    token_id: r.token_id,
                     role,
-                    reseller_id: r.get(3),
+                    reseller_id: r.reseller_id,
                 },
             );
         }
@@ -192,19 +189,20 @@ pub async fn create_token(
         "tok_{}",
         &hex::encode(Sha256::digest(token.as_bytes()))[..12]
     );
-    pool.get()
-        .await?
-        .execute(
-            "INSERT INTO access_tokens (token_id, token_hash, role, reseller_id, name) VALUES ($1, $2, $3, $4, $5)",
-            &[&token_id, &token_hash(&token).as_slice(), &role.as_str(), &reseller_id, &name],
-        )
-        .await?;
+    access::insert_token(
+        pool,
+        &token_id,
+        token_hash(&token).as_slice(),
+        role.as_str(),
+        reseller_id,
+        name,
+    )
+    .await?;
     Ok((token_id, token))
 }
 
 pub async fn revoke_token(pool: &Pool, token_id: &str) -> anyhow::Result<bool> {
-    let n = pool.get().await?.execute("UPDATE access_tokens SET revoked_at = now() WHERE token_id = $1 AND revoked_at IS NULL", &[&token_id]).await?;
-    Ok(n == 1)
+    access::revoke_token(pool, token_id).await
 }
 
 pub fn invalid_token() -> ApiError {

@@ -95,18 +95,9 @@ pub async fn ledger(
             ))
         }
     };
-    let exists = st
-        .reports
-        .get()
+    let exists = crate::store::read::account_exists(&st.reports, &a)
         .await
-        .map_err(ApiError::internal)?
-        .query_opt(
-            "SELECT 1 FROM accounts WHERE kind = $1 AND id = $2",
-            &[&a.kind.as_str(), &a.id],
-        )
-        .await
-        .map_err(ApiError::internal)?
-        .is_some();
+        .map_err(ApiError::internal)?;
     if !exists {
         return Err(ApiError::not_found(
             "account_not_found",

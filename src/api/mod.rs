@@ -289,10 +289,7 @@ impl IntoResponse for ApiError {
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
-    let db = match st.pool.get().await {
-        Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
-        Err(_) => false,
-    };
+    let db = crate::store::ping(&st.pool).await;
     let consuming = st.consuming.load(Ordering::SeqCst);
     let broker = match &st.publisher {
         Some(p) => {

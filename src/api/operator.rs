@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::auth::{access_denied, reseller_of, Caller};
 use super::{ApiError, AppState};
 use crate::event::{self, AccountKind, EventBody};
+use crate::store::access;
 
 /// Where operator writes go.
 #[derive(Clone)]
@@ -333,6 +334,10 @@ fn short_hash(s: &str) -> String {
     hex::encode(&Sha256::digest(s.as_bytes())[..12])
 }
 
+/// Publish an operator write once per idempotency key: a repeated request
+/// answers what the first did (publishing it again if that one never got
+/// the broker's acknowledgement); a new one is validated by the consumers'
+/// own decoder, checked against a scoped caller's tree, recorded, sent.
 async fn publish(
     st: &AppState,
     caller: Option<Caller>,
@@ -350,25 +355,92 @@ async fn publish(
     }
     let request_hash: [u8; 32] =
         Sha256::digest(format!("{ty}\n{}", Value::Object(fields.clone())).as_bytes()).into();
-    let pool = &st.pool;
-    let client = pool.get().await.map_err(ApiError::internal)?;
-    // A repeated request answers what the first one did.
-    if let Some(row) = client.query_opt("SELECT request_hash, event_id, event_type, event::text, published_at IS NOT NULL FROM operator_requests WHERE idempotency_key = $1", &[&key]).await.map_err(ApiError::internal)? {
-        let (h, event_id, event_type, ev, published): (Vec<u8>, String, String, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-        if h.as_slice() != request_hash.as_slice() {
-            // Keys are per scope: this one is the caller's own.
-            return Err(conflict(format!("it was used for {event_type} {event_id}")));
-        }
-        if !published {
-            let ev: Value = serde_json::from_str(&ev).map_err(ApiError::internal)?;
-            send(st, &ev).await?;
-            client.execute("UPDATE operator_requests SET published_at = now() WHERE idempotency_key = $1", &[&key]).await.map_err(ApiError::internal)?;
-        }
-        let ev: Value = serde_json::from_str(&ev).unwrap_or_default();
-        return Ok((StatusCode::OK, Json(json!({"event_id": event_id, "type": event_type, "status": "published", "repeated": true, "business_id": business_id(&ev)}))).into_response());
+    if let Some(earlier) = access::operator_request(&st.pool, &key)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return repeat(st, &key, &request_hash, earlier).await;
     }
     let event_id = format!("op-{}", short_hash(&key));
     let now = (st.clock)();
+    let ev = operator_event(&event_id, ty, now, fields);
+    // The consumers' own decoder is the validator.
+    let decoded = event::decode(Some(ev.to_string().as_bytes())).map_err(|r| {
+        let mut e = ApiError::invalid("body", &r.detail);
+        e.detail = Some(format!("{}: {}", r.reason.as_str(), r.detail));
+        e
+    })?;
+    if let Some(r) = caller.as_ref().and_then(|c| c.reseller_id.as_deref()) {
+        if !in_scope(st, &decoded.body, r).await? {
+            return Err(access_denied());
+        }
+    }
+    let by = access::Requester {
+        token_id: caller.as_ref().map(|c| c.token_id.as_str()),
+        role: caller.as_ref().map(|c| c.role.as_str()),
+        reseller_id: caller.as_ref().and_then(|c| c.reseller_id.as_deref()),
+    };
+    let inserted = access::insert_operator_request(
+        &st.pool,
+        &key,
+        &request_hash,
+        &event_id,
+        ty,
+        &ev.to_string(),
+        by,
+        now,
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    if !inserted {
+        return Err(conflict(
+            "a concurrent request with this key is in flight; retry".into(),
+        ));
+    }
+    send(st, &ev).await?;
+    access::mark_published(&st.pool, &key)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"event_id": event_id, "type": ty, "status": "published", "repeated": false, "business_id": business_id(&ev)})),
+    )
+        .into_response())
+}
+
+/// The answer to a request whose key was used before.
+async fn repeat(
+    st: &AppState,
+    key: &str,
+    request_hash: &[u8; 32],
+    earlier: access::OperatorRequest,
+) -> Result<Response, ApiError> {
+    if earlier.request_hash.as_slice() != request_hash.as_slice() {
+        // Keys are per scope: this one is the caller's own.
+        return Err(conflict(format!(
+            "it was used for {} {}",
+            earlier.event_type, earlier.event_id
+        )));
+    }
+    if !earlier.published {
+        let ev: Value = serde_json::from_str(&earlier.event).map_err(ApiError::internal)?;
+        send(st, &ev).await?;
+        access::mark_published(&st.pool, key)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    let ev: Value = serde_json::from_str(&earlier.event).unwrap_or_default();
+    Ok((StatusCode::OK, Json(json!({"event_id": earlier.event_id, "type": earlier.event_type, "status": "published", "repeated": true, "business_id": business_id(&ev)}))).into_response())
+}
+
+/// The event an operator write publishes: the envelope the service sets,
+/// then the request's fields.
+fn operator_event(
+    event_id: &str,
+    ty: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    fields: Map<String, Value>,
+) -> Value {
     let mut ev = Map::new();
     ev.insert("event_id".into(), json!(event_id));
     ev.insert("type".into(), json!(ty));
@@ -378,46 +450,7 @@ async fn publish(
         json!(now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
     );
     ev.extend(fields);
-    let ev = Value::Object(ev);
-    // The consumers' own decoder is the validator.
-    let decoded = event::decode(Some(ev.to_string().as_bytes())).map_err(|r| {
-        let mut e = ApiError::invalid("body", &r.detail);
-        e.detail = Some(format!("{}: {}", r.reason.as_str(), r.detail));
-        e
-    })?;
-    if let Some(c) = &caller {
-        if let Some(r) = &c.reseller_id {
-            if !in_scope(st, &decoded.body, r).await? {
-                return Err(access_denied());
-            }
-        }
-    }
-    let inserted = client
-        .execute(
-            "INSERT INTO operator_requests (idempotency_key, request_hash, event_id, event_type, event, token_id, role, reseller_id, created_at)
-             VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-            &[&key, &request_hash.as_slice(), &event_id, &ty, &ev.to_string(), &caller.as_ref().map(|c| c.token_id.clone()), &caller.as_ref().map(|c| c.role.as_str()), &caller.as_ref().and_then(|c| c.reseller_id.clone()), &now],
-        )
-        .await
-        .map_err(ApiError::internal)?;
-    if inserted == 0 {
-        return Err(conflict(
-            "a concurrent request with this key is in flight; retry".into(),
-        ));
-    }
-    send(st, &ev).await?;
-    client
-        .execute(
-            "UPDATE operator_requests SET published_at = now() WHERE idempotency_key = $1",
-            &[&key],
-        )
-        .await
-        .map_err(ApiError::internal)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"event_id": event_id, "type": ty, "status": "published", "repeated": false, "business_id": business_id(&ev)})),
-    )
-        .into_response())
+    Value::Object(ev)
 }
 
 async fn send(st: &AppState, ev: &Value) -> Result<(), ApiError> {
@@ -461,23 +494,15 @@ async fn in_scope(st: &AppState, body: &EventBody, reseller: &str) -> Result<boo
         EventBody::Granted(g) => view_check(g.account.kind, &g.account.id),
         EventBody::Adjusted(a) => view_check(a.account.kind, &a.account.id),
         EventBody::Reversed(r) => {
-            let c = st.pool.get().await.map_err(ApiError::internal)?;
-            let row = c.query_opt("SELECT payload->>'reseller_id' FROM applied_events WHERE event_id = $1 AND event_type = 'usage'", &[&r.usage_event_id]).await.map_err(ApiError::internal)?;
-            row.and_then(|r| r.get::<_, Option<String>>(0)).as_deref() == Some(reseller)
-        }
-        EventBody::GrantVoided(v) => {
-            let c = st.pool.get().await.map_err(ApiError::internal)?;
-            let row = c
-                .query_opt(
-                    "SELECT kind, id FROM credit_blocks WHERE source = 'grant' AND block_id = $1",
-                    &[&v.grant_id],
-                )
+            let named = access::usage_reseller(&st.pool, &r.usage_event_id)
                 .await
                 .map_err(ApiError::internal)?;
-            row.is_some_and(|r| {
-                AccountKind::parse(r.get(0)).is_some_and(|k| view_check(k, r.get(1)))
-            })
+            named.flatten().as_deref() == Some(reseller)
         }
+        EventBody::GrantVoided(v) => access::grant_account(&st.pool, &v.grant_id)
+            .await
+            .map_err(ApiError::internal)?
+            .is_some_and(|a| view_check(a.kind, &a.id)),
         EventBody::Upsert(up) => upsert_in_scope(st, up, reseller).await?,
         _ => false,
     })

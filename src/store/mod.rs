@@ -8,6 +8,7 @@
 //! `summary`), tokens and operator requests (`access`), and the replay's
 //! reads (`replay`).
 
+pub mod access;
 mod batch;
 mod deadletter;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod jobs;
 mod load;
 mod postings;
 pub mod read;
+pub mod replay;
 mod resweep;
 pub mod sink;
 pub mod view;
@@ -44,6 +46,14 @@ pub(crate) fn stored_entity(payload: &str) -> Result<Option<crate::event::Entity
             _ => None,
         }),
         Err(e) => Err(e.detail),
+    }
+}
+
+/// Whether Postgres answers on a pooled connection.
+pub async fn ping(pool: &Pool) -> bool {
+    match pool.get().await {
+        Ok(c) => c.query_one("SELECT 1", &[]).await.is_ok(),
+        Err(_) => false,
     }
 }
 

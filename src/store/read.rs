@@ -234,3 +234,16 @@ pub async fn business_id_taken(
         .await?
         .is_some())
 }
+
+/// Whether the ledger has heard of `account`.
+pub async fn account_exists(pool: &Pool, account: &AccountRef) -> anyhow::Result<bool> {
+    Ok(pool
+        .get()
+        .await?
+        .query_opt(
+            "SELECT 1 FROM accounts WHERE kind = $1 AND id = $2",
+            &[&account.kind.as_str(), &account.id],
+        )
+        .await?
+        .is_some())
+}
