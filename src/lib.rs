@@ -22,6 +22,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod cli;
 pub mod clock;
 pub mod codes;
 pub mod config;
