@@ -13,3 +13,12 @@ pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 pub fn system_clock() -> Clock {
     Arc::new(Utc::now)
 }
+
+/// The system clock moved forward by `offset_ms` (set by `PUT
+/// /v1/test/clock` when `QUOTA_TEST_CLOCK` is on).
+pub fn offset_clock(offset_ms: Arc<std::sync::atomic::AtomicI64>) -> Clock {
+    Arc::new(move || {
+        Utc::now()
+            + chrono::Duration::milliseconds(offset_ms.load(std::sync::atomic::Ordering::SeqCst))
+    })
+}

@@ -1,26 +1,103 @@
-//! `quota-engine serve`: migrations, topics, the consumers, the quarantine
-//! sweeper and the HTTP API in one process, stopped cleanly by `shutdown`.
+//! `quota-engine serve`: build the parts (pools, migrations, topics, the
+//! producer, the clock), spawn them (ingestion on a runtime of its own, the
+//! admission view's listener, the rejection flusher, the HTTP API), and
+//! wait until `shutdown` or a fatal ingest error stops them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
+use deadpool_postgres::Pool;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::FutureProducer;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::api::{self, AppState};
+use crate::clock::{self, Clock};
 use crate::config::Config;
-use crate::store::{
-    self,
-    DeadLetters, LedgerSink,
-};
+use crate::limits;
+use crate::store::{self, DeadLetters, LedgerSink};
+
+type IngestResult = oneshot::Receiver<Result<(), String>>;
 
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let pool = store::connect(&cfg.database_url, crate::limits::API_POOL).await?;
-    let reports = store::connect(&cfg.database_url, crate::limits::REPORTS_POOL).await?;
+    let pool = store::connect(&cfg.database_url, limits::API_POOL).await?;
+    let reports = store::connect(&cfg.database_url, limits::REPORTS_POOL).await?;
     store::migrate(&pool).await?;
     cfg.ensure_topics().await?;
-    let producer: FutureProducer = ClientConfig::new()
+    let producer = producer(&cfg)?;
+    // The clock: the system's, moved by `PUT /v1/test/clock` only when
+    // QUOTA_TEST_CLOCK is on.
+    let clock_offset_ms = Arc::new(AtomicI64::new(0));
+    let clock = if cfg.test_clock {
+        tracing::warn!("QUOTA_TEST_CLOCK is on: PUT /v1/test/clock moves this service's clock");
+        clock::offset_clock(clock_offset_ms.clone())
+    } else {
+        clock::system_clock()
+    };
+    let consuming = Arc::new(AtomicBool::new(true));
+    let consumer_health: Arc<quota_consumers::Health> = Default::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ingest = spawn_ingest(
+        &cfg,
+        producer.clone(),
+        clock.clone(),
+        consuming.clone(),
+        consumer_health.clone(),
+        stop_tx,
+        shutdown.clone(),
+    )?;
+    // The admission view: whole from Postgres, then kept current by
+    // notifications from every process's commits.
+    let view: store::view::SharedView = Default::default();
+    let view_synced_ms = Arc::new(AtomicI64::new(0));
+    let lag = Arc::new(crate::metrics::visible_lag());
+    let listener_task = tokio::spawn(store::view::run_listener(
+        cfg.database_url.clone(),
+        pool.clone(),
+        view.clone(),
+        view_synced_ms.clone(),
+        lag.clone(),
+        shutdown.clone(),
+    ));
+    let counters: Arc<api::AdmissionCounters> = Default::default();
+    let flusher = spawn_rejection_flusher(counters.clone(), pool.clone(), shutdown.clone());
+    let router = api::app(AppState {
+        pool,
+        reports,
+        long_reads: Default::default(),
+        clock,
+        consuming,
+        consumer_health,
+        view,
+        view_synced_ms,
+        admission: counters,
+        test_clock: cfg.test_clock.then_some(clock_offset_ms),
+        tokens: Default::default(),
+        publisher: Some(api::operator::Publisher {
+            producer,
+            topic: cfg.topics.control.clone(),
+        }),
+        lag,
+        admission_latency: Arc::new(crate::metrics::admission_latency()),
+    });
+    serve_http(&cfg, router, shutdown, stop_rx).await?;
+    let consumer_result = ingest
+        .await
+        .unwrap_or_else(|_| Err("the ingest thread ended without a result".into()));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flusher).await;
+    listener_task.abort();
+    match consumer_result {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Err(m) => Err(anyhow::anyhow!("consumer stopped: {m}")),
+    }
+}
+
+/// The producer for dead letters and operator writes.
+fn producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka_brokers)
         // Not idempotent: tansu 0.6 answers an idempotent producer with
         // "unknown broker error" for good after a broker restart (measured).
@@ -36,115 +113,116 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
                 .max(1_000_000)
                 .to_string(),
         )
-        .create()?;
-    // The clock: the system's, moved by `PUT /v1/test/clock` only when
-    // QUOTA_TEST_CLOCK is on.
-    let clock_offset_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let clock: crate::clock::Clock = if cfg.test_clock {
-        tracing::warn!("QUOTA_TEST_CLOCK is on: PUT /v1/test/clock moves this service's clock");
-        let off = clock_offset_ms.clone();
-        Arc::new(move || {
-            chrono::Utc::now() + chrono::Duration::milliseconds(off.load(Ordering::SeqCst))
-        })
-    } else {
-        crate::clock::system_clock()
-    };
-    let lateness = cfg.lateness();
-    let limits = cfg.sink_limits();
-    let publisher = api::operator::Publisher {
-        producer: producer.clone(),
-        topic: cfg.topics.control.clone(),
-    };
-    let dead_letters = DeadLetters {
-        producer,
-        topic: cfg.topics.dlq.clone(),
-    };
-    let consuming = Arc::new(AtomicBool::new(true));
-    let consumer_health: Arc<quota_consumers::Health> = Default::default();
+        .create()?)
+}
 
+/// Ingestion (the consumers and the quarantine and expiry sweeper) runs
+/// on a thread, a runtime and a connection pool of its own: a batch's
+/// decode and fold are tens of milliseconds of CPU, and on the HTTP runtime
+/// they held up admission requests queued on the same worker
+/// (BENCHMARKS.md, "Admission over HTTP"). A fatal error or a panic there
+/// stops the whole process (`stop`): no wrong money, and no serving
+/// without a consumer.
+fn spawn_ingest(
+    cfg: &Config,
+    producer: FutureProducer,
+    clock: Clock,
+    consuming: Arc<AtomicBool>,
+    health: Arc<quota_consumers::Health>,
+    stop: watch::Sender<bool>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<IngestResult> {
     let consumer_cfg = quota_consumers::ConsumerConfig {
         brokers: cfg.kafka_brokers.clone(),
         group_id: cfg.kafka_group_id.clone(),
         topics: cfg.topics.consumed(),
         batch_max_records: cfg.batch_max_records,
         batch_max_bytes: cfg.batch_max_bytes,
-        health: consumer_health.clone(),
+        health,
         batch_linger: cfg.batch_linger(),
         stall_timeout: std::time::Duration::from_secs(cfg.stall_secs),
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let dead_letters = DeadLetters {
+        producer,
+        topic: cfg.topics.dlq.clone(),
+    };
     let expire_balance_after = cfg
         .expire_balance_after_secs
         .map(|s| chrono::Duration::seconds(s.min(i64::MAX as u64 / 1000) as i64));
-    // Ingestion (the consumers and the quarantine and expiry sweeper) runs
-    // on a runtime and a connection pool of its own: a batch's decode and
-    // fold are tens of milliseconds of CPU, and on the HTTP runtime they
-    // held up admission requests queued on the same worker (BENCHMARKS.md,
-    // "Admission over HTTP").
-    let (ingest_done, ingest_result) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    {
-        let consuming = consuming.clone();
-        let stop_tx = stop_tx.clone();
-        let shutdown = shutdown.clone();
-        let (url, clock) = (cfg.database_url.clone(), clock.clone());
-        std::thread::Builder::new()
-            .name("ingest".into())
-            .spawn(move || {
-                let run = move || {
-                    tokio::runtime::Builder::new_multi_thread()
-                        .worker_threads(1)
-                        .thread_name("ingest-worker")
-                        .enable_all()
-                        .build()
-                        .map_err(|e| format!("cannot start the ingest runtime: {e}"))
-                        .and_then(|rt| {
-                            rt.block_on(async move {
-                                let pool = store::connect(&url, crate::limits::INGEST_POOL)
-                                    .await
-                                    .map_err(|e| format!("{e:#}"))?;
-                                let sink =
-                                    LedgerSink::new(pool, Some(dead_letters), clock, lateness)
-                                        .with_limits(limits);
-                                let sweeper = tokio::spawn(store::run_quarantine_sweeper(
-                                    sink.clone(),
-                                    expire_balance_after,
-                                    shutdown.clone(),
-                                ));
-                                let r =
-                                    quota_consumers::run(consumer_cfg, Arc::new(sink), shutdown)
-                                        .await;
-                                sweeper.abort();
-                                r
-                            })
-                        })
-                };
-                // A panic ends ingestion like a fatal error: the process
-                // stops (below) instead of serving without its consumer.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                    .unwrap_or_else(|_| Err("the ingest thread panicked".into()));
-                consuming.store(false, Ordering::SeqCst);
-                if result.is_err() {
-                    // A fatal error stops the whole process: no wrong money.
-                    let _ = stop_tx.send(true);
-                }
-                let _ = ingest_done.send(result);
-            })?;
-    }
+    let (url, lateness, sink_limits) =
+        (cfg.database_url.clone(), cfg.lateness(), cfg.sink_limits());
+    let ingest = async move {
+        let pool = store::connect(&url, limits::INGEST_POOL)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let sink =
+            LedgerSink::new(pool, Some(dead_letters), clock, lateness).with_limits(sink_limits);
+        let sweeper = tokio::spawn(store::run_quarantine_sweeper(
+            sink.clone(),
+            expire_balance_after,
+            shutdown.clone(),
+        ));
+        let r = quota_consumers::run(consumer_cfg, Arc::new(sink), shutdown).await;
+        sweeper.abort();
+        r
+    };
+    let (done, result) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("ingest".into())
+        .spawn(move || {
+            let run = move || {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("ingest-worker")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the ingest runtime: {e}"))
+                    .and_then(|rt| rt.block_on(ingest))
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|_| Err("the ingest thread panicked".into()));
+            consuming.store(false, Ordering::SeqCst);
+            if result.is_err() {
+                let _ = stop.send(true);
+            }
+            let _ = done.send(result);
+        })?;
+    Ok(result)
+}
 
-    // The admission view: whole from Postgres, then kept current by
-    // notifications from every process's commits.
-    let view: crate::store::view::SharedView = Default::default();
-    let view_synced_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let lag = Arc::new(crate::metrics::visible_lag());
-    let listener_task = tokio::spawn(crate::store::view::run_listener(
-        cfg.database_url.clone(),
-        pool.clone(),
-        view.clone(),
-        view_synced_ms.clone(),
-        lag.clone(),
-        shutdown.clone(),
-    ));
+/// Admission rejections go to the database every
+/// `REJECTION_FLUSH_INTERVAL` for the error summary (and once more at
+/// shutdown); a failed flush keeps them for the next.
+fn spawn_rejection_flusher(
+    counters: Arc<api::AdmissionCounters>,
+    pool: Pool,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stop = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => true,
+                _ = tokio::time::sleep(limits::REJECTION_FLUSH_INTERVAL) => false,
+            };
+            let log = counters.take_log();
+            if let Err(e) = store::finance::flush_rejections(&pool, &log).await {
+                tracing::warn!(error = %e, "cannot write admission rejections; keeping them for the next flush");
+                counters.restore_log(log);
+            }
+            if stop {
+                return;
+            }
+        }
+    })
+}
 
+/// Serve the API until `shutdown` or a fatal ingest error (`stop`).
+async fn serve_http(
+    cfg: &Config,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
@@ -153,65 +231,13 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
         let _ = s.set_nodelay(true);
     });
-    // Admission rejections go to the database every 5 s for the error
-    // summary.
-    let counters: Arc<api::AdmissionCounters> = Default::default();
-    let flusher = {
-        let (counters, pool, mut sd) = (counters.clone(), pool.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                let stop = tokio::select! {
-                    _ = sd.wait_for(|s| *s) => true,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => false,
-                };
-                let log = counters.take_log();
-                if let Err(e) = store::finance::flush_rejections(&pool, &log).await {
-                    tracing::warn!(error = %e, "cannot write admission rejections; keeping them for the next flush");
-                    counters.restore_log(log);
-                }
-                if stop {
-                    return;
-                }
-            }
-        })
-    };
-    let test_clock = cfg.test_clock.then_some(clock_offset_ms);
-    let router = api::app(AppState {
-        pool,
-        reports,
-        long_reads: Default::default(),
-        clock,
-        consuming,
-        consumer_health,
-        view,
-        view_synced_ms,
-        admission: counters,
-        test_clock,
-        tokens: Default::default(),
-        publisher: Some(publisher),
-        lag,
-        admission_latency: Arc::new(crate::metrics::admission_latency()),
-    });
-    let mut sd1 = shutdown.clone();
-    let mut sd2 = stop_rx.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             tokio::select! {
-                _ = sd1.wait_for(|s| *s) => {}
-                _ = sd2.wait_for(|s| *s) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = stop.wait_for(|s| *s) => {}
             }
         })
         .await?;
-    let consumer_result = ingest_result
-        .await
-        .unwrap_or_else(|_| Err("the ingest thread ended without a result".into()));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flusher).await;
-    listener_task.abort();
-    match consumer_result {
-        Ok(()) => {
-            tracing::info!("stopped cleanly");
-            Ok(())
-        }
-        Err(m) => Err(anyhow::anyhow!("consumer stopped: {m}")),
-    }
+    Ok(())
 }

@@ -102,8 +102,10 @@ impl TokenTable {
         let rows = access::live_tokens(pool).await?;
         let mut m = HashMap::with_capacity(rows.len());
         for r in rows {
-            let (Ok(h), Some(role)) = (<[u8; 32]>::try_from(r.hash.as_slice()), Role::parse(&r.role))
-            else {
+            let (Ok(h), Some(role)) = (
+                <[u8; 32]>::try_from(r.hash.as_slice()),
+                Role::parse(&r.role),
+            ) else {
                 continue;
             };
             m.insert(

@@ -19,8 +19,8 @@ use deadpool_postgres::Pool;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::codes::ErrorCode;
 use crate::clock::Clock;
+use crate::codes::ErrorCode;
 use crate::store::read;
 use crate::store::view::SharedView;
 

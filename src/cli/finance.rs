@@ -28,7 +28,14 @@ pub(super) async fn checksum(cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn export(config: Config, what: ExportWhat, format: ExportFormat, from: Option<String>, to: Option<String>, out: Option<String>) -> anyhow::Result<ExitCode> {
+pub(super) async fn export(
+    config: Config,
+    what: ExportWhat,
+    format: ExportFormat,
+    from: Option<String>,
+    to: Option<String>,
+    out: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let pool = store::connect(&config.database_url, 2).await?;
     let (from, to) = (
         time_arg("from", from.as_deref())?,
@@ -50,7 +57,14 @@ pub(super) async fn export(config: Config, what: ExportWhat, format: ExportForma
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn replay(config: Config, source: ReplaySource, file: Option<String>, since: Option<String>, into: String, compare: bool) -> anyhow::Result<ExitCode> {
+pub(super) async fn replay(
+    config: Config,
+    source: ReplaySource,
+    file: Option<String>,
+    since: Option<String>,
+    into: String,
+    compare: bool,
+) -> anyhow::Result<ExitCode> {
     if into == config.database_url {
         anyhow::bail!("--into must name a fresh database, not DATABASE_URL");
     }
@@ -62,8 +76,7 @@ pub(super) async fn replay(config: Config, source: ReplaySource, file: Option<St
             replay::from_store(&live, target, lateness).await?
         }
         ReplaySource::File => {
-            let path =
-                file.ok_or_else(|| anyhow::anyhow!("--source file needs --file PATH"))?;
+            let path = file.ok_or_else(|| anyhow::anyhow!("--source file needs --file PATH"))?;
             replay::from_file(&path, target, lateness).await?
         }
         ReplaySource::Kafka => {
@@ -97,4 +110,3 @@ pub(super) async fn replay(config: Config, source: ReplaySource, file: Option<St
     }
     Ok(ExitCode::SUCCESS)
 }
-

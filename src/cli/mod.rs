@@ -33,7 +33,10 @@ pub enum ReplaySource {
     Kafka,
 }
 
-pub(crate) fn time_arg(name: &str, v: Option<&str>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+pub(crate) fn time_arg(
+    name: &str,
+    v: Option<&str>,
+) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
     v.map(|s| {
         crate::event::parse_time(s).ok_or_else(|| {
             anyhow::anyhow!("--{name} `{s}` is not an RFC 3339 timestamp with offset")

@@ -63,7 +63,11 @@ pub(super) async fn status(cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn redrive(config: Config, reason: Option<String>, id: Option<i64>) -> anyhow::Result<ExitCode> {
+pub(super) async fn redrive(
+    config: Config,
+    reason: Option<String>,
+    id: Option<i64>,
+) -> anyhow::Result<ExitCode> {
     let pool = store::connect(&config.database_url, 2).await?;
     let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_brokers)
@@ -81,9 +85,7 @@ pub(super) async fn redrive(config: Config, reason: Option<String>, id: Option<i
         .redrive(reason.as_deref(), id)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    println!(
-        "re-drove {n} quarantined events; `quota-engine status` shows where they went"
-    );
+    println!("re-drove {n} quarantined events; `quota-engine status` shows where they went");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,16 +8,16 @@ use crate::api::auth::Role;
 use crate::config::Config;
 use crate::{sim, store};
 
-pub(super) async fn create_token(config: Config, role: Role, reseller: Option<String>, name: Option<String>) -> anyhow::Result<ExitCode> {
+pub(super) async fn create_token(
+    config: Config,
+    role: Role,
+    reseller: Option<String>,
+    name: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let pool = store::connect(&config.database_url, 1).await?;
     store::migrate(&pool).await?;
-    let (id, token) = crate::api::auth::create_token(
-        &pool,
-        role,
-        reseller.as_deref(),
-        name.as_deref(),
-    )
-    .await?;
+    let (id, token) =
+        crate::api::auth::create_token(&pool, role, reseller.as_deref(), name.as_deref()).await?;
     eprintln!(
         "created {id} (role {}{})",
         role.as_str(),
@@ -46,13 +46,9 @@ pub(super) async fn simulate(config: Config, args: sim::SimArgs) -> anyhow::Resu
         // A finance token of its own to read balances with.
         let pool = store::connect(&config.database_url, 1).await?;
         store::migrate(&pool).await?;
-        let (_, token) = crate::api::auth::create_token(
-            &pool,
-            Role::Finance,
-            None,
-            Some("simulate --check"),
-        )
-        .await?;
+        let (_, token) =
+            crate::api::auth::create_token(&pool, Role::Finance, None, Some("simulate --check"))
+                .await?;
         let ok = sim::check(
             addr,
             &token,

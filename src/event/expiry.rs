@@ -98,7 +98,10 @@ mod tests {
                 fired_at: at + chrono::Duration::minutes(6),
             };
             let v = rec.to_json();
-            assert_eq!(v["event_id"], json!(ExpiryRecord::event_id(&account, "g-1", cause)));
+            assert_eq!(
+                v["event_id"],
+                json!(ExpiryRecord::event_id(&account, "g-1", cause))
+            );
             assert_eq!(
                 ExpiryRecord::due_from_json(&v),
                 Ok((account.clone(), "g-1".to_string(), cause))

@@ -3,17 +3,21 @@
 //! with its dead-letter reason. Nothing outside this module touches wire
 //! JSON. Pure: no IO, no clock.
 
+mod decimal;
 mod decode;
 mod expiry;
 pub mod ip;
+mod json;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-pub use decode::{canonical_hash, decimal_pattern, decode, parse_decimal, parse_time};
+pub use decimal::{decimal_pattern, parse_decimal};
+pub use decode::{decode, parse_time};
 pub use expiry::{ExpiryCause, ExpiryRecord};
 pub use ip::IpRule;
+pub use json::canonical_hash;
 
 /// The five scopes that have ledgers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

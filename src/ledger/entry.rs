@@ -55,7 +55,6 @@ impl std::str::FromStr for EntryType {
     }
 }
 
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     pub account: AccountRef,
@@ -166,7 +165,6 @@ pub fn entry_hash(prev: &[u8; 32], e: &Entry) -> [u8; 32] {
     }
     h.finalize().into()
 }
-
 
 impl Entry {
     /// What this entry debits in the attribution sweep, at its sweep time:

@@ -8,9 +8,9 @@
 mod export;
 mod progress;
 
+pub use crate::store::replay::{read_applied, Exported};
 pub use export::{export, ExportFormat, ExportWhat};
 pub use progress::Progress;
-pub use crate::store::replay::{read_applied, Exported};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::BufRead;
@@ -19,10 +19,10 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde_json::{json, Value};
 
+use crate::clock::system_clock;
 use crate::event::{self, AccountRef};
 use crate::event::{ExpiryCause, ExpiryRecord};
 use crate::ledger::fold::{Input, Source};
-use crate::clock::system_clock;
 use crate::store::{self, finance, LedgerSink};
 
 /// Applied events read from the store per query.

@@ -59,4 +59,3 @@ impl Progress {
         (self.done, self.start.elapsed())
     }
 }
-

@@ -121,7 +121,10 @@ pub async fn mark_published(pool: &Pool, key: &str) -> anyhow::Result<()> {
 
 /// The reseller an applied usage event named: None when no such usage
 /// event was applied, Some(None) when it named none.
-pub async fn usage_reseller(pool: &Pool, usage_event_id: &str) -> anyhow::Result<Option<Option<String>>> {
+pub async fn usage_reseller(
+    pool: &Pool,
+    usage_event_id: &str,
+) -> anyhow::Result<Option<Option<String>>> {
     let row = pool.get().await?.query_opt("SELECT payload->>'reseller_id' FROM applied_events WHERE event_id = $1 AND event_type = 'usage'", &[&usage_event_id]).await?;
     Ok(row.map(|r| r.get(0)))
 }

@@ -58,8 +58,15 @@ impl LedgerSink {
         }
         let inputs = self.inputs(&fresh, refused.as_ref());
         let decoded = started.elapsed();
-        let (fx, phases) =
-            fold_and_write(&tx, &self.registry_cache, inputs, now, self.windows(), clock).await?;
+        let (fx, phases) = fold_and_write(
+            &tx,
+            &self.registry_cache,
+            inputs,
+            now,
+            self.windows(),
+            clock,
+        )
+        .await?;
         notify_oldest_record(&tx, &fresh).await?;
         move_offsets(&tx, &fresh).await?;
         self.dead_letter(&fx).await?;
@@ -164,7 +171,11 @@ async fn move_offsets(tx: &Transaction<'_>, records: &[&Record]) -> Result<(), A
         *e = (*e).max(r.offset + 1);
     }
     for ((topic, partition), next_offset) in &new_next {
-        tx.execute("UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2", &[topic, partition, next_offset]).await?;
+        tx.execute(
+            "UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2",
+            &[topic, partition, next_offset],
+        )
+        .await?;
     }
     Ok(())
 }

@@ -368,7 +368,9 @@ fn block_of(r: &tokio_postgres::Row) -> Result<Block, ApplyError> {
     let source: &str = r.get(3);
     let category: Option<&str> = r.get(4);
     let bad = |what: &str, v: &str| {
-        ApplyError::Invariant(format!("unknown credit block {what} `{v}` in credit blocks"))
+        ApplyError::Invariant(format!(
+            "unknown credit block {what} `{v}` in credit blocks"
+        ))
     };
     Ok(Block {
         block_id: r.get(2),

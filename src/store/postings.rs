@@ -96,7 +96,10 @@ fn posting_legs<'a>(
 
 /// The batch's ledger by binary `COPY`: entry rows and usage postings, with
 /// ids from one sequence in the fold's order (so `entry_id` follows it).
-pub(crate) async fn write_ledger(tx: &Transaction<'_>, entries: &[fold::Entry]) -> Result<(), ApplyError> {
+pub(crate) async fn write_ledger(
+    tx: &Transaction<'_>,
+    entries: &[fold::Entry],
+) -> Result<(), ApplyError> {
     use postgres_types::{ToSql, Type};
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
     let units = ledger_units(entries)?;
@@ -280,10 +283,10 @@ pub(crate) async fn write_ledger(tx: &Transaction<'_>, entries: &[fold::Entry]) 
 mod tests {
     use super::*;
     use crate::event::AccountRef;
-    use chrono::Utc;
-    use rust_decimal::Decimal;
     use chrono::TimeZone;
+    use chrono::Utc;
     use fold::{Detail, Entry, EntryType};
+    use rust_decimal::Decimal;
 
     fn entry(kind: AccountKind, event: &str, entry_type: EntryType, limited: bool) -> Entry {
         let t = Utc.with_ymd_and_hms(2026, 11, 27, 10, 0, 0).unwrap();
@@ -404,4 +407,3 @@ mod tests {
         }
     }
 }
-

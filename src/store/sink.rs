@@ -12,13 +12,12 @@ use quota_consumers::{BatchSink, BoxFuture, Record, SinkError};
 
 use super::batch::fold_and_write;
 use super::deadletter::DeadLetters;
-use super::jobs::expire_due;
 use super::error::{refused_by_postgres, ApplyError, DbErrorClass};
+use super::jobs::expire_due;
 use super::load::RegistryCache;
 use crate::clock::Clock;
 use crate::event::{self, AccountRef, ExpiryCause};
 use crate::ledger::fold::{Effects, FoldState, Input};
-
 
 /// The ledger's side of ingestion: applies consumed batches (and replays,
 /// retries, re-drives and expiries) to Postgres, each in one transaction.

@@ -174,7 +174,8 @@ async fn write_quarantined(
     if q.is_empty() {
         return Ok(());
     }
-    let first_retry = chrono::Duration::from_std(crate::limits::WAITING_FIRST_RETRY).unwrap_or_default();
+    let first_retry =
+        chrono::Duration::from_std(crate::limits::WAITING_FIRST_RETRY).unwrap_or_default();
     // One statement for the batch's quarantined messages, in order (a
     // burst of rejected events cost one round trip each).
     let eids: Vec<Option<&str>> = q.iter().map(|x| x.event_id.as_deref()).collect();
@@ -252,18 +253,30 @@ async fn resolve_retried(
 }
 
 /// Waiting events on what this batch provided are due now.
-async fn wake_waiting(tx: &Transaction<'_>, fx: &Effects, now: DateTime<Utc>) -> Result<(), ApplyError> {
+async fn wake_waiting(
+    tx: &Transaction<'_>,
+    fx: &Effects,
+    now: DateTime<Utc>,
+) -> Result<(), ApplyError> {
     if fx.provided.is_empty() {
         return Ok(());
     }
     let provided: Vec<String> = fx.provided.iter().map(ToString::to_string).collect();
-    tx.execute("UPDATE quarantine SET retry_after = $2 WHERE status = 'waiting' AND waiting_on = ANY($1)", &[&provided, &now]).await?;
+    tx.execute(
+        "UPDATE quarantine SET retry_after = $2 WHERE status = 'waiting' AND waiting_on = ANY($1)",
+        &[&provided, &now],
+    )
+    .await?;
     Ok(())
 }
 
 /// Tell every serve process's admission view what moved; delivered on
 /// commit.
-async fn notify_changes(tx: &Transaction<'_>, st: &FoldState, fx: &Effects) -> Result<(), ApplyError> {
+async fn notify_changes(
+    tx: &Transaction<'_>,
+    st: &FoldState,
+    fx: &Effects,
+) -> Result<(), ApplyError> {
     let changes = super::view::Changes {
         a: st
             .accounts
@@ -289,7 +302,11 @@ async fn notify_changes(tx: &Transaction<'_>, st: &FoldState, fx: &Effects) -> R
 }
 
 /// Add the batch's counts per partition.
-async fn add_counts(tx: &Transaction<'_>, fx: &Effects, now: DateTime<Utc>) -> Result<(), ApplyError> {
+async fn add_counts(
+    tx: &Transaction<'_>,
+    fx: &Effects,
+    now: DateTime<Utc>,
+) -> Result<(), ApplyError> {
     for ((topic, partition), c) in &fx.counts {
         tx.execute(
             "UPDATE consumer_partitions SET consumed = consumed + $3, applied = applied + $4, duplicates = duplicates + $5, rejected = rejected + $6, waiting = waiting + $7, updated_at = $8 WHERE topic = $1 AND partition = $2",
@@ -314,4 +331,3 @@ pub(crate) fn source_columns<'a>(
     }
     cols
 }
-

@@ -73,7 +73,8 @@ pub(super) fn adjust(cx: &mut Cx, a: &Adjustment) -> Outcome {
     } else {
         acct.debit(-a.amount, t);
     }
-    let mut detail = json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor});
+    let mut detail =
+        json!({"adjustment_id": a.adjustment_id, "reason": a.reason, "actor": a.actor});
     if let Some(f) = flag {
         detail[f] = json!(true);
     }

@@ -33,9 +33,7 @@ use crate::event::*;
 
 pub use super::entry::{entry_hash, Detail, Entry, EntryType};
 pub use super::sweep::{resweep, AccountState, Block};
-pub use effects::{
-    AppliedEvent, Counts, Effects, NewVersion, Quarantined, Resolution, WaitingOn,
-};
+pub use effects::{AppliedEvent, Counts, Effects, NewVersion, Quarantined, Resolution, WaitingOn};
 pub use expiry::expire_blocks;
 pub use resweep::settle;
 

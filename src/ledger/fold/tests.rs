@@ -1,8 +1,8 @@
 //! The fold, given/when/then over events.
 
 use super::*;
-use serde_json::json;
 use chrono::TimeZone;
+use serde_json::json;
 use std::str::FromStr;
 
 fn d(s: &str) -> Decimal {
@@ -119,7 +119,11 @@ fn usage_before_its_price_waits_and_a_conflict_is_rejected() {
     let fx = fold(&mut st, vec![input(0, USAGE), input(1, &changed)], now()).unwrap();
     assert_eq!(fx.quarantined[0].reason, Reason::Unpriced);
     assert_eq!(
-        fx.quarantined[0].waiting_on.as_ref().map(ToString::to_string).as_deref(),
+        fx.quarantined[0]
+            .waiting_on
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
         Some("model:gpt-4o")
     );
     assert_eq!(fx.quarantined[1].reason, Reason::Conflict);

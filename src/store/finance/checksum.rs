@@ -53,4 +53,3 @@ pub async fn checksum(pool: &Pool) -> anyhow::Result<Checksum> {
         entries,
     })
 }
-

@@ -101,4 +101,3 @@ pub async fn error_summary(
         json!({"bucket": g.bucket, "from": p.from, "to": p.to, "error_events": events, "admission_rejections": rejections}),
     )
 }
-

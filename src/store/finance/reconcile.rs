@@ -297,4 +297,3 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
     }
     Ok((n, problems))
 }
-

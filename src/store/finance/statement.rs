@@ -110,4 +110,3 @@ pub async fn summary(pool: &Pool, a: &AccountRef, p: Period) -> anyhow::Result<S
         breakage_revenue,
     })
 }
-

@@ -21,7 +21,10 @@ pub async fn run_quarantine_sweeper(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        match sink.finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX).await {
+        match sink
+            .finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX)
+            .await
+        {
             Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),
             Ok(_) => {}
             Err(ApplyError::Invariant(m)) => {
