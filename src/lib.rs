@@ -34,6 +34,8 @@ pub mod replay;
 pub mod serve;
 pub mod sim;
 pub mod store;
+#[cfg(test)]
+mod tidy;
 
 /// The fold and the write path allocate and free many small values per
 /// event (JSON details, strings, map nodes); with glibc's allocator that
