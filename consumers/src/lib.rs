@@ -244,11 +244,68 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let shutting_down = Arc::new(AtomicBool::new(false));
+    let consumer = subscribe(&config, sink.clone(), shutting_down.clone())?;
+    let mut batch: Vec<Record> = Vec::with_capacity(config.batch_max_records);
+    let mut watchdog = Watchdog::default();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        if let Some(m) = consumer
+            .context()
+            .fatal
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+        {
+            return Err(m);
+        }
+        batch.clear();
+        if watchdog.due() {
+            watchdog.check(&consumer, sink.as_ref(), &config).await;
+        }
+        let generation = match first_record(&consumer, &mut shutdown, &mut batch).await {
+            First::Shutdown => break,
+            First::Nothing => continue,
+            First::Opened(generation) => generation,
+        };
+        let generation = fill(&consumer, &config, &mut shutdown, &mut batch, generation).await;
+        if *shutdown.borrow() {
+            // Abandon the batch: nothing of it was written.
+            break;
+        }
+        if consumer.context().generation.load(Ordering::SeqCst) != generation {
+            tracing::info!(records = batch.len(), "rebalance during batch; discarded");
+            continue;
+        }
+        match apply(sink.as_ref(), &batch, &config, &mut shutdown).await {
+            Applied::Done => commit_informational(&consumer, &batch),
+            Applied::Fatal(m) => {
+                shutting_down.store(true, Ordering::SeqCst);
+                return Err(m);
+            }
+            Applied::ShutDown => {
+                shutting_down.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+    }
+    shutting_down.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A consumer of the group, subscribed, whose rebalance callback seeks to
+/// the sink's stored offsets.
+fn subscribe(
+    config: &ConsumerConfig,
+    sink: Arc<dyn BatchSink>,
+    shutting_down: Arc<AtomicBool>,
+) -> Result<StreamConsumer<SeekingContext>, String> {
     let context = SeekingContext {
-        sink: sink.clone(),
+        sink,
         runtime: tokio::runtime::Handle::current(),
         generation: AtomicU64::new(0),
-        shutting_down: shutting_down.clone(),
+        shutting_down,
         fatal: std::sync::Mutex::new(None),
     };
     let consumer: StreamConsumer<SeekingContext> = ClientConfig::new()
@@ -267,123 +324,135 @@ pub async fn run(
     consumer
         .subscribe(&topics)
         .map_err(|e| format!("cannot subscribe to {topics:?}: {e}"))?;
+    Ok(consumer)
+}
 
-    let mut batch: Vec<Record> = Vec::with_capacity(config.batch_max_records);
-    let mut watchdog = Watchdog::default();
-    loop {
-        if *shutdown.borrow() {
-            break;
+/// How waiting for a batch's first record ended.
+enum First {
+    Shutdown,
+    /// Nothing within the watchdog's period, or an error (logged).
+    Nothing,
+    /// The batch holds its first record, received under this assignment
+    /// generation.
+    Opened(u64),
+}
+
+/// Open a batch with its first record.
+async fn first_record(
+    consumer: &StreamConsumer<SeekingContext>,
+    shutdown: &mut watch::Receiver<bool>,
+    batch: &mut Vec<Record>,
+) -> First {
+    let first = tokio::select! {
+        _ = shutdown.changed() => return First::Shutdown,
+        m = tokio::time::timeout(Watchdog::PERIOD, consumer.recv()) => match m {
+            Ok(m) => m,
+            Err(_) => return First::Nothing,
+        },
+    };
+    match first {
+        Ok(m) => {
+            let generation = consumer.context().generation.load(Ordering::SeqCst);
+            batch.push(copy_record(&m));
+            First::Opened(generation)
         }
-        if let Some(m) = consumer
-            .context()
-            .fatal
-            .lock()
-            .ok()
-            .and_then(|mut f| f.take())
-        {
-            return Err(m);
+        Err(e) => {
+            log_kafka_error(&e);
+            First::Nothing
         }
-        // Open a batch with its first record. Records received under an
-        // older assignment generation are dropped: the rebalance that bumped
-        // it seeks every assigned partition back to its stored offset, so
-        // they come again.
-        batch.clear();
-        let mut generation;
-        if watchdog.due() {
-            watchdog.check(&consumer, sink.as_ref(), &config).await;
-        }
-        let first = tokio::select! {
-            _ = shutdown.changed() => break,
-            m = tokio::time::timeout(Watchdog::PERIOD, consumer.recv()) => match m {
-                Ok(m) => m,
-                Err(_) => continue,
-            },
-        };
-        match first {
-            Ok(m) => {
-                generation = consumer.context().generation.load(Ordering::SeqCst);
-                batch.push(copy_record(&m));
-            }
-            Err(e) => {
-                log_kafka_error(&e);
-                continue;
-            }
-        }
-        let deadline = Instant::now() + config.batch_linger;
-        let mut bytes = batch.iter().map(record_bytes).sum::<usize>();
-        while batch.len() < config.batch_max_records && bytes < config.batch_max_bytes {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                r = tokio::time::timeout(left, consumer.recv()) => match r {
-                    Err(_) => break,
-                    Ok(Ok(m)) => {
-                        let now_gen = consumer.context().generation.load(Ordering::SeqCst);
-                        if now_gen != generation {
-                            tracing::info!(records = batch.len(), "rebalance during batch; discarded what came before it");
-                            batch.clear();
-                            bytes = 0;
-                            generation = now_gen;
-                        }
-                        let r = copy_record(&m);
-                        bytes += record_bytes(&r);
-                        batch.push(r);
-                    }
-                    Ok(Err(e)) => log_kafka_error(&e),
-                },
-            }
-        }
-        if *shutdown.borrow() {
-            // Abandon the batch: nothing of it was written.
-            break;
-        }
-        if consumer.context().generation.load(Ordering::SeqCst) != generation {
-            tracing::info!(records = batch.len(), "rebalance during batch; discarded");
-            continue;
-        }
-        let mut delay = Duration::from_millis(50);
-        let mut attempts = 0u32;
-        loop {
-            match sink.apply(&batch).await {
-                Ok(()) => {
-                    if attempts >= Health::STUCK_AFTER_ATTEMPTS {
-                        tracing::info!(attempts, "the batch went through after retries");
-                    }
-                    config.health.set(None);
-                    break;
-                }
-                Err(SinkError::Fatal(m)) => {
-                    shutting_down.store(true, Ordering::SeqCst);
-                    return Err(m);
-                }
-                Err(SinkError::Transient(m)) => {
-                    attempts += 1;
-                    tracing::warn!(error = %m, records = batch.len(), attempts, "batch not applied; retrying");
-                    if attempts >= Health::STUCK_AFTER_ATTEMPTS {
-                        let first = &batch[0];
-                        config.health.set(Some(format!(
-                            "the consumer has retried one batch {attempts} times ({} records from {}/{} offset {}): {m}",
-                            batch.len(),
-                            first.topic,
-                            first.partition,
-                            first.offset
-                        )));
-                    }
-                    tokio::select! {
-                        _ = shutdown.changed() => { shutting_down.store(true, Ordering::SeqCst); return Ok(()); }
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-        commit_informational(&consumer, &batch);
     }
-    shutting_down.store(true, Ordering::SeqCst);
-    Ok(())
+}
+
+/// Fill the batch until its linger, record or byte limit, or shutdown.
+/// Records received under an older assignment generation are dropped: the
+/// rebalance that bumped it seeks every assigned partition back to its
+/// stored offset, so they come again. Returns the batch's generation.
+async fn fill(
+    consumer: &StreamConsumer<SeekingContext>,
+    config: &ConsumerConfig,
+    shutdown: &mut watch::Receiver<bool>,
+    batch: &mut Vec<Record>,
+    mut generation: u64,
+) -> u64 {
+    let deadline = Instant::now() + config.batch_linger;
+    let mut bytes = batch.iter().map(record_bytes).sum::<usize>();
+    while batch.len() < config.batch_max_records && bytes < config.batch_max_bytes {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            r = tokio::time::timeout(left, consumer.recv()) => match r {
+                Err(_) => break,
+                Ok(Ok(m)) => {
+                    let now_gen = consumer.context().generation.load(Ordering::SeqCst);
+                    if now_gen != generation {
+                        tracing::info!(records = batch.len(), "rebalance during batch; discarded what came before it");
+                        batch.clear();
+                        bytes = 0;
+                        generation = now_gen;
+                    }
+                    let r = copy_record(&m);
+                    bytes += record_bytes(&r);
+                    batch.push(r);
+                }
+                Ok(Err(e)) => log_kafka_error(&e),
+            },
+        }
+    }
+    generation
+}
+
+/// How applying a batch ended.
+enum Applied {
+    Done,
+    Fatal(String),
+    ShutDown,
+}
+
+/// Apply the batch, retrying transient errors with back-off (50 ms doubling
+/// to 5 s) until it goes through, a fatal error, or shutdown; a batch
+/// retried `Health::STUCK_AFTER_ATTEMPTS` times marks the consumer stuck.
+async fn apply(
+    sink: &dyn BatchSink,
+    batch: &[Record],
+    config: &ConsumerConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Applied {
+    let mut delay = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    loop {
+        match sink.apply(batch).await {
+            Ok(()) => {
+                if attempts >= Health::STUCK_AFTER_ATTEMPTS {
+                    tracing::info!(attempts, "the batch went through after retries");
+                }
+                config.health.set(None);
+                return Applied::Done;
+            }
+            Err(SinkError::Fatal(m)) => return Applied::Fatal(m),
+            Err(SinkError::Transient(m)) => {
+                attempts += 1;
+                tracing::warn!(error = %m, records = batch.len(), attempts, "batch not applied; retrying");
+                if attempts >= Health::STUCK_AFTER_ATTEMPTS {
+                    let first = &batch[0];
+                    config.health.set(Some(format!(
+                        "the consumer has retried one batch {attempts} times ({} records from {}/{} offset {}): {m}",
+                        batch.len(),
+                        first.topic,
+                        first.partition,
+                        first.offset
+                    )));
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return Applied::ShutDown,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 fn record_bytes(r: &Record) -> usize {
@@ -563,6 +632,18 @@ pub fn read_all(
         .create()
         .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
     let timeout = Duration::from_secs(30);
+    let ends = partition_ends(&consumer, topics, timeout)?;
+    let remaining = assign_from(&consumer, &ends, since_ms, timeout)?;
+    read_to_ends(&consumer, remaining, progress)
+}
+
+/// (topic, partition, low watermark, high watermark) of every partition of
+/// `topics`, sorted.
+fn partition_ends(
+    consumer: &BaseConsumer,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, i32, i64, i64)>, String> {
     let mut ends: Vec<(String, i32, i64, i64)> = Vec::new();
     for t in topics {
         let md = consumer
@@ -582,12 +663,22 @@ pub fn read_all(
         }
     }
     ends.sort();
-    // Where each partition starts: its low watermark, or the first offset
-    // at or after the timestamp (none: nothing to read there).
+    Ok(ends)
+}
+
+/// Assign every partition from its low watermark, or from the first offset
+/// at or after `since_ms` (none: nothing to read there). Returns the
+/// partitions to read and their high watermarks.
+fn assign_from(
+    consumer: &BaseConsumer,
+    ends: &[(String, i32, i64, i64)],
+    since_ms: Option<i64>,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<(String, i32), i64>, String> {
     let resolved = match since_ms {
         Some(ms) => {
             let mut q = TopicPartitionList::new();
-            for (t, p, _, _) in &ends {
+            for (t, p, _, _) in ends {
                 q.add_partition_offset(t, *p, Offset::Offset(ms))
                     .map_err(|e| e.to_string())?;
             }
@@ -599,12 +690,10 @@ pub fn read_all(
         }
         None => None,
     };
-    let mut per: std::collections::BTreeMap<(String, i32), Vec<Record>> =
-        std::collections::BTreeMap::new();
     let mut remaining: std::collections::BTreeMap<(String, i32), i64> =
         std::collections::BTreeMap::new();
     let mut assign = TopicPartitionList::new();
-    for (t, p, low, high) in &ends {
+    for (t, p, low, high) in ends {
         let start = match &resolved {
             Some(r) => match r.find_partition(t, *p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => o,
@@ -622,6 +711,18 @@ pub fn read_all(
     consumer
         .assign(&assign)
         .map_err(|e| format!("assign: {e}"))?;
+    Ok(remaining)
+}
+
+/// Read every assigned partition up to its high watermark; each partition's
+/// records in offset order, partitions one after another.
+fn read_to_ends(
+    consumer: &BaseConsumer,
+    mut remaining: std::collections::BTreeMap<(String, i32), i64>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Record>, String> {
+    let mut per: std::collections::BTreeMap<(String, i32), Vec<Record>> =
+        std::collections::BTreeMap::new();
     let mut read = 0u64;
     let mut idle = Instant::now();
     while !remaining.is_empty() {

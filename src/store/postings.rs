@@ -5,6 +5,8 @@
 //! order. The `ledger_entries` view reads both back as entries.
 
 use deadpool_postgres::Transaction;
+use postgres_types::{ToSql, Type};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 
 use super::error::ApplyError;
 use crate::event::AccountKind;
@@ -100,8 +102,6 @@ pub(crate) async fn write_ledger(
     tx: &Transaction<'_>,
     entries: &[fold::Entry],
 ) -> Result<(), ApplyError> {
-    use postgres_types::{ToSql, Type};
-    use tokio_postgres::binary_copy::BinaryCopyInWriter;
     let units = ledger_units(entries)?;
     let ids: Vec<i64> = tx
         .query(
@@ -117,15 +117,29 @@ pub(crate) async fn write_ledger(
             "the ledger id sequence gave too few ids".into(),
         ));
     }
+    write_entry_rows(tx, &units, &ids).await?;
+    write_postings(tx, &units, &ids).await
+}
+
+/// Entries other than usage, one row each (`entry_id` is the ledger id
+/// times 8: room for the legs of a posting in the same id space).
+async fn write_entry_rows(
+    tx: &Transaction<'_>,
+    units: &[LedgerUnit<'_>],
+    ids: &[i64],
+) -> Result<(), ApplyError> {
     let rows: Vec<(i64, &fold::Entry)> = units
         .iter()
-        .zip(&ids)
+        .zip(ids)
         .filter_map(|(u, id)| match u {
             LedgerUnit::Row(e) => Some((id * 8, *e)),
             LedgerUnit::Posting(_) => None,
         })
         .collect();
-    if !rows.is_empty() {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    {
         const TYPES: [Type; 18] = [
             Type::INT8,
             Type::TEXT,
@@ -183,17 +197,12 @@ pub(crate) async fn write_ledger(
         }
         writer.finish().await?;
     }
-    let postings: Vec<(i64, &Vec<&fold::Entry>)> = units
-        .iter()
-        .zip(&ids)
-        .filter_map(|(u, id)| match u {
-            LedgerUnit::Posting(legs) => Some((*id, legs)),
-            LedgerUnit::Row(_) => None,
-        })
-        .collect();
-    if postings.is_empty() {
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// The columns of a `usage_postings` row (the shared ones, then seven per
+/// scope) and their types.
+fn posting_columns() -> (Vec<Type>, String) {
     let mut types = vec![
         Type::INT8,
         Type::TEXT,
@@ -222,6 +231,27 @@ pub(crate) async fn write_ledger(
             ", {k}_id, {k}_seq, {k}_amount, {k}_balance, {k}_limited, {k}_prev_hash, {k}_hash"
         ));
     }
+    (types, cols)
+}
+
+/// Usage events, one posting row each with its legs by scope.
+async fn write_postings(
+    tx: &Transaction<'_>,
+    units: &[LedgerUnit<'_>],
+    ids: &[i64],
+) -> Result<(), ApplyError> {
+    let postings: Vec<(i64, &Vec<&fold::Entry>)> = units
+        .iter()
+        .zip(ids)
+        .filter_map(|(u, id)| match u {
+            LedgerUnit::Posting(legs) => Some((*id, legs)),
+            LedgerUnit::Row(_) => None,
+        })
+        .collect();
+    if postings.is_empty() {
+        return Ok(());
+    }
+    let (types, cols) = posting_columns();
     let sink = tx
         .copy_in(&format!(
             "COPY usage_postings ({cols}) FROM STDIN (FORMAT binary)"

@@ -22,103 +22,102 @@ pub(super) fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -
         });
     }
     let id = f.id("id")?;
-    let quota = |always_limited: bool| -> R<QuotaSettings> {
-        Ok(QuotaSettings {
-            status: f.status()?,
-            quota_limited: if always_limited {
-                true
-            } else {
-                f.bool("quota_limited")?
-            },
-            quota_expires_at: f.opt_time("quota_expires_at")?,
-        })
-    };
+    let account = |k: AccountKind| EntityKind::Account(k);
     let (kind, entity) = match event_type {
-        "reseller.upserted" => (
-            AccountKind::Reseller,
-            Entity::Reseller {
-                quota: quota(false)?,
-                groups: match f.obj.get("groups") {
-                    None | Some(Value::Null) => Vec::new(),
-                    Some(_) => f.str_list("groups")?,
-                },
-            },
-        ),
-        "user.upserted" => {
-            let groups = user_groups(f)?;
-            (
-                AccountKind::User,
-                Entity::User {
-                    reseller_id: f.nullable_id("reseller_id")?,
-                    quota: quota(true)?,
-                    groups,
-                },
-            )
-        }
-        "app.upserted" => (
-            AccountKind::App,
-            Entity::App {
-                user_id: f.id("user_id")?,
-                quota: quota(false)?,
-                models: f.str_list("models")?,
-                group_id: f.nullable_id("group_id")?,
-                ip_allow: f.ip_list("ip_allow")?,
-                ip_deny: f.ip_list("ip_deny")?,
-            },
-        ),
-        "key.upserted" => {
-            let key_hash = f.text("key_hash")?.to_ascii_lowercase();
-            if key_hash.len() != 64 || !key_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(schema(
-                    "`key_hash` must be the hex SHA-256 of the secret (64 hex digits)",
-                ));
-            }
-            (
-                AccountKind::Key,
-                Entity::Key {
-                    app_id: f.id("app_id")?,
-                    key_hash,
-                    quota: quota(false)?,
-                    models: f.str_list("models")?,
-                    group_id: f.nullable_id("group_id")?,
-                    ip_allow: f.ip_list("ip_allow")?,
-                    ip_deny: f.ip_list("ip_deny")?,
-                },
-            )
-        }
-        "group.upserted" => {
-            let discount = f.decimal("discount")?;
-            if discount < Decimal::ZERO {
-                return Err(schema("`discount` must not be negative"));
-            }
-            (
-                AccountKind::Group,
-                Entity::Group {
-                    quota: quota(false)?,
-                    discount,
-                    models: f.str_list("models")?,
-                },
-            )
-        }
-        "model.upserted" => {
-            let prices = model_prices(f)?;
-            return Ok(Upsert {
-                kind: EntityKind::Model,
-                id,
-                effective_from,
-                entity: Entity::Model {
-                    status: f.status()?,
-                    prices,
-                },
-            });
-        }
+        "reseller.upserted" => (account(AccountKind::Reseller), reseller(f)?),
+        "user.upserted" => (account(AccountKind::User), user(f)?),
+        "app.upserted" => (account(AccountKind::App), app(f)?),
+        "key.upserted" => (account(AccountKind::Key), key(f)?),
+        "group.upserted" => (account(AccountKind::Group), group(f)?),
+        "model.upserted" => (EntityKind::Model, model(f)?),
         _ => unreachable!("caller matched the type"),
     };
     Ok(Upsert {
-        kind: EntityKind::Account(kind),
+        kind,
         id,
         effective_from,
         entity,
+    })
+}
+
+/// An account's status and quota settings; a user is always limited.
+fn quota(f: &Fields, always_limited: bool) -> R<QuotaSettings> {
+    Ok(QuotaSettings {
+        status: f.status()?,
+        quota_limited: if always_limited {
+            true
+        } else {
+            f.bool("quota_limited")?
+        },
+        quota_expires_at: f.opt_time("quota_expires_at")?,
+    })
+}
+
+fn reseller(f: &Fields) -> R<Entity> {
+    Ok(Entity::Reseller {
+        quota: quota(f, false)?,
+        groups: match f.obj.get("groups") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) => f.str_list("groups")?,
+        },
+    })
+}
+
+fn user(f: &Fields) -> R<Entity> {
+    let groups = user_groups(f)?;
+    Ok(Entity::User {
+        reseller_id: f.nullable_id("reseller_id")?,
+        quota: quota(f, true)?,
+        groups,
+    })
+}
+
+fn app(f: &Fields) -> R<Entity> {
+    Ok(Entity::App {
+        user_id: f.id("user_id")?,
+        quota: quota(f, false)?,
+        models: f.str_list("models")?,
+        group_id: f.nullable_id("group_id")?,
+        ip_allow: f.ip_list("ip_allow")?,
+        ip_deny: f.ip_list("ip_deny")?,
+    })
+}
+
+fn key(f: &Fields) -> R<Entity> {
+    let key_hash = f.text("key_hash")?.to_ascii_lowercase();
+    if key_hash.len() != 64 || !key_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(schema(
+            "`key_hash` must be the hex SHA-256 of the secret (64 hex digits)",
+        ));
+    }
+    Ok(Entity::Key {
+        app_id: f.id("app_id")?,
+        key_hash,
+        quota: quota(f, false)?,
+        models: f.str_list("models")?,
+        group_id: f.nullable_id("group_id")?,
+        ip_allow: f.ip_list("ip_allow")?,
+        ip_deny: f.ip_list("ip_deny")?,
+    })
+}
+
+fn group(f: &Fields) -> R<Entity> {
+    let discount = f.decimal("discount")?;
+    if discount < Decimal::ZERO {
+        return Err(schema("`discount` must not be negative"));
+    }
+    Ok(Entity::Group {
+        quota: quota(f, false)?,
+        discount,
+        models: f.str_list("models")?,
+    })
+}
+
+fn model(f: &Fields) -> R<Entity> {
+    let prices = model_prices(f)?;
+    Ok(Entity::Model {
+        status: f.status()?,
+        prices,
     })
 }
 

@@ -16,6 +16,51 @@ pub(super) fn usage(f: &Fields) -> R<UsageEvent> {
             )))
         }
     };
+    let u = usage_counts(f)?;
+    check_optional_fields(f)?;
+    Ok(UsageEvent {
+        trace_id: f.opt_text("trace_id")?,
+        key_id: f.id("key_id")?,
+        app_id: f.id("app_id")?,
+        user_id: f.id("user_id")?,
+        reseller_id: f.nullable_id("reseller_id")?,
+        group_id: f.nullable_id("group_id")?,
+        model: f.id("model")?,
+        path: f.text("path")?,
+        status,
+        usage: u,
+    })
+}
+
+pub(super) fn error(f: &Fields) -> R<ErrorEvent> {
+    let http_status = match f.obj.get("http_status").and_then(Value::as_u64) {
+        Some(s) if (100..=599).contains(&s) => s as u16,
+        _ => return Err(schema("`http_status` must be an integer from 100 to 599")),
+    };
+    for opt in [
+        "trace_id",
+        "app_id",
+        "reseller_id",
+        "group_id",
+        "model_agent_key_id",
+        "path",
+    ] {
+        f.opt_text(opt)?;
+    }
+    Ok(ErrorEvent {
+        code: f.text("code")?,
+        message: f.text("message")?,
+        http_status,
+        key_id: f.nullable_id("key_id")?,
+        user_id: f.nullable_id("user_id")?,
+        model: f.nullable_id("model")?,
+        model_agent_id: f.nullable_id("model_agent_id")?,
+    })
+}
+
+/// The `usage` object: token counts and calls, each a non-negative integer;
+/// an unknown member is `unknown_usage` (never billed as zero).
+fn usage_counts(f: &Fields) -> R<Usage> {
     let usage_obj = match f.obj.get("usage") {
         Some(Value::Object(m)) => m,
         Some(_) => return Err(schema("`usage` must be an object")),
@@ -62,6 +107,12 @@ pub(super) fn usage(f: &Fields) -> R<UsageEvent> {
             }
         }
     }
+    Ok(u)
+}
+
+/// Members a usage event may carry that do not change its charge, checked
+/// for their type only.
+fn check_optional_fields(f: &Fields) -> R<()> {
     if let Some(v) = f.obj.get("reservation_id") {
         if !v.is_null() && !v.is_string() {
             return Err(schema("`reservation_id` must be a string or null"));
@@ -85,42 +136,5 @@ pub(super) fn usage(f: &Fields) -> R<UsageEvent> {
             return Err(schema("`attempts` must be a non-negative integer"));
         }
     }
-    Ok(UsageEvent {
-        trace_id: f.opt_text("trace_id")?,
-        key_id: f.id("key_id")?,
-        app_id: f.id("app_id")?,
-        user_id: f.id("user_id")?,
-        reseller_id: f.nullable_id("reseller_id")?,
-        group_id: f.nullable_id("group_id")?,
-        model: f.id("model")?,
-        path: f.text("path")?,
-        status,
-        usage: u,
-    })
-}
-
-pub(super) fn error(f: &Fields) -> R<ErrorEvent> {
-    let http_status = match f.obj.get("http_status").and_then(Value::as_u64) {
-        Some(s) if (100..=599).contains(&s) => s as u16,
-        _ => return Err(schema("`http_status` must be an integer from 100 to 599")),
-    };
-    for opt in [
-        "trace_id",
-        "app_id",
-        "reseller_id",
-        "group_id",
-        "model_agent_key_id",
-        "path",
-    ] {
-        f.opt_text(opt)?;
-    }
-    Ok(ErrorEvent {
-        code: f.text("code")?,
-        message: f.text("message")?,
-        http_status,
-        key_id: f.nullable_id("key_id")?,
-        user_id: f.nullable_id("user_id")?,
-        model: f.nullable_id("model")?,
-        model_agent_id: f.nullable_id("model_agent_id")?,
-    })
+    Ok(())
 }

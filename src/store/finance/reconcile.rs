@@ -211,89 +211,116 @@ async fn verify_chains(c: &Object) -> anyhow::Result<(i64, Vec<Value>)> {
     let mut rows = Box::pin(rows);
     let mut problems = Vec::new();
     let mut n = 0i64;
-    let mut cur: Option<(String, String)> = None;
-    let mut prev = [0u8; 32];
-    let mut balance = Decimal::ZERO;
-    let mut seq = 0i64;
-    let mut broken = false;
-    let mut last_recorded: Option<DateTime<Utc>> = None;
-    let mut out_of_order = false;
+    let mut chain = Chain::default();
     while let Some(row) = rows.next().await {
         let row = row?;
         n += 1;
-        let (kind, id): (String, String) = (row.get(1), row.get(2));
-        if cur.as_ref() != Some(&(kind.clone(), id.clone())) {
-            cur = Some((kind.clone(), id.clone()));
-            prev = [0; 32];
-            balance = Decimal::ZERO;
-            seq = 0;
-            broken = false;
-            last_recorded = None;
-            out_of_order = false;
+        let account: (String, String) = (row.get(1), row.get(2));
+        if chain.account != account {
+            chain = Chain {
+                account,
+                ..Chain::default()
+            };
         }
-        if broken {
-            continue;
+        problems.extend(chain.walk(&row));
+    }
+    Ok((n, problems))
+}
+
+/// One account's chain as walked so far.
+#[derive(Default)]
+struct Chain {
+    /// (kind, id)
+    account: (String, String),
+    prev: [u8; 32],
+    balance: Decimal,
+    seq: i64,
+    /// Stop at the first broken link: the rest would only repeat it.
+    broken: bool,
+    last_recorded: Option<DateTime<Utc>>,
+    out_of_order: bool,
+}
+
+impl Chain {
+    /// Check the next entry of the account; returns what is wrong with it.
+    fn walk(&mut self, row: &tokio_postgres::Row) -> Option<Value> {
+        if self.broken {
+            return None;
         }
-        let Some(akind) = AccountKind::parse(&kind) else {
-            problems.push(json!({"check": "hash_chain", "account": format!("{kind}/{id}"), "entry_id": row.get::<_, i64>(0), "why": "unknown account kind"}));
-            broken = true;
-            continue;
-        };
-        let entry_type = match row.get::<_, &str>(5).parse::<EntryType>() {
-            Ok(t) => t,
+        let (kind, id) = &self.account;
+        let name = format!("{kind}/{id}");
+        let entry_id: i64 = row.get(0);
+        let (e, prev_hash, hash) = match entry_of(row) {
+            Ok(x) => x,
             Err(why) => {
-                problems.push(json!({"check": "hash_chain", "account": format!("{kind}/{id}"), "entry_id": row.get::<_, i64>(0), "why": why}));
-                broken = true;
-                continue;
+                self.broken = true;
+                return Some(
+                    json!({"check": "hash_chain", "account": name, "entry_id": entry_id, "why": why}),
+                );
             }
         };
-        let prev_hash: Vec<u8> = row.get(12);
-        let hash: Vec<u8> = row.get(13);
-        let e = Entry {
-            account: AccountRef::new(akind, &id),
-            seq: row.get(3),
-            event_id: row.get(4),
-            entry_type,
-            amount: row.get(6),
-            balance_after: row.get(7),
-            charge: row.get(8),
-            occurred_at: row.get(9),
-            attributed_at: row.get(11),
-            recorded_at: row.get(10),
-            source: None,
-            detail: Value::Null.into(),
-            prev_hash: [0; 32],
-            hash: [0; 32],
-        };
-        balance += e.amount;
-        let why = if e.seq != seq + 1 {
-            Some(format!("seq {} follows {seq}", e.seq))
-        } else if prev_hash.as_slice() != prev.as_slice() {
+        self.balance += e.amount;
+        if let Some(why) = self.link_broken(&e, &prev_hash, &hash) {
+            self.broken = true;
+            return Some(
+                json!({"check": "hash_chain", "account": name, "entry_id": entry_id, "seq": e.seq, "event_id": e.event_id, "why": why}),
+            );
+        }
+        self.seq = e.seq;
+        self.prev.copy_from_slice(&hash);
+        // Within an account, entries recorded later come later.
+        let late = self.last_recorded.is_some_and(|t| e.recorded_at < t) && !self.out_of_order;
+        self.last_recorded = Some(e.recorded_at);
+        if late {
+            self.out_of_order = true;
+            return Some(
+                json!({"check": "recorded_in_seq_order", "account": name, "entry_id": entry_id, "seq": e.seq, "why": "recorded_at is earlier than the previous entry's"}),
+            );
+        }
+        None
+    }
+
+    /// Why `e` does not follow the chain so far, if it does not.
+    fn link_broken(&self, e: &Entry, prev_hash: &[u8], hash: &[u8]) -> Option<String> {
+        if e.seq != self.seq + 1 {
+            Some(format!("seq {} follows {}", e.seq, self.seq))
+        } else if prev_hash != self.prev.as_slice() {
             Some("prev_hash is not the previous entry's hash".to_string())
-        } else if entry_hash(&prev, &e).as_slice() != hash.as_slice() {
+        } else if entry_hash(&self.prev, e).as_slice() != hash {
             Some("hash does not match the entry's content".to_string())
-        } else if e.balance_after != balance {
+        } else if e.balance_after != self.balance {
             Some(format!(
                 "balance_after {} but the entries so far sum to {}",
                 dec(e.balance_after),
-                dec(balance)
+                dec(self.balance)
             ))
         } else {
             None
-        };
-        if let Some(why) = why {
-            problems.push(json!({"check": "hash_chain", "account": format!("{kind}/{id}"), "entry_id": row.get::<_, i64>(0), "seq": e.seq, "event_id": e.event_id, "why": why}));
-            broken = true;
-            continue;
         }
-        // Within an account, entries recorded later come later.
-        if last_recorded.is_some_and(|t| e.recorded_at < t) && !out_of_order {
-            problems.push(json!({"check": "recorded_in_seq_order", "account": format!("{kind}/{id}"), "entry_id": row.get::<_, i64>(0), "seq": e.seq, "why": "recorded_at is earlier than the previous entry's"}));
-            out_of_order = true;
-        }
-        last_recorded = Some(e.recorded_at);
-        seq = e.seq;
-        prev.copy_from_slice(&hash);
     }
-    Ok((n, problems))
+}
+
+/// The entry a `verify_chains` row holds (with what the hash covers), and
+/// its stored prev_hash and hash.
+fn entry_of(row: &tokio_postgres::Row) -> Result<(Entry, Vec<u8>, Vec<u8>), String> {
+    let kind: &str = row.get(1);
+    let kind = AccountKind::parse(kind).ok_or("unknown account kind")?;
+    let entry_type = row.get::<_, &str>(5).parse::<EntryType>()?;
+    let e = Entry {
+        account: AccountRef::new(kind, row.get::<_, String>(2)),
+        seq: row.get(3),
+        event_id: row.get(4),
+        entry_type,
+        amount: row.get(6),
+        balance_after: row.get(7),
+        charge: row.get(8),
+        occurred_at: row.get(9),
+        attributed_at: row.get(11),
+        recorded_at: row.get(10),
+        source: None,
+        detail: Value::Null.into(),
+        prev_hash: [0; 32],
+        hash: [0; 32],
+    };
+    Ok((e, row.get(12), row.get(13)))
 }
