@@ -80,21 +80,7 @@ pub async fn ledger(
         from: time_param("from", q.from.as_deref())?,
         to: time_param("to", q.to.as_deref())?,
     };
-    let accept_csv = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/csv"));
-    let csv = match q.format.as_deref() {
-        None => accept_csv,
-        Some("csv") => true,
-        Some("json") => false,
-        Some(other) => {
-            return Err(ApiError::invalid(
-                "format",
-                format!("`{other}` is not json or csv"),
-            ))
-        }
-    };
+    let csv = wants_csv(&headers, q.format.as_deref())?;
     let exists = crate::store::read::account_exists(&st.reports, &a)
         .await
         .map_err(ApiError::internal)?;
@@ -105,45 +91,11 @@ pub async fn ledger(
         ));
     }
     if csv {
-        // A CSV stream holds a connection as long as its reader takes:
-        // each token may have only a few open.
-        let permit = st
-            .long_reads
-            .acquire(caller.as_ref().map_or("", |c| c.token_id.as_str()))
-            .ok_or_else(too_many_long_reads)?;
-        let stream = finance::csv(&st.reports, &a, period)
-            .await
-            .map_err(ApiError::internal)?;
-        let stream = futures_util::StreamExt::map(stream, move |chunk| {
-            let _held = &permit;
-            chunk
-        });
-        let name = format!(
-            "attachment; filename=\"ledger-{}-{}.csv\"",
-            a.kind.as_str(),
-            a.id.replace(
-                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
-                "_"
-            )
-        );
-        return Ok((
-            [
-                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
-                (header::CONTENT_DISPOSITION, name),
-            ],
-            Body::from_stream(stream),
-        )
-            .into_response());
+        let token = caller.as_ref().map_or("", |c| c.token_id.as_str());
+        return csv_response(&st, token, &a, period).await;
     }
     let limit = limit_param(q.limit.as_deref())?;
-    let after = match q.cursor.as_deref() {
-        None | Some("") => 0,
-        Some(s) => s
-            .strip_prefix("s")
-            .and_then(|n| n.parse::<i64>().ok())
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this endpoint returned"))?,
-    };
+    let after = cursor_param(q.cursor.as_deref())?;
     let (entries, next) = finance::page(&st.reports, &a, period, after, limit)
         .await
         .map_err(ApiError::internal)?;
@@ -151,6 +103,73 @@ pub async fn ledger(
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(json!({"kind": a.kind.as_str(), "id": a.id, "from": period.from, "to": period.to, "entries": entries, "summary": summary, "next": next.map(|n| format!("s{n}"))})).into_response())
+}
+
+/// CSV when `format=csv`, or with no `format` when the client accepts
+/// `text/csv`.
+fn wants_csv(headers: &HeaderMap, format: Option<&str>) -> Result<bool, ApiError> {
+    let accept_csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/csv"));
+    match format {
+        None => Ok(accept_csv),
+        Some("csv") => Ok(true),
+        Some("json") => Ok(false),
+        Some(other) => Err(ApiError::invalid(
+            "format",
+            format!("`{other}` is not json or csv"),
+        )),
+    }
+}
+
+/// `s<seq>` as `next` gave it; none is the start.
+fn cursor_param(cursor: Option<&str>) -> Result<i64, ApiError> {
+    match cursor {
+        None | Some("") => Ok(0),
+        Some(s) => s
+            .strip_prefix("s")
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::invalid("cursor", "not a cursor this endpoint returned")),
+    }
+}
+
+/// The statement as a CSV stream. A stream holds a connection as long as
+/// its reader takes: each token may have only a few open.
+async fn csv_response(
+    st: &AppState,
+    token: &str,
+    a: &AccountRef,
+    period: Period,
+) -> Result<Response, ApiError> {
+    let permit = st
+        .long_reads
+        .acquire(token)
+        .ok_or_else(too_many_long_reads)?;
+    let stream = finance::csv(&st.reports, a, period)
+        .await
+        .map_err(ApiError::internal)?;
+    let stream = futures_util::StreamExt::map(stream, move |chunk| {
+        let _held = &permit;
+        chunk
+    });
+    let name = format!(
+        "attachment; filename=\"ledger-{}-{}.csv\"",
+        a.kind.as_str(),
+        a.id.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+            "_"
+        )
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (header::CONTENT_DISPOSITION, name),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// `GET /v1/reconcile`.

@@ -375,23 +375,21 @@ async fn publish(
             return Err(access_denied());
         }
     }
-    let by = access::Requester {
+    let event = ev.to_string();
+    let request = access::NewOperatorRequest {
+        key: &key,
+        request_hash: &request_hash,
+        event_id: &event_id,
+        event_type: ty,
+        event: &event,
         token_id: caller.as_ref().map(|c| c.token_id.as_str()),
         role: caller.as_ref().map(|c| c.role.as_str()),
         reseller_id: caller.as_ref().and_then(|c| c.reseller_id.as_deref()),
+        created_at: now,
     };
-    let inserted = access::insert_operator_request(
-        &st.pool,
-        &key,
-        &request_hash,
-        &event_id,
-        ty,
-        &ev.to_string(),
-        by,
-        now,
-    )
-    .await
-    .map_err(ApiError::internal)?;
+    let inserted = access::insert_operator_request(&st.pool, &request)
+        .await
+        .map_err(ApiError::internal)?;
     if !inserted {
         return Err(conflict(
             "a concurrent request with this key is in flight; retry".into(),

@@ -79,30 +79,32 @@ pub async fn operator_request(pool: &Pool, key: &str) -> anyhow::Result<Option<O
     }))
 }
 
-/// Who made a new operator request.
-pub struct Requester<'a> {
+/// A new operator request: its key, the hash of what was asked, the event
+/// it publishes, and who asked.
+pub struct NewOperatorRequest<'a> {
+    pub key: &'a str,
+    pub request_hash: &'a [u8],
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    /// The event, as JSON text.
+    pub event: &'a str,
     pub token_id: Option<&'a str>,
     pub role: Option<&'a str>,
     pub reseller_id: Option<&'a str>,
+    pub created_at: DateTime<Utc>,
 }
 
 /// Record a new operator request; false when the key is taken (a
 /// concurrent request with it).
 pub async fn insert_operator_request(
     pool: &Pool,
-    key: &str,
-    request_hash: &[u8],
-    event_id: &str,
-    event_type: &str,
-    event: &str,
-    by: Requester<'_>,
-    now: DateTime<Utc>,
+    r: &NewOperatorRequest<'_>,
 ) -> anyhow::Result<bool> {
     let inserted = pool.get().await?
         .execute(
             "INSERT INTO operator_requests (idempotency_key, request_hash, event_id, event_type, event, token_id, role, reseller_id, created_at)
              VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-            &[&key, &request_hash, &event_id, &event_type, &event, &by.token_id, &by.role, &by.reseller_id, &now],
+            &[&r.key, &r.request_hash, &r.event_id, &r.event_type, &r.event, &r.token_id, &r.role, &r.reseller_id, &r.created_at],
         )
         .await?;
     Ok(inserted == 1)
