@@ -51,3 +51,23 @@ pub const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REJECTION_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Events a replay applies in one transaction at most.
 pub const REPLAY_BATCH_MAX: usize = 2000;
+/// Applied events a replay or an export reads per query.
+pub const REPLAY_READ_CHUNK: i64 = 5000;
+/// Ledger ids an entries export reads per query (a range of the
+/// `ledger_ids` sequence: about this many entries, fewer for a filter).
+pub const EXPORT_IDS_PER_PAGE: i64 = 1000;
+/// Distinct (minute, code, model, key) rows of admission rejections one
+/// process keeps between flushes; beyond it they are counted under model
+/// and key `(other)`, so a flood of distinct keys cannot grow memory.
+pub const REJECTION_LOG_ROWS: usize = 50_000;
+/// How long an operator write waits for the broker's acknowledgement
+/// before answering 503.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/readyz` waits for the broker's metadata.
+pub const READYZ_BROKER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often the admission view's LISTEN connection is checked (and the
+/// view's age reset when nothing is pending), and the pause before it
+/// reconnects.
+pub const VIEW_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a stopping `serve` waits for the last rejection flush.
+pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(5);

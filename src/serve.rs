@@ -84,7 +84,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let consumer_result = ingest
         .await
         .unwrap_or_else(|_| Err("the ingest thread ended without a result".into()));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flusher).await;
+    let _ = tokio::time::timeout(limits::SHUTDOWN_FLUSH_WAIT, flusher).await;
     listener_task.abort();
     match consumer_result {
         Ok(()) => {

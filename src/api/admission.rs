@@ -17,10 +17,6 @@ use crate::codes::ErrorCode;
 
 pub use crate::store::finance::RejectionLog;
 
-/// At most this many distinct rows wait for a flush; beyond it rejections
-/// are counted under model and key `(other)`.
-const LOG_ROWS: usize = 50_000;
-
 /// Decisions by outcome, for /metrics, and the rejection log behind
 /// `/v1/errors/summary`.
 pub struct AdmissionCounters {
@@ -58,7 +54,7 @@ impl AdmissionCounters {
         let model: String = model.chars().take(128).collect();
         let key = key_id.unwrap_or("").to_string();
         if let Ok(mut log) = self.log.lock() {
-            let full = log.len() >= LOG_ROWS;
+            let full = log.len() >= crate::limits::REJECTION_LOG_ROWS;
             let k = if full {
                 (
                     minute,

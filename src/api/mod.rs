@@ -296,7 +296,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
             let producer = p.producer.clone();
             tokio::task::spawn_blocking(move || {
                 rdkafka::producer::Producer::client(&producer)
-                    .fetch_metadata(None, std::time::Duration::from_millis(1500))
+                    .fetch_metadata(None, crate::limits::READYZ_BROKER_TIMEOUT)
                     .is_ok()
             })
             .await

@@ -5,8 +5,6 @@
 //! same body answers the same event again; with another body, `409`. The
 //! `operator_requests` table is also the audit log (who, what, when).
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -470,7 +468,7 @@ async fn send(st: &AppState, ev: &Value) -> Result<(), ApiError> {
         .key(key.as_str())
         .payload(payload.as_str());
     p.producer
-        .send(rec, Duration::from_secs(10))
+        .send(rec, crate::limits::PUBLISH_TIMEOUT)
         .await
         .map_err(|(e, _)| {
             tracing::warn!(error = %e, "operator write not acknowledged");

@@ -64,7 +64,7 @@ async fn export_events(
     let mut n = 0u64;
     let mut after = 0;
     loop {
-        let chunk = read_applied(pool, after, super::READ_CHUNK, from, to).await?;
+        let chunk = read_applied(pool, after, crate::limits::REPLAY_READ_CHUNK, from, to).await?;
         let Some(last) = chunk.last() else { break };
         after = last.apply_seq;
         for e in &chunk {

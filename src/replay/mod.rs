@@ -25,9 +25,6 @@ use crate::event::{ExpiryCause, ExpiryRecord};
 use crate::ledger::fold::{Input, Source};
 use crate::store::{self, finance, LedgerSink};
 
-/// Applied events read from the store per query.
-const READ_CHUNK: i64 = 5000;
-
 /// What a replay did.
 #[derive(Debug, serde::Serialize)]
 pub struct ReplayReport {
@@ -160,7 +157,8 @@ pub async fn from_store(
     let mut r = OrderedReplay::new(target.clone(), lateness);
     let mut after = 0;
     loop {
-        let chunk = read_applied(source, after, READ_CHUNK, None, None).await?;
+        let chunk =
+            read_applied(source, after, crate::limits::REPLAY_READ_CHUNK, None, None).await?;
         let Some(last) = chunk.last() else { break };
         after = last.apply_seq;
         let n = chunk.len() as u64;

@@ -82,14 +82,16 @@ pub async fn balance(
         None => {
             let balance: Decimal = row.get(1);
             let debt: Decimal = row.get(2);
-            let open: Decimal = client
-                .query_one(
-                    "SELECT coalesce(sum(remaining), 0) FROM credit_blocks WHERE kind = $1 AND id = $2 AND remaining > 0 AND voided_at IS NULL AND active_from <= $3 AND (expires_at IS NULL OR expires_at > $3)",
-                    &[&account.kind.as_str(), &account.id, &now],
+            // The blocks with credit left, through the one `available` rule.
+            let blocks = client
+                .query(
+                    "SELECT active_from, expires_at, remaining FROM credit_blocks WHERE kind = $1 AND id = $2 AND remaining > 0 AND voided_at IS NULL",
+                    &[&account.kind.as_str(), &account.id],
                 )
-                .await?
-                .get(0);
-            (balance, Some(open - debt), Some(debt))
+                .await?;
+            let open = blocks.iter().map(|r| (r.get(0), r.get(1), r.get(2)));
+            let available = crate::ledger::sweep::available(open, debt, now);
+            (balance, Some(available), Some(debt))
         }
         Some(at) => {
             let b: Option<Decimal> = client

@@ -155,8 +155,6 @@ pub struct EntryPages {
 }
 
 impl EntryPages {
-    const IDS_PER_PAGE: i64 = 1000;
-
     /// Entries with `recorded_at` in `[from, to)`.
     pub async fn new(
         pool: &Pool,
@@ -182,7 +180,7 @@ impl EntryPages {
         if self.lo > self.last {
             return Ok(None);
         }
-        let (lo, hi) = (self.lo, self.lo + Self::IDS_PER_PAGE);
+        let (lo, hi) = (self.lo, self.lo + crate::limits::EXPORT_IDS_PER_PAGE);
         self.lo = hi;
         // The second pair of bounds is the same range on entry_id, for
         // entry rows' key.

@@ -7,7 +7,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -285,7 +284,7 @@ pub async fn run_listener(
                 tracing::warn!(error = %e, "admission view listener lost; reconnecting");
                 tokio::select! {
                     _ = shutdown.changed() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(crate::limits::VIEW_HEARTBEAT) => {}
                 }
             }
         }
@@ -300,25 +299,8 @@ async fn listen_once(
     lag: &crate::metrics::Histogram,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (client, mut conn) = tokio_postgres::connect(database_url, NoTls).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let driver = tokio::spawn(async move {
-        loop {
-            match futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if tx.send(n.payload().to_string()).is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "listener connection error");
-                    return;
-                }
-                None => return,
-            }
-        }
-    });
+    let (client, conn) = tokio_postgres::connect(database_url, NoTls).await?;
+    let (driver, mut rx) = forward_notifications(conn);
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
     // Anything committed before LISTEN took effect is in this reload.
     let fresh = load(pool).await?;
@@ -328,7 +310,7 @@ async fn listen_once(
     // The old view was dropped just now.
     trim_heap();
     synced_ms.store(Utc::now().timestamp_millis(), Ordering::SeqCst);
-    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+    let mut heartbeat = tokio::time::interval(crate::limits::VIEW_HEARTBEAT);
     let result = loop {
         let first = tokio::select! {
             _ = shutdown.changed() => break Ok(()),
@@ -351,18 +333,7 @@ async fn listen_once(
         let Some(first) = first else {
             break Err(anyhow::anyhow!("listener connection closed"));
         };
-        let mut changes = Changes::default();
-        let mut produced = Vec::new();
-        for payload in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-            match serde_json::from_str::<Changes>(&payload) {
-                Ok(c) => {
-                    changes.a.extend(c.a);
-                    changes.e.extend(c.e);
-                    produced.extend(c.t);
-                }
-                Err(e) => tracing::error!(error = %e, "bad change notification"),
-            }
-        }
+        let (changes, produced) = drain(first, &mut rx);
         if let Err(e) = refresh(pool, view, &changes).await {
             break Err(e);
         }
@@ -375,6 +346,55 @@ async fn listen_once(
     driver.abort();
     drop(client);
     result
+}
+
+/// Drive the LISTEN connection on a task of its own, forwarding each
+/// notification's payload.
+fn forward_notifications<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        loop {
+            match futures_util::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "listener connection error");
+                    return;
+                }
+                None => return,
+            }
+        }
+    });
+    (driver, rx)
+}
+
+/// `first` and every notification already waiting, merged: the accounts
+/// and entities to reload, and the produce times of the batches behind
+/// them (for the visible-lag histogram).
+fn drain(first: String, rx: &mut mpsc::UnboundedReceiver<String>) -> (Changes, Vec<i64>) {
+    let mut changes = Changes::default();
+    let mut produced = Vec::new();
+    for payload in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+        match serde_json::from_str::<Changes>(&payload) {
+            Ok(c) => {
+                changes.a.extend(c.a);
+                changes.e.extend(c.e);
+                produced.extend(c.t);
+            }
+            Err(e) => tracing::error!(error = %e, "bad change notification"),
+        }
+    }
+    (changes, produced)
 }
 
 #[cfg(test)]

@@ -79,26 +79,15 @@ fn expire_one(
     if b.voided_at.is_some() || b.expired_amount.is_some() {
         return;
     }
-    let record = ExpiryRecord {
+    let event_id = ExpiryRecord::event_id(acct_ref, &b.block_id, cause);
+    let recorded = recorded(ExpiryRecord {
         account: acct_ref,
         block_id: &b.block_id,
         cause,
         amount: left,
         expires_at: at,
         fired_at: now,
-    };
-    let event_id = ExpiryRecord::event_id(acct_ref, &b.block_id, cause);
-    let (content_hash, canonical) = canonical_hash(&record.to_json());
-    let recorded = AppliedEvent {
-        event_id: event_id.clone(),
-        event_type: "expiry".into(),
-        content_hash,
-        idem_key: None,
-        idem_hash: None,
-        canonical,
-        occurred_at: at,
-        source: None,
-    };
+    });
     if left <= Decimal::ZERO {
         // Nothing left once the sweep reached the cutoff (the block was
         // spent, or repaid debt when it opened): recorded all the same,
@@ -133,4 +122,20 @@ fn expire_one(
     };
     post(state, fx, acct_ref, origin, draft, now);
     fx.applied.push(recorded);
+}
+
+/// The applied-event row of an expiry record (no Kafka source: the service
+/// fired it).
+fn recorded(record: ExpiryRecord) -> AppliedEvent {
+    let (content_hash, canonical) = canonical_hash(&record.to_json());
+    AppliedEvent {
+        event_id: ExpiryRecord::event_id(record.account, record.block_id, record.cause),
+        event_type: "expiry".into(),
+        content_hash,
+        idem_key: None,
+        idem_hash: None,
+        canonical,
+        occurred_at: record.expires_at,
+        source: None,
+    }
 }
