@@ -180,12 +180,7 @@ impl Harness {
                 debits.entry(e.account.clone()).or_default().push(debit);
             }
         }
-        let flagged = self
-            .st
-            .accounts
-            .values()
-            .filter(|a| a.needs_resweep)
-            .count();
+        let flagged = self.st.needing_resweep().len();
         let fx = settle(&mut self.st, &debits, now).expect("resweep keeps its invariants");
         COVERAGE.with(|c| {
             let mut c = c.borrow_mut();

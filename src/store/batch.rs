@@ -221,12 +221,7 @@ pub(crate) async fn fold_and_write(
     write_effects(tx, &state, &fx, now).await?;
     phases.write = t.elapsed();
     let t = std::time::Instant::now();
-    let flagged: BTreeSet<AccountRef> = state
-        .accounts
-        .values()
-        .filter(|a| a.needs_resweep)
-        .map(|a| a.account.clone())
-        .collect();
+    let flagged: BTreeSet<AccountRef> = state.needing_resweep().into_iter().collect();
     resweep_accounts(tx, &flagged, now, windows).await?;
     phases.resweep = t.elapsed();
     Ok((fx, phases))

@@ -141,6 +141,15 @@ impl FoldState {
         }
     }
 
+    /// The accounts the fold flagged for a resweep from their history.
+    pub fn needing_resweep(&self) -> Vec<AccountRef> {
+        self.accounts
+            .values()
+            .filter(|a| a.needs_resweep)
+            .map(|a| a.account.clone())
+            .collect()
+    }
+
     /// Whether moving `account`'s balance by `delta` would take its
     /// balance or debt past [`AMOUNT_LIMIT`].
     pub(crate) fn would_overflow(&self, account: &AccountRef, delta: Decimal) -> bool {

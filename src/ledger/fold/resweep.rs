@@ -22,13 +22,7 @@ pub fn settle(
     now: DateTime<Utc>,
 ) -> Result<Effects, String> {
     let mut fx = Effects::default();
-    let flagged: Vec<AccountRef> = state
-        .accounts
-        .values()
-        .filter(|a| a.needs_resweep)
-        .map(|a| a.account.clone())
-        .collect();
-    for r in flagged {
+    for r in state.needing_resweep() {
         let acct = state
             .accounts
             .get_mut(&r)
