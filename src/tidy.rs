@@ -149,8 +149,8 @@ fn production_code(path: &Path) -> Option<String> {
                 .peek()
                 .is_some_and(|n| n.trim_start().starts_with("mod "))
         {
-            // Test modules close the file by convention.
-            break;
+            skip_item(&mut lines);
+            continue;
         }
         if t.starts_with("//") {
             continue;
@@ -159,6 +159,19 @@ fn production_code(path: &Path) -> Option<String> {
         code.push('\n');
     }
     Some(code)
+}
+
+/// Skip the item that starts at the next line: `mod x;`, or `mod x {`
+/// through its closing brace (braces counted; test code keeps them
+/// balanced).
+fn skip_item<'a>(lines: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>) {
+    let mut depth = 0i64;
+    for line in lines.by_ref() {
+        depth += line.matches('{').count() as i64 - line.matches('}').count() as i64;
+        if depth <= 0 && (line.contains('}') || line.trim_end().ends_with(';')) {
+            return;
+        }
+    }
 }
 
 /// The crate modules a text names through `crate::` paths.
