@@ -69,5 +69,8 @@ pub const READYZ_BROKER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// view's age reset when nothing is pending), and the pause before it
 /// reconnects.
 pub const VIEW_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a `serve` with the test clock on reads the stored setting
+/// (another process may have moved it).
+pub const TEST_CLOCK_FOLLOW: Duration = Duration::from_millis(100);
 /// How long a stopping `serve` waits for the last rejection flush.
 pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(5);

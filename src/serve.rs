@@ -30,6 +30,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let clock_offset_ms = Arc::new(AtomicI64::new(0));
     let clock = if cfg.test_clock {
         tracing::warn!("QUOTA_TEST_CLOCK is on: PUT /v1/test/clock moves this service's clock");
+        if let Some(o) = store::test_clock::offset_ms(&pool).await? {
+            clock_offset_ms.store(o, Ordering::SeqCst);
+        }
+        spawn_clock_follower(pool.clone(), clock_offset_ms.clone(), shutdown.clone());
         clock::offset_clock(clock_offset_ms.clone())
     } else {
         clock::system_clock()
@@ -214,6 +218,30 @@ fn spawn_rejection_flusher(
             }
         }
     })
+}
+
+/// With the test clock on: follow the stored setting, which another
+/// process may move (it only moves forward).
+fn spawn_clock_follower(
+    pool: Pool,
+    offset_ms: Arc<AtomicI64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            match store::test_clock::offset_ms(&pool).await {
+                Ok(Some(o)) => {
+                    offset_ms.fetch_max(o, Ordering::SeqCst);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the test clock"),
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(limits::TEST_CLOCK_FOLLOW) => {}
+            }
+        }
+    });
 }
 
 /// Serve the API until `shutdown` or a fatal ingest error (`stop`).

@@ -79,6 +79,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/entities/key/{id}"),
     ("PUT", "/v1/entities/service/{id}"),
     ("PUT", "/v1/test/clock"),
+    ("GET", "/v1/test/clock"),
 ];
 
 /// Routes open without a token.
@@ -104,6 +105,9 @@ fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppSta
         ("POST", "/v1/voids") => post(operator::void),
         ("PUT", p) if p.starts_with("/v1/entities/") => axum::routing::put(operator::entity),
         ("PUT", "/v1/test/clock") => axum::routing::put(set_test_clock),
+        ("GET", "/v1/test/clock") => {
+            get(|State(st): State<AppState>| async move { Json(json!({"now": (st.clock)()})) })
+        }
         _ => unreachable!("route {method} {path} is in ROUTES but has no handler"),
     }
 }
@@ -404,6 +408,8 @@ struct ClockBody {
 }
 
 /// `PUT /v1/test/clock {"now": "..."}`: only routed with QUOTA_TEST_CLOCK.
+/// Stored for every process sharing the database; refused (409) when it
+/// would move the clock back.
 async fn set_test_clock(
     State(st): State<AppState>,
     body: Result<Json<ClockBody>, axum::extract::rejection::JsonRejection>,
@@ -413,9 +419,26 @@ async fn set_test_clock(
         .test_clock
         .as_ref()
         .expect("routed only with a test clock");
-    off.store(
-        (b.now - chrono::Utc::now()).num_milliseconds(),
-        Ordering::SeqCst,
-    );
-    Ok(Json(json!({"now": (st.clock)()})))
+    let wanted = (b.now - chrono::Utc::now()).num_milliseconds();
+    match crate::store::test_clock::advance(&st.pool, wanted)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Ok(o) => {
+            off.fetch_max(o, Ordering::SeqCst);
+            Ok(Json(json!({"now": (st.clock)()})))
+        }
+        Err(current) => Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "clock_would_move_back".into(),
+            message: "The test clock only moves forward.".into(),
+            error_type: "fastapi_request_error",
+            param: Some("now".into()),
+            detail: Some(format!(
+                "now: {} is before the service clock, {}",
+                b.now.to_rfc3339(),
+                (chrono::Utc::now() + chrono::Duration::milliseconds(current)).to_rfc3339()
+            )),
+        }),
+    }
 }

@@ -364,10 +364,14 @@ pub fn document(test_clock: bool) -> Value {
             "/v1/voids": {"post": with_errors(write_op("Void what is left of a grant (publishes quota.grant_voided)", "VoidWrite"), &[400, 401, 403, 409, 413, 500, 503])},
 
             "/v1/test/clock": {"put": with_errors(json!({
-                "summary": "Tests only (routed when QUOTA_TEST_CLOCK=true): move the service's clock. Role admin.",
+                "summary": "Tests only (routed when QUOTA_TEST_CLOCK=true): move the service clock of every process sharing the database, forward only (409 clock_would_move_back otherwise). Role admin.",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["now"], "properties": {"now": {"type": "string", "format": "date-time"}}}}}},
                 "responses": {"200": {"description": "the new time"}}
-            }), &[400, 401, 403, 500])}
+            }), &[400, 401, 403, 409, 500]),
+                "get": with_errors(json!({
+                "summary": "Tests only (routed when QUOTA_TEST_CLOCK=true): this process's service clock. Role finance or admin.",
+                "responses": {"200": {"description": "the service's time"}}
+            }), &[401, 403, 500])}
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

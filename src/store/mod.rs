@@ -20,6 +20,7 @@ pub mod read;
 pub mod replay;
 mod resweep;
 pub mod sink;
+pub mod test_clock;
 pub mod view;
 mod write;
 

@@ -238,3 +238,71 @@ async fn debt_repayment_reversal_expiry_and_admission_over_injected_time() {
     assert_eq!(balance(&svc, "key", "k_b").await, d("0"));
     assert!(svc.terminate().success());
 }
+
+/// A process's service clock, as `GET /v1/test/clock` reads it.
+async fn clock_of(svc: &Service) -> chrono::DateTime<chrono::Utc> {
+    let (status, body) = svc.get_json("/v1/test/clock").await;
+    assert_eq!(status, 200, "{body}");
+    body["now"]
+        .as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.to_utc())
+        .unwrap_or_else(|| panic!("no time in {body}"))
+}
+
+/// Wait until `svc`'s clock reads at least `t`; the time it took.
+async fn follows(svc: &Service, t: chrono::DateTime<chrono::Utc>) -> Duration {
+    let start = Instant::now();
+    while clock_of(svc).await < t {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the clock of {} did not reach {t} within 5 s",
+            svc.addr
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_clock_is_shared_kept_across_restarts_and_only_moves_forward() {
+    let ctx = TestCtx::new("testclock").await;
+    let mut a = Service::start(&ctx);
+    let mut b = Service::start(&ctx);
+    a.ready().await;
+    b.ready().await;
+    let t = |m: i64| {
+        chrono::DateTime::parse_from_rfc3339(&at(m))
+            .unwrap()
+            .to_utc()
+    };
+    // Set on one process, followed by the other.
+    a.set_clock(&at(10)).await;
+    assert!(clock_of(&a).await >= t(10));
+    follows(&b, t(10)).await;
+    b.set_clock(&at(20)).await;
+    follows(&a, t(20)).await;
+    // Back is refused, on either process, and moves nothing.
+    for svc in [&a, &b] {
+        let r = svc
+            .http()
+            .put(svc.url("/v1/test/clock"))
+            .json(&json!({"now": at(15)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 409);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "clock_would_move_back", "{body}");
+        assert!(clock_of(svc).await >= t(20));
+    }
+    // Kept across a restart (and a SIGKILL): the new process starts on it.
+    b.kill9();
+    a.terminate();
+    let mut c = Service::start(&ctx);
+    c.ready().await;
+    let now = clock_of(&c).await;
+    assert!(now >= t(20) && now < t(21), "restarted at {now}");
+    c.set_clock(&at(30)).await;
+    assert!(clock_of(&c).await >= t(30));
+}
