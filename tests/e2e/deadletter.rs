@@ -54,6 +54,11 @@ async fn bad_events_are_dead_lettered_and_waiting_ones_applied_once() {
     let mut svc = ctx.serve();
     svc.ready().await;
     register_world(&ctx).await;
+    // The registry first: otherwise "good" may be consumed before its
+    // model's price and wait for it, and the counts below are read at the
+    // moment the ninth usage message is consumed.
+    ctx.wait_consumed(&ctx.topics.control, 12, Duration::from_secs(60))
+        .await;
     let good = usage(
         "g-1",
         "gpt-4o",
