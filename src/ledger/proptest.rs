@@ -325,18 +325,7 @@ fn outcome(h: &Harness) -> Outcome {
 }
 
 fn t_static(t: &str) -> &'static str {
-    [
-        EntryType::Grant,
-        EntryType::Usage,
-        EntryType::Adjustment,
-        EntryType::Expiry,
-        EntryType::Reversal,
-        EntryType::GrantVoid,
-    ]
-    .into_iter()
-    .map(|e| e.as_str())
-    .find(|s| *s == t)
-    .unwrap()
+    t.parse::<EntryType>().unwrap().as_str()
 }
 
 /// How many seeds a property runs (`QUOTA_PROPTEST_SEEDS`, default 150).

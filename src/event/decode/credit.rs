@@ -23,14 +23,12 @@ pub(super) fn grant(f: &Fields, occurred_at: DateTime<Utc>) -> R<Grant> {
             f.opt_time("expires_at")?
         },
         category: match f.opt_text("category")?.as_deref() {
-            None | Some("paid") => GrantCategory::Paid,
-            Some("promotional") => GrantCategory::Promotional,
-            Some("refund") => GrantCategory::Refund,
-            Some(o) => {
-                return Err(schema(format!(
+            None => GrantCategory::Paid,
+            Some(o) => GrantCategory::parse(o).ok_or_else(|| {
+                schema(format!(
                     "`category` must be paid, promotional or refund, not `{o}`"
-                )))
-            }
+                ))
+            })?,
         },
         reference: f.opt_text("reference")?,
         actor: f.opt_text("actor")?,

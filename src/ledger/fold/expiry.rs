@@ -79,7 +79,6 @@ fn expire_one(
     if b.voided_at.is_some() || b.expired_amount.is_some() {
         return;
     }
-    let event_id = ExpiryRecord::event_id(acct_ref, &b.block_id, cause);
     let recorded = recorded(ExpiryRecord {
         account: acct_ref,
         block_id: &b.block_id,
@@ -109,7 +108,7 @@ fn expire_one(
     acct.balance -= left;
     acct.dirty = true;
     let origin = Origin {
-        event_id: &event_id,
+        event_id: &recorded.event_id,
         occurred_at: at,
         source: None,
     };
