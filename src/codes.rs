@@ -44,10 +44,12 @@ pub enum ErrorCode {
     AppQuotaExpired,
     KeyQuotaExpired,
     GroupInsufficientQuota,
+    /// An addition (contract, "Holds"): step 14 of the check order.
+    ConcurrencyLimitExceeded,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 37] = [
+    pub const ALL: [ErrorCode; 38] = [
         ErrorCode::UnknownError,
         ErrorCode::InternalError,
         ErrorCode::ServiceUnavailable,
@@ -85,6 +87,7 @@ impl ErrorCode {
         ErrorCode::AppQuotaExpired,
         ErrorCode::KeyQuotaExpired,
         ErrorCode::GroupInsufficientQuota,
+        ErrorCode::ConcurrencyLimitExceeded,
     ];
 
     /// (code, message, HTTP status) exactly as documented.
@@ -178,6 +181,11 @@ impl ErrorCode {
             GroupInsufficientQuota => (
                 "group_insufficient_quota",
                 "Group exceeded current quota.",
+                429,
+            ),
+            ConcurrencyLimitExceeded => (
+                "concurrency_limit_exceeded",
+                "Too many requests in flight.",
                 429,
             ),
         }

@@ -64,6 +64,15 @@ pub struct Config {
     /// production.
     #[arg(long, env = "QUOTA_TEST_CLOCK", default_value_t = false)]
     pub test_clock: bool,
+    /// A hold's time to live when the request names none (contract,
+    /// "Holds"): it must exceed the gateway's longest request plus the
+    /// ingest lag.
+    #[arg(long, env = "QUOTA_HOLD_TTL_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub hold_ttl_secs: u32,
+    /// How long ended holds are kept for audit (`GET /v1/holds/{id}`).
+    #[arg(long, env = "QUOTA_HOLD_RETENTION_DAYS", default_value_t = 7)]
+    pub hold_retention_days: u32,
 }
 
 #[derive(clap::Args, Clone, Debug)]

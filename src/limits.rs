@@ -74,3 +74,17 @@ pub const VIEW_HEARTBEAT: Duration = Duration::from_secs(1);
 pub const TEST_CLOCK_FOLLOW: Duration = Duration::from_millis(100);
 /// How long a stopping `serve` waits for the last rejection flush.
 pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// Hold requests one process places in one transaction at most: enough to
+/// absorb a burst at thousands per second in a few batches, small enough
+/// that a batch's statements stay well under a millisecond of work each.
+pub const HOLD_BATCH_MAX: usize = 256;
+/// Hold requests waiting for a batch; more wait for room (HTTP keeps them).
+pub const HOLD_QUEUE: usize = 8_192;
+/// Holds ended (expired, purged) per statement by the hold sweeper.
+pub const HOLD_EXPIRY_BATCH: i64 = 500;
+/// How often each process looks for expired holds: the contract ends a
+/// hold within a second of its `expires_at`.
+pub const HOLD_EXPIRY_TICK: Duration = Duration::from_millis(250);
+/// How often ended holds past their retention are purged.
+pub const HOLD_PURGE_TICK: Duration = Duration::from_secs(60);

@@ -114,3 +114,41 @@ mod tests {
         assert!(out.contains("quota_admission_seconds_count 5\n"), "{out}");
     }
 }
+
+/// Holds counted by how they began and ended, in this process (a hold is
+/// settled by whichever process applies its usage event and expired by
+/// whichever sweeps it first; sum over processes).
+pub struct HoldCounters {
+    pub created: AtomicU64,
+    pub settled: AtomicU64,
+    pub released: AtomicU64,
+    pub expired: AtomicU64,
+}
+
+pub static HOLDS: HoldCounters = HoldCounters {
+    created: AtomicU64::new(0),
+    settled: AtomicU64::new(0),
+    released: AtomicU64::new(0),
+    expired: AtomicU64::new(0),
+};
+
+impl HoldCounters {
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, out: &mut String) {
+        out.push_str("# HELP quota_holds_total Holds created, settled, released and expired by this process.\n# TYPE quota_holds_total counter\n");
+        for (event, c) in [
+            ("created", &self.created),
+            ("settled", &self.settled),
+            ("released", &self.released),
+            ("expired", &self.expired),
+        ] {
+            out.push_str(&format!(
+                "quota_holds_total{{event=\"{event}\"}} {}\n",
+                c.load(Ordering::Relaxed)
+            ));
+        }
+    }
+}

@@ -65,6 +65,13 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     ));
     let counters: Arc<api::AdmissionCounters> = Default::default();
     let flusher = spawn_rejection_flusher(counters.clone(), pool.clone(), shutdown.clone());
+    spawn_hold_sweeper(
+        pool.clone(),
+        clock.clone(),
+        cfg.hold_retention_days,
+        shutdown.clone(),
+    );
+    let holds = store::holds::HoldBatcher::spawn(pool.clone(), clock.clone());
     let router = api::app(AppState {
         pool,
         reports,
@@ -83,6 +90,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         }),
         lag,
         admission_latency: Arc::new(crate::metrics::admission_latency()),
+        holds,
+        hold_ttl_secs: cfg.hold_ttl_secs,
     });
     serve_http(&cfg, router, shutdown, stop_rx).await?;
     let consumer_result = ingest
@@ -218,6 +227,47 @@ fn spawn_rejection_flusher(
             }
         }
     })
+}
+
+/// Every process ends expired holds (within `HOLD_EXPIRY_TICK` of their
+/// `expires_at` on the service clock, whoever made them) and purges ended
+/// ones past their retention.
+fn spawn_hold_sweeper(
+    pool: Pool,
+    clock: crate::clock::Clock,
+    retention_days: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut last_purge = std::time::Instant::now() - limits::HOLD_PURGE_TICK;
+        loop {
+            loop {
+                match store::holds::expire_due(&pool, clock()).await {
+                    Ok(n) => {
+                        crate::metrics::HoldCounters::add(&crate::metrics::HOLDS.expired, n);
+                        if (n as i64) < limits::HOLD_EXPIRY_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot expire holds");
+                        break;
+                    }
+                }
+            }
+            if last_purge.elapsed() >= limits::HOLD_PURGE_TICK {
+                last_purge = std::time::Instant::now();
+                let before = clock() - chrono::Duration::days(i64::from(retention_days));
+                if let Err(e) = store::holds::purge_ended(&pool, before).await {
+                    tracing::warn!(error = %e, "cannot purge ended holds");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(limits::HOLD_EXPIRY_TICK) => {}
+            }
+        }
+    });
 }
 
 /// With the test clock on: follow the stored setting, which another

@@ -11,6 +11,7 @@ fn quota(limited: bool) -> QuotaSettings {
         status: Status::Enabled,
         quota_limited: limited,
         quota_expires_at: None,
+        max_in_flight: None,
     }
 }
 
@@ -21,6 +22,7 @@ pub fn build_view(n: usize) -> (View, Vec<String>) {
     let funded = Ledger {
         blocks: vec![(t0, None, Decimal::from(1_000_000))],
         debt: Decimal::ZERO,
+        held: Decimal::ZERO,
     };
     let mut v = View::default();
     for m in 0..5 {
@@ -127,6 +129,7 @@ pub fn requests(ip: std::net::IpAddr) -> Vec<admission::Request> {
             model: format!("model-{m}"),
             path: "/v1/chat/completions".into(),
             estimated_cost: Some(Decimal::from(100)),
+            hold: None,
         })
         .collect()
 }

@@ -9,8 +9,12 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
+pub mod hold;
+
 use crate::codes::ErrorCode;
-use crate::event::{Entity, GroupMembership, IpRule, QuotaSettings, Status};
+use crate::event::{
+    AccountKind, Entity, GroupMembership, IpRule, QuotaSettings, Status, Usage, UsageStatus,
+};
 use crate::ledger::pricing;
 use crate::ledger::registry::{in_force, insert_dated};
 use crate::ledger::sweep;
@@ -27,18 +31,21 @@ pub struct Record {
     pub ledger: Ledger,
 }
 
-/// What admission needs of a ledger: open credit and debt.
+/// What admission needs of a ledger: open credit, debt and active holds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Ledger {
     /// (effective_at, expires_at, remaining) of blocks with credit left.
     pub blocks: Vec<(DateTime<Utc>, Option<DateTime<Utc>>, Decimal)>,
     pub debt: Decimal,
+    /// The amounts of the account's active holds.
+    pub held: Decimal,
 }
 
 impl Ledger {
-    /// Credit in blocks open at `now` minus debt: the contract's `available`.
+    /// Credit in blocks open at `now` minus debt minus active holds: the
+    /// contract's `available`.
     pub fn available(&self, now: DateTime<Utc>) -> Decimal {
-        sweep::available(self.blocks.iter().copied(), self.debt, now)
+        sweep::available(self.blocks.iter().copied(), self.debt, now) - self.held
     }
 }
 
@@ -76,6 +83,25 @@ pub struct Request {
     pub model: String,
     pub path: String,
     pub estimated_cost: Option<Decimal>,
+    /// A hold to place if the request is allowed (contract, "Holds").
+    pub hold: Option<HoldRequest>,
+}
+
+/// How big a hold the gateway asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HoldSize {
+    /// Quota units, > 0.
+    Amount(Decimal),
+    /// Estimated usage, priced like a usage event (model price in force
+    /// now, the chosen group's discount).
+    Usage(Usage),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HoldRequest {
+    pub size: HoldSize,
+    /// None: the service's default (`QUOTA_HOLD_TTL_SECS`).
+    pub ttl_secs: Option<u32>,
 }
 
 /// An allowed request; ids borrow from the view.
@@ -92,6 +118,9 @@ pub struct Allowed<'a> {
     pub user: Option<Decimal>,
     pub group: Option<Decimal>,
     pub reseller: Option<Decimal>,
+    /// The hold to place (steps 13 and 14 are the store's: they need
+    /// totals no other process can move meanwhile).
+    pub hold: Option<hold::Ask>,
 }
 
 pub fn key_hash(secret: &str) -> String {
@@ -251,12 +280,14 @@ pub fn decide<'a>(
     )?;
     // 7. The reseller, if the user names one.
     let mut reseller_avail = None;
+    let mut reseller_limited = false;
     if let Some(rid) = reseller_id {
         let (reseller, rec) = live(&view.resellers, rid, now).ok_or(InvalidReseller)?;
         let rq = reseller.quota().ok_or(InvalidReseller)?;
         if rq.status == Status::Disabled {
             return Err(ResellerDisabled);
         }
+        reseller_limited = rq.quota_limited;
         reseller_avail = quota_check(
             rq,
             false,
@@ -326,7 +357,7 @@ pub fn decide<'a>(
     let Entity::Group {
         quota: gq,
         models: group_models,
-        ..
+        discount,
     } = group
     else {
         return Err(GroupNotFound);
@@ -373,6 +404,37 @@ pub fn decide<'a>(
             }
         }
     }
+    // 13–14. A hold: its amount here; whether it fits is decided where
+    // the totals are locked.
+    let hold = match &req.hold {
+        None => None,
+        Some(h) => {
+            let amount = match &h.size {
+                HoldSize::Amount(a) => *a,
+                HoldSize::Usage(u) => {
+                    pricing::price(u, UsageStatus::Success, prices, &req.path, *discount)
+                        .map_err(|_| InvalidParameter)?
+                        .charge
+                }
+            };
+            let scope = |kind, id: &str, reserved, max_in_flight| hold::Scope {
+                kind,
+                id: id.to_string(),
+                reserved,
+                max_in_flight,
+            };
+            let mut scopes = vec![
+                scope(AccountKind::Key, key_id, kq.quota_limited, kq.max_in_flight),
+                scope(AccountKind::App, app_id, aq.quota_limited, aq.max_in_flight),
+                scope(AccountKind::User, user_id, true, uq.max_in_flight),
+                scope(AccountKind::Group, group_id, gq.quota_limited, None),
+            ];
+            if let Some(rid) = reseller_id {
+                scopes.push(scope(AccountKind::Reseller, rid, reseller_limited, None));
+            }
+            Some(hold::Ask { amount, scopes })
+        }
+    };
     Ok(Allowed {
         key_id,
         app_id,
@@ -384,6 +446,7 @@ pub fn decide<'a>(
         user: user_avail,
         group: group_avail,
         reseller: reseller_avail,
+        hold,
     })
 }
 

@@ -23,6 +23,7 @@ fn q(limited: bool, expires: Option<DateTime<Utc>>) -> QuotaSettings {
         status: Status::Enabled,
         quota_limited: limited,
         quota_expires_at: expires,
+        max_in_flight: None,
     }
 }
 
@@ -30,6 +31,7 @@ fn funded(amount: &str) -> Ledger {
     Ledger {
         blocks: vec![(t(0), None, d(amount))],
         debt: Decimal::ZERO,
+        held: Decimal::ZERO,
     }
 }
 
@@ -171,6 +173,7 @@ fn request(model: &str) -> Request {
         model: model.into(),
         path: "/v1/chat/completions".into(),
         estimated_cost: None,
+        hold: None,
     }
 }
 
@@ -294,10 +297,17 @@ fn available_counts_only_blocks_open_now_minus_debt() {
             (t(20), None, d("1000")),
         ],
         debt: d("45"),
+        held: Decimal::ZERO,
     };
     assert_eq!(l.available(t(4)), d("-15"));
     assert_eq!(l.available(t(6)), d("5"));
     assert_eq!(l.available(t(10)), d("-25"));
+    // Active holds are not available either.
+    let held = Ledger {
+        held: d("4"),
+        ..l
+    };
+    assert_eq!(held.available(t(6)), d("1"));
 }
 
 #[test]

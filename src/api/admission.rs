@@ -176,6 +176,7 @@ pub fn parse(body: &[u8]) -> Result<(Request, Option<String>), ApiError> {
         model: field(m, "model", true)?.unwrap_or_default().to_string(),
         path: field(m, "path", true)?.unwrap_or_default().to_string(),
         estimated_cost,
+        hold: super::holds::parse_hold(m.get("hold"))?,
     };
     Ok((req, trace_id))
 }
@@ -243,9 +244,10 @@ async fn decide_http(
     }
     // Decide and build the answer under the read lock (no await inside).
     let scoped = caller.as_ref().is_some_and(|c| c.reseller_id.is_some());
-    let decision: Result<Value, (ErrorCode, Option<String>)> = match st.view.read() {
+    type Decision = Result<(Value, Option<crate::admission::hold::Ask>), (ErrorCode, Option<String>)>;
+    let decision: Decision = match st.view.read() {
         Ok(view) => admission::decide(&view, &req, hash.as_deref(), now)
-            .map(|a| allowed_body(&a, &trace_id, scoped))
+            .map(|a| (allowed_body(&a, &trace_id, scoped), a.hold))
             .map_err(|c| {
                 (
                     c,
@@ -255,6 +257,35 @@ async fn decide_http(
                 )
             }),
         Err(_) => Err((ErrorCode::InternalError, None)),
+    };
+    // Steps 13 and 14, where the totals are locked.
+    let decision = match decision {
+        Ok((mut body, Some(ask))) => {
+            let key_id = body["key_id"].as_str().map(str::to_string);
+            let ttl_secs = req
+                .hold
+                .as_ref()
+                .and_then(|h| h.ttl_secs)
+                .unwrap_or(st.hold_ttl_secs);
+            let new = crate::store::holds::NewHold {
+                ask,
+                ttl_secs,
+                trace_id: trace_id.clone(),
+            };
+            match st.holds.place(new).await {
+                Ok(Ok(placed)) => {
+                    add_hold(&mut body, &placed, scoped);
+                    Ok(body)
+                }
+                Ok(Err(code)) => Err((code, key_id)),
+                Err(e) => {
+                    tracing::error!(error = %e, trace_id = %trace_id, "hold not placed");
+                    Err((ErrorCode::InternalError, key_id))
+                }
+            }
+        }
+        Ok((body, None)) => Ok(body),
+        Err(e) => Err(e),
     };
     match decision {
         Ok(body) => {
@@ -269,6 +300,20 @@ async fn decide_http(
                 .with_trace(&trace_id)
                 .into_response()
         }
+    }
+}
+
+/// The placed hold in the answer, and each reserved scope's remaining
+/// credit as the hold's transaction left it (the group's stays null for a
+/// reseller-scoped token).
+fn add_hold(body: &mut Value, p: &crate::store::holds::Placed, scoped: bool) {
+    crate::metrics::HoldCounters::add(&crate::metrics::HOLDS.created, 1);
+    body["hold"] = json!({"id": p.hold_id, "amount": p.amount.normalize().to_string(), "expires_at": p.expires_at});
+    for (kind, available) in &p.available {
+        if scoped && *kind == crate::event::AccountKind::Group {
+            continue;
+        }
+        body["remaining"][kind.as_str()] = amount(Some(*available));
     }
 }
 

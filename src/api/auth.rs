@@ -230,7 +230,8 @@ pub fn access_denied() -> ApiError {
 }
 
 /// What a role may call. `admin` may do everything; `finance` may read
-/// everything; `gateway` may ask for admission and read balances.
+/// everything; `gateway` may ask for admission, read and release holds and
+/// read balances.
 fn role_allows(role: Role, method: &Method, path: &str) -> bool {
     match role {
         Role::Admin => true,
@@ -238,6 +239,8 @@ fn role_allows(role: Role, method: &Method, path: &str) -> bool {
         Role::Gateway => matches!(
             (method.as_str(), path),
             ("POST", "/v1/admission")
+                | ("GET", "/v1/holds/{id}")
+                | ("DELETE", "/v1/holds/{id}")
                 | ("GET", "/v1/balances/{kind}/{id}")
                 | ("GET", "/metrics")
                 | ("GET", "/openapi.json")
@@ -252,6 +255,7 @@ fn scope_allows(path: &str) -> bool {
         || matches!(
             path,
             "/v1/admission"
+                | "/v1/holds/{id}"
                 | "/v1/balances/{kind}/{id}"
                 | "/v1/ledger/{kind}/{id}"
                 | "/openapi.json"

@@ -4,6 +4,7 @@
 mod admission;
 pub mod auth;
 mod finance;
+mod holds;
 pub mod openapi;
 pub mod operator;
 
@@ -52,6 +53,10 @@ pub struct AppState {
     pub lag: Arc<crate::metrics::Histogram>,
     /// Time the service takes per admission request, for /metrics.
     pub admission_latency: Arc<crate::metrics::Histogram>,
+    /// Places hold requests in batches (one transaction in flight).
+    pub holds: crate::store::holds::HoldBatcher,
+    /// `QUOTA_HOLD_TTL_SECS`.
+    pub hold_ttl_secs: u32,
 }
 
 /// Every route the API serves: the router is built from this table, and
@@ -62,6 +67,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("POST", "/v1/admission"),
+    ("GET", "/v1/holds/{id}"),
+    ("DELETE", "/v1/holds/{id}"),
     ("GET", "/v1/balances/{kind}/{id}"),
     ("GET", "/v1/ledger/{kind}/{id}"),
     ("GET", "/v1/reconcile"),
@@ -94,6 +101,8 @@ fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppSta
             Json(openapi::document(st.test_clock.is_some()))
         }),
         ("POST", "/v1/admission") => post(admission::admission),
+        ("GET", "/v1/holds/{id}") => get(holds::get_hold),
+        ("DELETE", "/v1/holds/{id}") => axum::routing::delete(holds::release_hold),
         ("GET", "/v1/balances/{kind}/{id}") => get(balance),
         ("GET", "/v1/ledger/{kind}/{id}") => get(finance::ledger),
         ("GET", "/v1/reconcile") => get(finance::reconcile),
@@ -395,6 +404,22 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
         }
     }
     st.admission.render(&mut out);
+    crate::metrics::HOLDS.render(&mut out);
+    let in_flight = crate::store::holds::in_flight_by_kind(&st.pool)
+        .await
+        .map_err(ApiError::internal)?;
+    out.push_str("# HELP quota_holds_in_flight Active holds naming an account of each kind (all processes).\n# TYPE quota_holds_in_flight gauge\n");
+    out.push_str("# HELP quota_holds_held Quota units held by active holds, per account kind (all processes).\n# TYPE quota_holds_held gauge\n");
+    out.push_str("# HELP quota_holds_in_flight_max The most active holds on one account of each kind.\n# TYPE quota_holds_in_flight_max gauge\n");
+    for kind in crate::event::AccountKind::ALL {
+        let (n, held, max) = in_flight
+            .iter()
+            .find(|(k, ..)| k == kind.as_str())
+            .map(|(_, n, h, m)| (*n, *h, *m))
+            .unwrap_or_default();
+        let k = kind.as_str();
+        out.push_str(&format!("quota_holds_in_flight{{kind=\"{k}\"}} {n}\nquota_holds_held{{kind=\"{k}\"}} {}\nquota_holds_in_flight_max{{kind=\"{k}\"}} {max}\n", held.normalize()));
+    }
     st.lag.render(&mut out);
     st.admission_latency.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())

@@ -156,6 +156,12 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
         ]);
         v
     };
+    let in_flight = || {
+        (
+            "max_in_flight",
+            nullable(json!({"type": "integer", "minimum": 0, "maximum": crate::event::MAX_IN_FLIGHT_LIMIT, "description": "the most active holds naming this account at once; null: no limit"})),
+        )
+    };
     match ty {
         "reseller" => {
             let mut v = quota(true);
@@ -165,6 +171,7 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
         "user" => {
             let mut v = quota(false);
             v.push(("reseller_id", nullable(id())));
+            v.push(in_flight());
             v.push(("groups", list(json!({"type": "object", "required": ["group_id"], "additionalProperties": false, "properties": {
                 "group_id": id(), "weight": {"type": "integer", "minimum": i64::MIN, "maximum": i64::MAX}, "default": {"type": "boolean"}}}))));
             (v, &["status", "groups"])
@@ -172,6 +179,7 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
         "app" => {
             let mut v = scoped(quota(true));
             v.push(("user_id", id()));
+            v.push(in_flight());
             (
                 v,
                 &[
@@ -187,6 +195,7 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
         "key" => {
             let mut v = scoped(quota(true));
             v.push(("app_id", id()));
+            v.push(in_flight());
             v.push(("key_hash", json!({"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "hex SHA-256 of the secret"})));
             (
                 v,
@@ -314,6 +323,34 @@ fn with_errors(mut op: Value, codes: &[u16]) -> Value {
 }
 
 /// The document; `test_clock`: whether `PUT /v1/test/clock` is routed.
+/// The `hold` member of an admission request (contract, "Holds").
+fn hold_request() -> Value {
+    let count = json!({"type": "integer", "minimum": 0, "maximum": 1_000_000_000_000u64});
+    let usage: serde_json::Map<String, Value> = [
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "reasoning_tokens",
+        "calls",
+    ]
+    .iter()
+    .map(|m| ((*m).to_string(), count.clone()))
+    .collect();
+    json!({"type": "object", "additionalProperties": false,
+        "description": "reserve `amount`, or the price of estimated `usage` (model price in force now, the group's discount), until settled by the usage event naming the hold, released or expired",
+        "oneOf": [{"required": ["amount"]}, {"required": ["usage"]}],
+        "properties": {
+            "amount": decimal_not(&[NEGATIVE, ZERO]),
+            "usage": {"type": "object", "additionalProperties": false, "properties": usage},
+            "ttl_secs": nullable(json!({"type": "integer", "minimum": 1, "maximum": crate::admission::hold::MAX_TTL_SECS}))
+        }})
+}
+
+fn hold_param() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string", "minLength": 1, "maxLength": 128}})
+}
+
 pub fn document(test_clock: bool) -> Value {
     use super::operator::Write;
     let dec = json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?$", "description": "exact decimal"});
@@ -333,6 +370,10 @@ pub fn document(test_clock: bool) -> Value {
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AdmissionRequest"}}}},
                 "responses": {"200": ok("allowed", "Allowed")}
             }), &[400, 401, 403, 404, 429, 500, 503])},
+            "/v1/holds/{id}": {
+                "get": with_errors(json!({"summary": "A hold: state, amount, scopes, times, and the usage event that settled it. Role gateway or finance.", "parameters": [hold_param()], "responses": {"200": ok("the hold", "Hold")}}), &[401, 403, 404, 500]),
+                "delete": with_errors(json!({"summary": "Release a hold at once (the request failed before any usage); releasing an ended hold answers it as it stands. Role gateway.", "parameters": [hold_param()], "responses": {"200": ok("the hold", "Hold")}}), &[401, 403, 404, 500])
+            },
             "/v1/balances/{kind}/{id}": {"get": with_errors(json!({
                 "summary": "An account's balance now, or as the ledger stood at `at` (entries recorded up to then).",
                 "parameters": account_params().as_array().unwrap().iter().cloned().chain([time_param("at", "a past moment")]).collect::<Vec<_>>(),
@@ -382,10 +423,15 @@ pub fn document(test_clock: bool) -> Value {
                 "AdmissionRequest": {"type": "object", "required": ["client_ip", "model", "path"], "properties": {
                     "api_key": nullable(admission_text(4096)), "client_ip": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]},
                     "model": admission_text(128), "path": admission_text(4096),
-                    "trace_id": nullable({let mut t = admission_text(128); t["minLength"] = json!(1); t}), "estimated_cost": nullable(decimal_not(&[NEGATIVE_NONZERO]))}},
+                    "trace_id": nullable({let mut t = admission_text(128); t["minLength"] = json!(1); t}), "estimated_cost": nullable(decimal_not(&[NEGATIVE_NONZERO])),
+                    "hold": nullable(hold_request())}},
+                "Hold": {"type": "object", "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": ["active", "settled", "released", "expired"]}, "amount": dec,
+                    "scopes": {"type": "array", "items": {"type": "object", "properties": {"kind": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}, "id": {"type": "string"}}}},
+                    "created_at": {"type": "string", "format": "date-time"}, "expires_at": {"type": "string", "format": "date-time"}, "ended_at": {"type": "string", "format": "date-time", "nullable": true}, "usage_event_id": {"type": "string", "nullable": true}}},
                 "Allowed": {"type": "object", "properties": {"allowed": {"type": "boolean"}, "trace_id": {"type": "string"}, "key_id": {"type": "string"}, "app_id": {"type": "string"}, "user_id": {"type": "string"}, "reseller_id": {"type": "string", "nullable": true}, "group_id": {"type": "string", "nullable": true},
-                    "remaining": {"type": "object", "properties": {"key": dn, "app": dn, "user": dn, "group": dn, "reseller": dn}}}},
-                "Balance": {"type": "object", "properties": {"kind": {"type": "string"}, "id": {"type": "string"}, "balance": dec, "available": dn, "debt": dn, "limited": {"type": "boolean"}, "expires_at": {"type": "string", "format": "date-time", "nullable": true}, "status": {"type": "string", "nullable": true}, "registered": {"type": "boolean"}, "as_of": {"type": "string", "format": "date-time"}}},
+                    "remaining": {"type": "object", "properties": {"key": dn, "app": dn, "user": dn, "group": dn, "reseller": dn}},
+                    "hold": {"type": "object", "description": "present when the request asked for a hold", "properties": {"id": {"type": "string"}, "amount": dec, "expires_at": {"type": "string", "format": "date-time"}}}}},
+                "Balance": {"type": "object", "properties": {"kind": {"type": "string"}, "id": {"type": "string"}, "balance": dec, "available": dn, "debt": dn, "held": dn, "in_flight": {"type": "integer", "nullable": true}, "limited": {"type": "boolean"}, "expires_at": {"type": "string", "format": "date-time", "nullable": true}, "status": {"type": "string", "nullable": true}, "registered": {"type": "boolean"}, "as_of": {"type": "string", "format": "date-time"}}},
                 "Entry": {"type": "object", "properties": {"entry_id": {"type": "integer"}, "seq": {"type": "integer"}, "event_id": {"type": "string"}, "entry_type": {"type": "string", "enum": ["grant", "usage", "adjustment", "expiry", "reversal", "grant_void"]}, "amount": dec, "balance_after": dec, "charge": dn,
                     "occurred_at": {"type": "string", "format": "date-time"}, "recorded_at": {"type": "string", "format": "date-time"}, "attributed_at": {"type": "string", "format": "date-time", "nullable": true}, "topic": {"type": "string", "nullable": true}, "partition": {"type": "integer", "nullable": true}, "offset": {"type": "integer", "nullable": true}, "detail": {"type": "object"}}},
                 "Summary": {"type": "object", "properties": {"opening_balance": dec, "grants": dec, "usage": dec, "expiry": dec, "adjustments": dec, "reversals": dec, "voids": dec, "closing_balance": dec, "entries": {"type": "integer"}, "ties_out": {"type": "boolean"},

@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 
 pub use decimal::{decimal_pattern, parse_decimal};
-pub use decode::{decode, parse_time};
+pub use decode::{decode, parse_time, usage_members};
 pub use expiry::{ExpiryCause, ExpiryRecord};
 pub use ip::IpRule;
 pub use json::canonical_hash;
@@ -148,6 +148,9 @@ pub struct UsageEvent {
     pub path: String,
     pub status: UsageStatus,
     pub usage: Usage,
+    /// The hold this usage settles (contract, "Holds"), as the gateway
+    /// sent it: recorded whether or not such a hold exists.
+    pub reservation_id: Option<String>,
 }
 
 impl UsageEvent {
@@ -186,12 +189,18 @@ pub struct GroupMembership {
     pub default: bool,
 }
 
+/// The largest `max_in_flight` an upsert may set.
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 1_000_000;
+
 /// The quota settings every account kind shares.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuotaSettings {
     pub status: Status,
     pub quota_limited: bool,
     pub quota_expires_at: Option<DateTime<Utc>>,
+    /// Keys, apps and users only: the most active holds that may name the
+    /// account at once (contract, "Holds"); None for no limit.
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -16,6 +16,7 @@ pub mod finance;
 pub mod jobs;
 mod load;
 mod postings;
+pub mod holds;
 pub mod read;
 pub mod replay;
 mod resweep;

@@ -19,6 +19,11 @@ pub struct BalanceView {
     pub available: Option<String>,
     /// Outstanding debt (usage no open block covered); null with `?at=`.
     pub debt: Option<String>,
+    /// The amounts of the account's active holds (already taken out of
+    /// `available`); null with `?at=`.
+    pub held: Option<String>,
+    /// How many active holds name the account; null with `?at=`.
+    pub in_flight: Option<i64>,
     pub limited: bool,
     pub expires_at: Option<DateTime<Utc>>,
     /// Null while the account is unregistered.
@@ -78,7 +83,7 @@ pub async fn balance(
     let version = reg.at(EntityKind::Account(account.kind), &account.id, moment);
     let quota = version.and_then(|v| v.entity.quota());
     let limited = reg.limited_at(account.kind, &account.id, moment);
-    let (balance, available, debt) = match at {
+    let (balance, available, debt, held) = match at {
         None => {
             let balance: Decimal = row.get(1);
             let debt: Decimal = row.get(2);
@@ -90,8 +95,16 @@ pub async fn balance(
                 )
                 .await?;
             let open = blocks.iter().map(|r| (r.get(0), r.get(1), r.get(2)));
-            let available = crate::ledger::sweep::available(open, debt, now);
-            (balance, Some(available), Some(debt))
+            let (held, in_flight): (Decimal, i32) = client
+                .query_opt(
+                    "SELECT held, in_flight FROM hold_totals WHERE kind = $1 AND id = $2",
+                    &[&account.kind.as_str(), &account.id],
+                )
+                .await?
+                .map(|r| (r.get(0), r.get(1)))
+                .unwrap_or_default();
+            let available = crate::ledger::sweep::available(open, debt, now) - held;
+            (balance, Some(available), Some(debt), Some((held, i64::from(in_flight))))
         }
         Some(at) => {
             let b: Option<Decimal> = client
@@ -101,7 +114,7 @@ pub async fn balance(
                 )
                 .await?
                 .map(|r| r.get(0));
-            (b.unwrap_or_default(), None, None)
+            (b.unwrap_or_default(), None, None, None)
         }
     };
     Ok(Some(BalanceView {
@@ -110,6 +123,8 @@ pub async fn balance(
         balance: balance.normalize().to_string(),
         available: available.map(|a| a.normalize().to_string()),
         debt: debt.map(|d| d.normalize().to_string()),
+        held: held.map(|(h, _)| h.normalize().to_string()),
+        in_flight: held.map(|(_, n)| n),
         limited,
         expires_at: quota.and_then(|q| q.quota_expires_at),
         status: quota.map(|q| q.status.as_str()),

@@ -141,8 +141,27 @@ async fn ledgers(
             Ledger {
                 blocks: Vec::new(),
                 debt: r.get(2),
+                held: Decimal::ZERO,
             },
         );
+    }
+    let held = client
+        .query(
+            &format!("SELECT x.kind, x.id, x.held FROM hold_totals x {join} WHERE x.held > 0"),
+            &[&kinds, &ids],
+        )
+        .await?;
+    for r in held {
+        if let Some(kind) = AccountKind::parse(r.get(0)) {
+            out.entry((kind, r.get(1))).or_default().held = r.get(2);
+        }
+    }
+    // An account named but without rows has an empty ledger now (its last
+    // hold may just have ended).
+    for (k, i) in only.into_iter().flatten() {
+        if let Some(kind) = AccountKind::parse(k) {
+            out.entry((kind, i.clone())).or_default();
+        }
     }
     let blocks = client
         .query(&format!("SELECT x.kind, x.id, x.active_from, x.expires_at, x.remaining FROM credit_blocks x {join} WHERE x.remaining > 0 AND x.voided_at IS NULL"), &[&kinds, &ids])

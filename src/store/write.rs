@@ -35,6 +35,10 @@ pub(crate) async fn write_effects(
     resolve_retried(tx, &fx.resolved, now).await?;
     wake_waiting(tx, fx, now).await?;
     notify_changes(tx, st, fx).await?;
+    // Last before the counts: the hot hold totals stay locked only from
+    // here to the commit.
+    let settled = super::holds::settle_in_batch(tx, &fx.settled, &fx.pinned, now).await?;
+    crate::metrics::HoldCounters::add(&crate::metrics::HOLDS.settled, settled);
     add_counts(tx, fx, now).await
 }
 

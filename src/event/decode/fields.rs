@@ -71,6 +71,23 @@ impl Fields<'_> {
         }
     }
 
+    /// An optional whole number in `0..=max`; null or absent is None.
+    pub fn opt_count(&self, name: &str, max: u32) -> R<Option<u32>> {
+        match self.obj.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= u64::from(max))
+                .map(|n| Some(n as u32))
+                .ok_or_else(|| {
+                    schema(format!(
+                        "`{}{name}` must be a whole number from 0 to {max}, or null",
+                        self.prefix
+                    ))
+                }),
+        }
+    }
+
     pub fn bool(&self, name: &str) -> R<bool> {
         self.get(name)?
             .as_bool()

@@ -10,6 +10,7 @@ mod credit;
 mod fields;
 mod registry;
 mod usage;
+pub use usage::usage_members;
 
 use super::json::{read_strict, StrictError};
 use super::*;

@@ -41,8 +41,18 @@ pub(super) fn upsert(f: &Fields, event_type: &str, occurred_at: DateTime<Utc>) -
 }
 
 /// An account's status and quota settings; a user is always limited.
+/// Groups and resellers take no `max_in_flight` (the contract gives it to
+/// keys, apps and users).
 fn quota(f: &Fields, always_limited: bool) -> R<QuotaSettings> {
+    let kind = f.obj.get("type").and_then(Value::as_str).unwrap_or("");
+    let max_in_flight = match kind {
+        "key.upserted" | "app.upserted" | "user.upserted" => {
+            f.opt_count("max_in_flight", MAX_IN_FLIGHT_LIMIT)?
+        }
+        _ => None,
+    };
     Ok(QuotaSettings {
+        max_in_flight,
         status: f.status()?,
         quota_limited: if always_limited {
             true

@@ -29,6 +29,7 @@ pub(super) fn usage(f: &Fields) -> R<UsageEvent> {
         path: f.text("path")?,
         status,
         usage: u,
+        reservation_id: f.opt_text("reservation_id")?,
     })
 }
 
@@ -56,6 +57,18 @@ pub(super) fn error(f: &Fields) -> R<ErrorEvent> {
         model: f.nullable_id("model")?,
         model_agent_id: f.nullable_id("model_agent_id")?,
     })
+}
+
+/// A `usage` object on its own (an admission hold's estimated usage), by
+/// the same rules as in a usage event; the error names the member.
+pub fn usage_members(usage: &Value) -> Result<Usage, String> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("usage".into(), usage.clone());
+    usage_counts(&Fields {
+        obj: &obj,
+        prefix: "",
+    })
+    .map_err(|r| r.detail)
 }
 
 /// The `usage` object: token counts and calls, each a non-negative integer;

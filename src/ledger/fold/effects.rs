@@ -109,4 +109,10 @@ pub struct Effects {
     /// Causes this batch provided: waiting events on them are worth
     /// retrying now.
     pub provided: Vec<WaitingOn>,
+    /// (hold id, usage event id) of each applied usage event naming a
+    /// hold: the store ends those holds in the same transaction.
+    pub settled: Vec<(String, String)>,
+    /// (hold id, usage event id) of each usage event naming a hold that
+    /// went to wait: the hold stays active while it waits.
+    pub pinned: Vec<(String, String)>,
 }

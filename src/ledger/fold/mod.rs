@@ -337,6 +337,13 @@ fn count_consumed(fx: &mut Effects, input: &Input, outcome: Outcome) {
         }
         Outcome::Wait(reason, detail, on) => {
             c.waiting += 1;
+            if let Ok(e) = &input.decoded {
+                if let crate::event::EventBody::Usage(u) = &e.body {
+                    if let Some(r) = &u.reservation_id {
+                        fx.pinned.push((r.clone(), e.event_id.clone()));
+                    }
+                }
+            }
             (reason, detail, Some(on))
         }
     };

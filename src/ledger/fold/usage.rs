@@ -32,6 +32,11 @@ pub(super) fn apply(cx: &mut Cx, u: &UsageEvent) -> Outcome {
     if let Some(f) = flag {
         shared[f] = json!(true);
     }
+    // The hold this usage settles, as the gateway named it (the store ends
+    // the hold in the same transaction).
+    if let Some(r) = &u.reservation_id {
+        shared["reservation_id"] = json!(r);
+    }
     let shared = Arc::new(shared);
     let legs = legs(cx.state, u, &priced, t);
     if let Some((a, ..)) = legs
@@ -65,6 +70,9 @@ pub(super) fn apply(cx: &mut Cx, u: &UsageEvent) -> Outcome {
         });
     }
     cx.state.postings.insert(cx.ev.event_id.clone(), postings);
+    if let Some(r) = &u.reservation_id {
+        cx.fx.settled.push((r.clone(), cx.ev.event_id.clone()));
+    }
     Outcome::Applied
 }
 

@@ -38,6 +38,7 @@ pub async fn reconcile(pool: &Pool) -> anyhow::Result<Report> {
     r.problems.extend(chain_problems);
     check_usage_has_an_entry_per_scope(&c, &mut r).await?;
     check_usage_prices(&c, &mut r).await?;
+    check_hold_totals(&c, &mut r).await?;
     let waiting_total = check_counts(&c, &mut r).await?;
     notices(&c, &mut r, waiting_total).await?;
     r.ok = r.problems.is_empty();
@@ -84,6 +85,37 @@ async fn check_balances(c: &Object, r: &mut Report) -> anyhow::Result<()> {
         if held - debt != balance {
             r.problems.push(json!({"check": "balance_is_blocks_minus_debt", "account": format!("{kind}/{id}"), "balance": dec(balance), "blocks": dec(held), "debt": dec(debt)}));
         }
+    }
+    Ok(())
+}
+
+/// Every account's held amount and holds in flight are what its active
+/// holds say (one statement: one snapshot, and holds move with their
+/// totals in one transaction).
+async fn check_hold_totals(c: &Object, r: &mut Report) -> anyhow::Result<()> {
+    let rows = c
+        .query(
+            "WITH active AS (
+               SELECT s->>'kind' AS kind, s->>'id' AS id, count(*)::int AS n,
+                      sum(CASE WHEN (s->>'reserved')::boolean THEN h.amount ELSE 0 END) AS held
+               FROM holds h, jsonb_array_elements(h.scopes) s WHERE h.state = 'active' GROUP BY 1, 2)
+             SELECT coalesce(t.kind, a.kind), coalesce(t.id, a.id), coalesce(t.held, 0), coalesce(a.held, 0),
+                    coalesce(t.in_flight, 0), coalesce(a.n, 0), (SELECT count(*) FROM holds WHERE state = 'active')
+             FROM hold_totals t FULL JOIN active a ON a.kind = t.kind AND a.id = t.id
+             WHERE coalesce(t.held, 0) <> coalesce(a.held, 0) OR coalesce(t.in_flight, 0) <> coalesce(a.n, 0)
+             UNION ALL SELECT NULL, NULL, 0, 0, 0, 0, (SELECT count(*) FROM holds WHERE state = 'active')",
+            &[],
+        )
+        .await?;
+    for row in &rows {
+        let Some(kind) = row.get::<_, Option<String>>(0) else {
+            r.checked.insert("active_holds", row.get(6));
+            continue;
+        };
+        let id: String = row.get(1);
+        let (held, want, n, want_n): (Decimal, Decimal, i32, i32) =
+            (row.get(2), row.get(3), row.get(4), row.get(5));
+        r.problems.push(json!({"check": "held_is_sum_of_active_holds", "account": format!("{kind}/{id}"), "held": dec(held), "active_holds_amount": dec(want), "in_flight": n, "active_holds": want_n}));
     }
     Ok(())
 }
