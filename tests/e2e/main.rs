@@ -10,6 +10,7 @@ mod deadletter;
 mod faults;
 mod finance;
 mod fuzz_http;
+mod holds;
 mod hostile;
 mod ingest;
 mod replay;
