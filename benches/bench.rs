@@ -2,11 +2,13 @@
 //!
 //!   cargo bench --bench bench -- decide [--keys N] [--secs S]
 //!       in-process admission decisions per second on one thread
-//!   cargo bench --bench bench -- http --addr HOST:PORT --token TOKEN --key-prefix sk-RUN- --keys N [--rps R] [--secs S]
+//!   cargo bench --bench bench -- http --addr HOST:PORT[,HOST:PORT...] --token TOKEN --key-prefix sk-RUN- --keys N [--rps R] [--secs S] [--hold AMOUNT]
 //!       open-loop HTTP load on POST /v1/admission from a lean HTTP/1.1
 //!       client on 64 keep-alive connections (request i on connection
-//!       i mod 64 at its scheduled time); latency from the moment each is
-//!       sent and from its scheduled time, and how far sending fell behind
+//!       i mod 64 at its scheduled time; connection c to address c mod
+//!       the addresses given); latency from the moment each is sent and
+//!       from its scheduled time, and how far sending fell behind. With
+//!       --hold every request asks for a hold of AMOUNT (ttl 60 s)
 //!
 //!   cargo bench --bench bench -- ingest --database URL [--events N] [--users U] [--resellers R] [--sinks K] [--batch B] [--rate R]
 //!       the batch sink alone (no broker): simulated usage generated in
@@ -99,6 +101,7 @@ fn main() {
             arg(&args, "--keys", "100").parse().unwrap(),
             arg(&args, "--rps", "10000").parse().unwrap(),
             arg(&args, "--secs", "20").parse().unwrap(),
+            args.iter().any(|a| a == "--hold").then(|| arg(&args, "--hold", "1")),
         )),
         Some("ingest") => runtime(None).block_on(ingest(
             arg(
@@ -201,13 +204,26 @@ fn decide(keys: usize, secs: u64) {
 /// scheduled time (or as soon as that connection's previous answer is in).
 /// A general-purpose client (reqwest) spent more CPU per request than the
 /// service answering it, on the same two cores.
-async fn http(addr: String, token: String, key_prefix: String, keys: usize, rps: u64, secs: u64) {
+async fn http(
+    addrs: String,
+    token: String,
+    key_prefix: String,
+    keys: usize,
+    rps: u64,
+    secs: u64,
+    hold: Option<String>,
+) {
     use tokio::io::AsyncWriteExt;
     let conns = 64usize;
+    let addrs: Vec<String> = addrs.split(',').map(str::to_string).collect();
+    let addr = addrs[0].clone();
+    let hold = hold
+        .map(|a| format!(r#","hold":{{"amount":"{a}","ttl_secs":60}}"#))
+        .unwrap_or_default();
     let requests: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..keys)
             .map(|i| {
-                let body = format!(r#"{{"api_key":"{key_prefix}{i}","client_ip":"203.0.113.7","model":"gpt-4o","path":"/v1/chat/completions","estimated_cost":"10"}}"#);
+                let body = format!(r#"{{"api_key":"{key_prefix}{i}","client_ip":"203.0.113.7","model":"gpt-4o","path":"/v1/chat/completions","estimated_cost":"10"{hold}}}"#);
                 format!(
                     "POST /v1/admission HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
@@ -221,7 +237,7 @@ async fn http(addr: String, token: String, key_prefix: String, keys: usize, rps:
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for c in 0..conns {
-        let (addr, requests) = (addr.clone(), requests.clone());
+        let (addr, requests) = (addrs[c % addrs.len()].clone(), requests.clone());
         tasks.push(tokio::spawn(async move {
             // (latency from send µs, latency from schedule µs, status, behind µs)
             let mut out: Vec<(u64, u64, u16, u64)> = Vec::new();
@@ -457,6 +473,8 @@ async fn ingest(
         run_id: Some("bench".into()),
         check: None,
         check_timeout_secs: 0,
+        holds: false,
+        one_tenant: false,
     };
     let mut plan = quota_engine::sim::Plan::new(&args);
     let control: Vec<Record> = plan

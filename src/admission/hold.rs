@@ -25,10 +25,20 @@ pub struct Scope {
     pub max_in_flight: Option<u32>,
 }
 
+impl Scope {
+    /// Whether the hold counts on this account at all: it holds the amount
+    /// there, or the account limits holds in flight. Other scopes are
+    /// named by the hold and nothing more (no totals to keep, so an
+    /// unlimited account adds no work to a hold).
+    pub fn counted(&self) -> bool {
+        self.reserved || self.max_in_flight.is_some()
+    }
+}
+
 /// An account's figures for holds: `credit` is the credit in blocks open
 /// now minus debt (the ledger's side of `available`), `held` the amounts of
 /// its active holds (where reserved), `in_flight` how many active holds
-/// name it.
+/// count on it (see `Scope::counted`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Totals {
     pub credit: Decimal,
@@ -95,7 +105,7 @@ impl Ask {
     /// every reserved one holds the amount; or nothing changes.
     pub fn place(&self, totals: &mut TotalsMap) -> Result<(), ErrorCode> {
         self.check(totals)?;
-        for s in &self.scopes {
+        for s in self.scopes.iter().filter(|s| s.counted()) {
             let t = totals.entry((s.kind, s.id.clone())).or_default();
             t.in_flight += 1;
             if s.reserved {
@@ -107,7 +117,7 @@ impl Ask {
 
     /// What ending this hold (settled, released or expired) gives back.
     pub fn end(&self, totals: &mut TotalsMap) {
-        for s in &self.scopes {
+        for s in self.scopes.iter().filter(|s| s.counted()) {
             let t = totals.entry((s.kind, s.id.clone())).or_default();
             assert!(t.in_flight >= 1, "{}:{} ends a hold it does not count", s.kind.as_str(), s.id);
             t.in_flight -= 1;

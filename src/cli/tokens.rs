@@ -41,7 +41,24 @@ pub(super) async fn revoke_token(config: Config, token_id: String) -> anyhow::Re
 
 pub(super) async fn simulate(config: Config, args: sim::SimArgs) -> anyhow::Result<ExitCode> {
     config.ensure_topics().await?;
-    let expected = sim::run(&config.kafka_brokers, &config.topics, &args).await?;
+    let mut gateway = match (&args.check, args.holds) {
+        (Some(addr), true) => {
+            let pool = store::connect(&config.database_url, 1).await?;
+            store::migrate(&pool).await?;
+            let (_, token) =
+                crate::api::auth::create_token(&pool, Role::Gateway, None, Some("simulate --holds"))
+                    .await?;
+            Some(sim::Gateway::new(addr, &token))
+        }
+        _ => None,
+    };
+    let expected = sim::run(&config.kafka_brokers, &config.topics, &args, gateway.as_mut()).await?;
+    if let Some(g) = &gateway {
+        println!(
+            "holds: {} placed (each settled by its usage event, or released), {} released for failed requests, {} requests refused",
+            g.placed, g.released, g.refused
+        );
+    }
     if let Some(addr) = &args.check {
         // A finance token of its own to read balances with.
         let pool = store::connect(&config.database_url, 1).await?;

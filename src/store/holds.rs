@@ -20,7 +20,7 @@ use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::Pool;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tokio_postgres::{GenericClient, Transaction};
+use deadpool_postgres::{GenericClient, Transaction};
 
 use crate::admission::hold::{place_all, Ask, Totals, TotalsMap};
 use crate::codes::ErrorCode;
@@ -87,23 +87,48 @@ fn new_hold_id() -> String {
 
 type Key = (AccountKind, String);
 
+// The statements of a hold batch. Each is prepared once per connection
+// (`prepare_cached`) and the batch prepares all of them before it sends
+// any: a statement still to be prepared would reach Postgres after one
+// sent later in the same pipeline (a COMMIT before the writes).
+const LOCK_TOTALS: &str = "INSERT INTO hold_totals (kind, id) \
+     SELECT k, i FROM unnest($1::text[], $2::text[]) u(k, i) ORDER BY k, i \
+     ON CONFLICT (kind, id) DO UPDATE SET in_flight = hold_totals.in_flight \
+     RETURNING kind, id, held, in_flight";
+const DEBTS: &str = "SELECT a.kind, a.id, a.debt FROM unnest($1::text[], $2::text[]) u(k, i) \
+     CROSS JOIN LATERAL (SELECT * FROM accounts WHERE kind = u.k AND id = u.i OFFSET 0) a";
+const OPEN_BLOCKS: &str = "SELECT b.kind, b.id, b.active_from, b.expires_at, b.remaining \
+     FROM unnest($1::text[], $2::text[]) u(k, i) CROSS JOIN LATERAL (SELECT * FROM credit_blocks \
+     WHERE kind = u.k AND id = u.i AND remaining > 0 AND voided_at IS NULL OFFSET 0) b";
+const ADD_TOTALS: &str = "UPDATE hold_totals t SET held = t.held + d.h, in_flight = t.in_flight + d.n \
+     FROM unnest($1::text[], $2::text[], $3::numeric[], $4::int[]) d(k, i, h, n) \
+     WHERE t.kind = d.k AND t.id = d.i";
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+const INSERT_HOLDS: &str = "INSERT INTO holds (hold_id, state, amount, scopes, created_at, expires_at, trace_id) \
+     SELECT h.hold_id, 'active', h.amount, h.scopes, h.created_at, h.expires_at, h.trace_id \
+     FROM jsonb_to_recordset($1::jsonb) AS h(hold_id text, amount numeric, scopes jsonb, \
+          created_at timestamptz, expires_at timestamptz, trace_id text)";
+
+/// Prepare (once per connection) every statement a hold batch sends.
+async fn prepare_batch(c: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+    for sql in [LOCK_TOTALS, DEBTS, OPEN_BLOCKS, ADD_TOTALS, NOTIFY, INSERT_HOLDS, "BEGIN", "COMMIT"] {
+        c.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
 /// Lock the totals rows of `keys` (creating missing ones) in (kind, id)
-/// order and read them.
+/// order and read them: one statement, each row found through the primary
+/// key whatever the planner's statistics say (a join of the keys with the
+/// table was planned as a scan of the whole table on a fresh database).
 async fn lock_totals(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     keys: &BTreeSet<Key>,
 ) -> Result<TotalsMap, tokio_postgres::Error> {
     let (kinds, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip();
-    let rows = tx
-        .query(
-            "INSERT INTO hold_totals (kind, id) \
-             SELECT k, i FROM unnest($1::text[], $2::text[]) u(k, i) ORDER BY k, i \
-             ON CONFLICT (kind, id) DO UPDATE SET held = hold_totals.held \
-             RETURNING kind, id, held, in_flight",
-            &[&kinds, &ids],
-        )
-        .await?;
+    let stmt = tx.prepare_cached(LOCK_TOTALS).await?;
+    let rows = tx.query(&stmt, &[&kinds, &ids]).await?;
     let mut out = TotalsMap::new();
     for r in rows {
         if let Some(kind) = AccountKind::parse(r.get(0)) {
@@ -123,21 +148,19 @@ async fn lock_totals(
 
 /// Open credit at `now` minus debt, for `keys`, read from the ledger.
 async fn ledger_credit(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     keys: &BTreeSet<Key>,
     now: DateTime<Utc>,
 ) -> Result<HashMap<Key, Decimal>, tokio_postgres::Error> {
     let (kinds, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip();
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&kinds, &ids];
-    let debts = tx.query(
-        "SELECT a.kind, a.id, a.debt FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i",
-        &params,
+    let (debts, blocks) = (
+        tx.prepare_cached(DEBTS).await?,
+        tx.prepare_cached(OPEN_BLOCKS).await?,
     );
-    let blocks = tx.query(
-        "SELECT b.kind, b.id, b.active_from, b.expires_at, b.remaining FROM credit_blocks b JOIN unnest($1::text[], $2::text[]) u(k, i) ON b.kind = u.k AND b.id = u.i WHERE b.remaining > 0 AND b.voided_at IS NULL",
-        &params,
-    );
+    let debts = tx.query(&debts, &params);
+    let blocks = tx.query(&blocks, &params);
     // Both on one connection, pipelined.
     let (debts, blocks) = futures_util::future::try_join(debts, blocks).await?;
     let mut open: HashMap<Key, Vec<(DateTime<Utc>, Option<DateTime<Utc>>, Decimal)>> =
@@ -167,7 +190,7 @@ async fn ledger_credit(
 
 /// Add `delta` (held, in flight) to rows this transaction has locked.
 async fn add_totals(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     delta: &BTreeMap<Key, (Decimal, i32)>,
 ) -> Result<(), tokio_postgres::Error> {
     let mut kinds = Vec::new();
@@ -186,37 +209,38 @@ async fn add_totals(
     if kinds.is_empty() {
         return Ok(());
     }
-    tx.execute(
-        "UPDATE hold_totals t SET held = t.held + d.h, in_flight = t.in_flight + d.n \
-         FROM unnest($1::text[], $2::text[], $3::numeric[], $4::int[]) d(k, i, h, n) \
-         WHERE t.kind = d.k AND t.id = d.i",
-        &[&kinds, &ids, &held, &n],
-    )
-    .await?;
+    let stmt = tx.prepare_cached(ADD_TOTALS).await?;
+    tx.execute(&stmt, &[&kinds, &ids, &held, &n]).await?;
     Ok(())
 }
 
-/// Tell every `serve` process's admission view that these accounts' held
-/// amounts moved.
+/// Tell every `serve` process's admission view what these accounts hold
+/// now (sent at commit, in commit order).
 async fn notify_held(
-    tx: &Transaction<'_>,
-    keys: impl IntoIterator<Item = Key>,
+    tx: &impl GenericClient,
+    held: impl IntoIterator<Item = (Key, Decimal)>,
 ) -> Result<(), tokio_postgres::Error> {
     let changes = super::view::Changes {
-        a: keys
+        h: held
             .into_iter()
-            .map(|(k, i)| (k.as_str().to_string(), i))
+            .map(|((k, i), h)| (k.as_str().to_string(), i, h.normalize().to_string()))
             .collect(),
         ..Default::default()
     };
+    let stmt = tx.prepare_cached(NOTIFY).await?;
     for payload in changes.payloads() {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&super::view::CHANNEL, &payload],
-        )
-        .await?;
+        tx.execute(&stmt, &[&super::view::CHANNEL, &payload]).await?;
     }
     Ok(())
+}
+
+/// The held amounts that moved between `before` and `after`.
+fn held_moved(before: &TotalsMap, after: &TotalsMap) -> Vec<(Key, Decimal)> {
+    after
+        .iter()
+        .filter(|(k, t)| before.get(*k).map_or(Decimal::ZERO, |b| b.held) != t.held)
+        .map(|(k, t)| (k.clone(), t.held))
+        .collect()
 }
 
 /// Place a batch of holds in one transaction, in order: each answer is the
@@ -226,21 +250,47 @@ pub async fn place_batch(
     batch: &[NewHold],
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Result<Placed, ErrorCode>>> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+    let client = pool.get().await?;
+    let result = place_on(&client, batch, now).await;
+    if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
+        // Never hand a connection in an unknown state back to the pool.
+        drop(deadpool_postgres::Object::take(client));
+    }
+    Ok(result?)
+}
+
+/// The batch's transaction, in two round trips, so that the totals rows
+/// (the tenant's hot rows among them) stay locked for one round trip and
+/// the commit: BEGIN, the locks and the ledger's side sent together; then,
+/// decided, the writes and COMMIT sent together.
+async fn place_on(
+    client: &deadpool_postgres::Client,
+    batch: &[NewHold],
+    now: DateTime<Utc>,
+) -> Result<Vec<Result<Placed, ErrorCode>>, tokio_postgres::Error> {
+    let tx = client;
     let keys: BTreeSet<Key> = batch
         .iter()
-        .flat_map(|h| h.ask.scopes.iter().map(|s| (s.kind, s.id.clone())))
+        .flat_map(|h| h.ask.scopes.iter().filter(|s| s.counted()))
+        .map(|s| (s.kind, s.id.clone()))
         .collect();
     let reserved: BTreeSet<Key> = batch
         .iter()
         .flat_map(|h| h.ask.scopes.iter().filter(|s| s.reserved))
         .map(|s| (s.kind, s.id.clone()))
         .collect();
-    let mut totals = lock_totals(&tx, &keys).await?;
-    // Only after the locks: see the module's note.
-    for (k, credit) in ledger_credit(&tx, &reserved, now).await? {
-        totals.entry(k).or_default().credit = credit;
+    // One round trip: the locks, then (executed after them, so with a
+    // snapshot taken once they are held) the ledger's side.
+    prepare_batch(tx).await?;
+    let begin = tx.prepare_cached("BEGIN").await?;
+    let (_, mut totals, credit) = futures_util::future::try_join3(
+        tx.execute(&begin, &[]),
+        lock_totals(tx, &keys),
+        ledger_credit(tx, &reserved, now),
+    )
+    .await?;
+    for (k, c) in credit {
+        totals.entry(k).or_default().credit = c;
     }
     let asks: Vec<Ask> = batch.iter().map(|h| h.ask.clone()).collect();
     let before = totals.clone();
@@ -258,7 +308,7 @@ pub async fn place_batch(
             .ask
             .scopes
             .iter()
-            .map(|s| json!({"kind": s.kind.as_str(), "id": s.id, "reserved": s.reserved}))
+            .map(|s| json!({"kind": s.kind.as_str(), "id": s.id, "reserved": s.reserved, "counted": s.counted()}))
             .collect();
         rows.push(json!({
             "hold_id": hold_id, "amount": h.ask.amount.to_string(), "scopes": scopes,
@@ -272,14 +322,6 @@ pub async fn place_batch(
         }));
     }
     if !rows.is_empty() {
-        tx.execute(
-            "INSERT INTO holds (hold_id, state, amount, scopes, created_at, expires_at, trace_id) \
-             SELECT h.hold_id, 'active', h.amount, h.scopes, h.created_at, h.expires_at, h.trace_id \
-             FROM jsonb_to_recordset($1::jsonb) AS h(hold_id text, amount numeric, scopes jsonb, \
-                  created_at timestamptz, expires_at timestamptz, trace_id text)",
-            &[&Value::Array(rows)],
-        )
-        .await?;
         let delta: BTreeMap<Key, (Decimal, i32)> = totals
             .iter()
             .filter_map(|(k, t)| {
@@ -288,15 +330,23 @@ pub async fn place_batch(
                 (n != 0 || t.held != b.held).then(|| (k.clone(), (t.held - b.held, n)))
             })
             .collect();
-        let moved: Vec<Key> = delta
-            .iter()
-            .filter(|(_, (h, _))| !h.is_zero())
-            .map(|(k, _)| k.clone())
-            .collect();
-        add_totals(&tx, &delta).await?;
-        notify_held(&tx, moved).await?;
+        let rows = Value::Array(rows);
+        let insert_stmt = tx.prepare_cached(INSERT_HOLDS).await?;
+        let commit = tx.prepare_cached("COMMIT").await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&rows];
+        let insert = tx.execute(&insert_stmt, &params);
+        // One round trip for the writes and the commit (after an error
+        // the COMMIT rolls back).
+        futures_util::future::try_join4(
+            insert,
+            add_totals(tx, &delta),
+            notify_held(tx, held_moved(&before, &totals)),
+            tx.execute(&commit, &[]),
+        )
+        .await?;
+    } else {
+        tx.batch_execute("COMMIT").await?;
     }
-    tx.commit().await?;
     // What each placed hold leaves available, as of the batch's end.
     for (h, answer) in batch.iter().zip(out.iter_mut()) {
         if let Ok(p) = answer {
@@ -321,6 +371,9 @@ fn ending(amount: Decimal, scopes: &Value, delta: &mut BTreeMap<Key, (Decimal, i
         ) else {
             continue;
         };
+        if s["counted"].as_bool() != Some(true) {
+            continue;
+        }
         let d = delta.entry((kind, id.to_string())).or_default();
         d.1 -= 1;
         if s["reserved"].as_bool() == Some(true) {
@@ -344,14 +397,18 @@ async fn give_back(
         ending(r.get("amount"), &r.get::<_, Value>("scopes"), &mut delta);
     }
     let keys: BTreeSet<Key> = delta.keys().cloned().collect();
-    lock_totals(tx, &keys).await?;
-    add_totals(tx, &delta).await?;
-    let moved: Vec<Key> = delta
-        .iter()
-        .filter(|(_, (h, _))| !h.is_zero())
-        .map(|(k, _)| k.clone())
-        .collect();
-    notify_held(tx, moved).await?;
+    let before = lock_totals(tx, &keys).await?;
+    let mut after = before.clone();
+    for (k, (h, n)) in &delta {
+        let t = after.entry(k.clone()).or_default();
+        t.held += *h;
+        t.in_flight = (i64::from(t.in_flight) + i64::from(*n)).max(0) as u32;
+    }
+    futures_util::future::try_join(
+        add_totals(tx, &delta),
+        notify_held(tx, held_moved(&before, &after)),
+    )
+    .await?;
     Ok(ended.len())
 }
 
@@ -365,12 +422,14 @@ pub(crate) async fn settle_in_batch(
     pinned: &[(String, String)],
     now: DateTime<Utc>,
 ) -> Result<usize, tokio_postgres::Error> {
+    // `hold_id = ANY(...)`: found through the primary key whatever the
+    // statistics say (the table holds every hold of the retention period).
     if !pinned.is_empty() {
         let (h, e): (Vec<&str>, Vec<&str>) =
             pinned.iter().map(|(h, e)| (h.as_str(), e.as_str())).unzip();
         tx.execute(
-            "UPDATE holds SET pinned_by = x.e FROM unnest($1::text[], $2::text[]) x(h, e) \
-             WHERE hold_id = x.h AND state = 'active'",
+            "UPDATE holds SET pinned_by = ($2::text[])[array_position($1::text[], hold_id)] \
+             WHERE hold_id = ANY($1::text[]) AND state = 'active'",
             &[&h, &e],
         )
         .await?;
@@ -378,13 +437,14 @@ pub(crate) async fn settle_in_batch(
     if settled.is_empty() {
         return Ok(0);
     }
+    // A hold named twice is settled by the first event naming it.
     let (h, e): (Vec<&str>, Vec<&str>) =
         settled.iter().map(|(h, e)| (h.as_str(), e.as_str())).unzip();
     let ended = tx
         .query(
-            "UPDATE holds SET state = 'settled', ended_at = $3, usage_event_id = x.e, pinned_by = NULL \
-             FROM (SELECT DISTINCT ON (h) h, e FROM unnest($1::text[], $2::text[]) u(h, e) ORDER BY h) x \
-             WHERE hold_id = x.h AND state = 'active' RETURNING amount, scopes",
+            "UPDATE holds SET state = 'settled', ended_at = $3, pinned_by = NULL, \
+               usage_event_id = ($2::text[])[array_position($1::text[], hold_id)] \
+             WHERE hold_id = ANY($1::text[]) AND state = 'active' RETURNING amount, scopes",
             &[&h, &e, &now],
         )
         .await?;
@@ -403,7 +463,7 @@ pub async fn release(pool: &Pool, hold_id: &str, now: DateTime<Utc>) -> anyhow::
         )
         .await?;
     let released = give_back(&tx, &ended).await? > 0;
-    let hold = get_on(&*tx, hold_id).await?;
+    let hold = get_on(&tx, hold_id).await?;
     tx.commit().await?;
     Ok(hold.map(|h| (h, released)))
 }
@@ -463,7 +523,7 @@ async fn get_on(c: &impl GenericClient, hold_id: &str) -> Result<Option<Hold>, t
 /// `GET /v1/holds/{id}`.
 pub async fn get(pool: &Pool, hold_id: &str) -> anyhow::Result<Option<Hold>> {
     let client = pool.get().await?;
-    Ok(get_on(&**client, hold_id).await?)
+    Ok(get_on(&client, hold_id).await?)
 }
 
 /// Holds in flight per scope kind, for /metrics: (kind, active holds
@@ -514,7 +574,9 @@ impl HoldBatcher {
                     }
                 }
                 let (holds, replies): (Vec<NewHold>, Vec<_>) = jobs.into_iter().unzip();
+                let started = std::time::Instant::now();
                 let result = place_with_retry(&pool, &holds, &clock).await;
+                tracing::debug!(holds = holds.len(), ms = started.elapsed().as_secs_f64() * 1e3, "hold batch");
                 match result {
                     Ok(answers) => {
                         for (reply, a) in replies.into_iter().zip(answers) {
@@ -522,7 +584,7 @@ impl HoldBatcher {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, holds = holds.len(), "hold batch failed");
+                        tracing::error!(error = format!("{e:#}"), holds = holds.len(), "hold batch failed");
                         for reply in replies {
                             let _ = reply.send(Err(e.to_string()));
                         }
@@ -556,7 +618,7 @@ async fn place_with_retry(
     match place_batch(pool, holds, clock()).await {
         Ok(a) => Ok(a),
         Err(e) => {
-            tracing::warn!(error = %e, "hold batch failed; retrying once");
+            tracing::warn!(error = format!("{e:#}"), "hold batch failed; retrying once");
             place_batch(pool, holds, clock()).await
         }
     }

@@ -31,6 +31,11 @@ pub struct Changes {
     /// Registry entities with a new version: (kind, id).
     #[serde(default)]
     pub e: Vec<(String, String)>,
+    /// Accounts whose held amount moved, with the amount after the commit:
+    /// (kind, id, held). Applied as they come, without a read (holds move
+    /// thousands of times a second on a hot account).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub h: Vec<(String, String, String)>,
     /// Kafka timestamp (ms) of the oldest record of the batch, sent once
     /// per batch: the listener measures produce → visible to admission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,25 +54,26 @@ impl Changes {
         let items = self
             .a
             .iter()
-            .map(|x| (true, x))
-            .chain(self.e.iter().map(|x| (false, x)));
-        for (is_account, (k, i)) in items {
+            .map(|(k, i)| (0, k, i, None))
+            .chain(self.e.iter().map(|(k, i)| (1, k, i, None)))
+            .chain(self.h.iter().map(|(k, i, h)| (2, k, i, Some(h))));
+        for (list, k, i, h) in items {
             // The item as it will be written (ids may hold characters JSON
             // escapes), and its comma.
-            let item = serde_json::to_string(&(k, i)).map_or(0, |s| s.len()) + 1;
+            let item = serde_json::to_string(&(k, i, h)).map_or(0, |s| s.len()) + 1;
             if size + item > 7000 {
                 out.push(serde_json::to_string(&cur).unwrap_or_default());
                 cur = Changes::default();
                 size = 0;
             }
             size += item;
-            if is_account {
-                cur.a.push((k.clone(), i.clone()));
-            } else {
-                cur.e.push((k.clone(), i.clone()));
+            match (list, h) {
+                (0, _) => cur.a.push((k.clone(), i.clone())),
+                (1, _) => cur.e.push((k.clone(), i.clone())),
+                (_, h) => cur.h.push((k.clone(), i.clone(), h.cloned().unwrap_or_default())),
             }
         }
-        if !cur.a.is_empty() || !cur.e.is_empty() || cur.t.is_some() {
+        if !cur.a.is_empty() || !cur.e.is_empty() || !cur.h.is_empty() || cur.t.is_some() {
             out.push(serde_json::to_string(&cur).unwrap_or_default());
         }
         out
@@ -119,16 +125,21 @@ async fn ledgers(
     let (kinds, ids): (Vec<&str>, Vec<&str>) = only
         .map(|s| s.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip())
         .unwrap_or_default();
-    // Either every account, or those named.
-    let join = if only.is_some() {
-        "JOIN unnest($1::text[], $2::text[]) u(k, i) ON x.kind = u.k AND x.id = u.i"
-    } else {
-        "CROSS JOIN (SELECT $1::text[], $2::text[]) AS unused"
+    // Either every account, or those named (the names unique), each looked
+    // up by its index (`OFFSET 0` keeps the planner from flattening the
+    // lookup into a join it may plan as a scan of the whole table: on a
+    // freshly loaded table it did, on every refresh).
+    let from = |table: &str| {
+        if only.is_some() {
+            format!("unnest($1::text[], $2::text[]) u(k, i) CROSS JOIN LATERAL (SELECT * FROM {table} WHERE kind = u.k AND id = u.i OFFSET 0) x")
+        } else {
+            format!("{table} x CROSS JOIN (SELECT $1::text[], $2::text[]) AS unused")
+        }
     };
     let mut out: LedgerRows = HashMap::new();
     let accounts = client
         .query(
-            &format!("SELECT x.kind, x.id, x.debt FROM accounts x {join}"),
+            &format!("SELECT x.kind, x.id, x.debt FROM {}", from("accounts")),
             &[&kinds, &ids],
         )
         .await?;
@@ -147,7 +158,7 @@ async fn ledgers(
     }
     let held = client
         .query(
-            &format!("SELECT x.kind, x.id, x.held FROM hold_totals x {join} WHERE x.held > 0"),
+            &format!("SELECT x.kind, x.id, x.held FROM {} WHERE x.held > 0", from("hold_totals")),
             &[&kinds, &ids],
         )
         .await?;
@@ -164,7 +175,7 @@ async fn ledgers(
         }
     }
     let blocks = client
-        .query(&format!("SELECT x.kind, x.id, x.active_from, x.expires_at, x.remaining FROM credit_blocks x {join} WHERE x.remaining > 0 AND x.voided_at IS NULL"), &[&kinds, &ids])
+        .query(&format!("SELECT x.kind, x.id, x.active_from, x.expires_at, x.remaining FROM {} WHERE x.remaining > 0 AND x.voided_at IS NULL", from("credit_blocks")), &[&kinds, &ids])
         .await?;
     for r in blocks {
         let Some(kind) = AccountKind::parse(r.get(0)) else {
@@ -283,6 +294,16 @@ pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyho
         .map_err(|_| anyhow::anyhow!("admission view lock poisoned"))?;
     apply_versions(&mut guard, v, true);
     apply_ledgers(&mut guard, l);
+    // Held amounts in commit order, the last one winning; an account just
+    // re-read is already as new as any of them.
+    for (k, i, h) in &changes.h {
+        if accounts.contains(&(k.clone(), i.clone())) {
+            continue;
+        }
+        if let (Some(kind), Ok(held)) = (AccountKind::parse(k), h.parse::<Decimal>()) {
+            record_mut(&mut guard, EntityKind::Account(kind), i).ledger.held = held;
+        }
+    }
     Ok(())
 }
 
@@ -408,6 +429,7 @@ fn drain(first: String, rx: &mut mpsc::UnboundedReceiver<String>) -> (Changes, V
             Ok(c) => {
                 changes.a.extend(c.a);
                 changes.e.extend(c.e);
+                changes.h.extend(c.h);
                 produced.extend(c.t);
             }
             Err(e) => tracing::error!(error = %e, "bad change notification"),
@@ -431,6 +453,9 @@ mod tests {
             e: (0..200)
                 .map(|n| ("key".to_string(), format!("{n}{ugly}")))
                 .collect(),
+            h: (0..200)
+                .map(|n| ("group".to_string(), format!("{n}{ugly}"), format!("{n}.5")))
+                .collect(),
             t: Some(1),
         };
         let payloads = changes.payloads();
@@ -441,8 +466,10 @@ mod tests {
             let c: Changes = serde_json::from_str(p).unwrap();
             back.a.extend(c.a);
             back.e.extend(c.e);
+            back.h.extend(c.h);
         }
         assert_eq!(back.a, changes.a);
         assert_eq!(back.e, changes.e);
+        assert_eq!(back.h, changes.h);
     }
 }

@@ -293,6 +293,7 @@ async fn notify_changes(
             .iter()
             .map(|v| (v.kind.as_str().to_string(), v.id.clone()))
             .collect(),
+        h: Vec::new(),
         t: None,
     };
     for payload in changes.payloads() {

@@ -328,6 +328,8 @@ async fn concurrent_sinks_record_each_account_in_seq_order() {
         run_id: Some("order".into()),
         check: None,
         check_timeout_secs: 0,
+        holds: false,
+        one_tenant: false,
     };
     let mut plan = quota_engine::sim::Plan::new(&args);
     let record = |topic: &str, partition: i32, offset: usize, payload: String| Record {

@@ -98,7 +98,8 @@ async fn check_hold_totals(c: &Object, r: &mut Report) -> anyhow::Result<()> {
             "WITH active AS (
                SELECT s->>'kind' AS kind, s->>'id' AS id, count(*)::int AS n,
                       sum(CASE WHEN (s->>'reserved')::boolean THEN h.amount ELSE 0 END) AS held
-               FROM holds h, jsonb_array_elements(h.scopes) s WHERE h.state = 'active' GROUP BY 1, 2)
+               FROM holds h, jsonb_array_elements(h.scopes) s
+               WHERE h.state = 'active' AND (s->>'counted')::boolean GROUP BY 1, 2)
              SELECT coalesce(t.kind, a.kind), coalesce(t.id, a.id), coalesce(t.held, 0), coalesce(a.held, 0),
                     coalesce(t.in_flight, 0), coalesce(a.n, 0), (SELECT count(*) FROM holds WHERE state = 'active')
              FROM hold_totals t FULL JOIN active a ON a.kind = t.kind AND a.id = t.id

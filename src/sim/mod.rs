@@ -18,6 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::event::{PriceEntry, Usage, UsageStatus};
 use crate::ledger::pricing;
 
+mod gateway;
+pub use gateway::Gateway;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct SimArgs {
     /// Users to register (each with one app and one key).
@@ -66,6 +69,16 @@ pub struct SimArgs {
     /// How long to wait for the service to catch up, in seconds.
     #[arg(long, default_value_t = 120)]
     pub check_timeout_secs: u64,
+    /// Act as a gateway with holds (needs `--check`): ask the API for
+    /// admission with a hold priced from each request's worst case,
+    /// produce the usage event naming the hold, release the hold of a
+    /// failed request; a refused request is not made (no usage).
+    #[arg(long, requires = "check")]
+    pub holds: bool,
+    /// One tenant: every user under one reseller and in one limited,
+    /// funded group (the hot rows of the holds benchmark).
+    #[arg(long)]
+    pub one_tenant: bool,
 }
 
 /// A small deterministic PRNG (xorshift64*): reproducible traffic, test
@@ -210,7 +223,10 @@ impl Plan {
             (format!("{run_id}-vip"), "0.8"),
         ];
         for (g, discount) in &groups {
-            control.push((g.clone(), json!({"event_id": next_id("c"), "type": "group.upserted", "schema_version": 1, "occurred_at": setup_at, "id": g, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "discount": discount, "models": []})));
+            control.push((g.clone(), json!({"event_id": next_id("c"), "type": "group.upserted", "schema_version": 1, "occurred_at": setup_at, "id": g, "status": "enabled", "quota_limited": args.one_tenant, "quota_expires_at": null, "discount": discount, "models": []})));
+            if args.one_tenant {
+                control.push((g.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "group", "id": g}, "amount": "100000000000", "expires_at": null, "category": "paid", "actor": "simulator"})));
+            }
         }
         let resellers: Vec<String> = (0..args.resellers.max(1))
             .map(|i| format!("{run_id}-reseller-{i}"))
@@ -234,12 +250,14 @@ impl Plan {
             let id = format!("{run_id}-user-{i}");
             // Every fourth user buys direct; the others belong to a reseller,
             // a few hot resellers holding most users.
-            let reseller = if i % 4 == 3 {
+            let reseller = if args.one_tenant {
+                Some(resellers[0].clone())
+            } else if i % 4 == 3 {
                 None
             } else {
                 Some(resellers[pick.skewed(resellers.len())].clone())
             };
-            let group = groups[i % 2].0.clone();
+            let group = groups[if args.one_tenant { 0 } else { i % 2 }].0.clone();
             let app = format!("{run_id}-app-{i}");
             let key = format!("{run_id}-key-{i}");
             let key_hash = hex::encode(Sha256::digest(format!("sk-{run_id}-{i}").as_bytes()));
@@ -270,8 +288,29 @@ impl Plan {
     /// Usage event number `i`: (message key, event), priced into
     /// `expected`.
     pub fn usage(&mut self, i: usize) -> (String, Value) {
+        let (key, v, booking) = self.draw(i);
+        self.book(&booking);
+        (key, v)
+    }
+
+    /// Count a produced event's charge into `expected`.
+    pub fn book(&mut self, b: &Booking) {
+        if let Some(e) = self.expected.users.get_mut(&b.user) {
+            e.1 += b.charge;
+        }
+        if let Some(r) = &b.reseller {
+            if let Some(e) = self.expected.resellers.get_mut(r) {
+                e.1 += b.charge;
+            }
+        }
+    }
+
+    /// Usage event number `i`, not yet counted: (message key, event, what
+    /// producing it charges).
+    pub fn draw(&mut self, i: usize) -> (String, Value, Booking) {
         let rng = &mut self.rng;
-        let u = &self.users[rng.skewed(self.users.len())];
+        let user_index = rng.skewed(self.users.len());
+        let u = &self.users[user_index];
         let m = &self.models[rng.below(self.models.len() as u64) as usize];
         let path = if m.id == "gpt-4o" && rng.below(5) == 0 {
             "/v1/embeddings"
@@ -312,27 +351,36 @@ impl Plan {
         let charge = pricing::price(&usage, status, &m.prices, path, discount)
             .map(|p| p.charge)
             .unwrap_or_default();
-        if let Some(e) = self.expected.users.get_mut(&u.id) {
-            e.1 += charge;
-        }
-        if let Some(r) = &u.reseller {
-            if let Some(e) = self.expected.resellers.get_mut(r) {
-                e.1 += charge;
-            }
-        }
+        let booking = Booking {
+            user: u.id.clone(),
+            reseller: u.reseller.clone(),
+            charge,
+            secret: format!("sk-{}-{user_index}", self.run_id),
+        };
         let run_id = &self.run_id;
         let v = json!({"event_id": format!("{run_id}-u-{i}"), "type": "usage", "schema_version": 1, "occurred_at": Utc::now().to_rfc3339(),
             "trace_id": format!("{run_id}-t-{i}"), "key_id": u.key, "app_id": u.app, "user_id": u.id, "reseller_id": u.reseller, "group_id": u.group,
             "model": m.id, "path": path, "status": match status { UsageStatus::Success => "success", UsageStatus::Aborted => "aborted", UsageStatus::Failed => "failed" },
             "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens}, "attempts": 1});
-        (u.id.clone(), v)
+        (u.id.clone(), v, booking)
     }
+}
+
+/// What producing one drawn usage event charges, and the key it is made
+/// with.
+pub struct Booking {
+    pub user: String,
+    pub reseller: Option<String>,
+    pub charge: Decimal,
+    /// The API key's secret (what a gateway's client sends).
+    pub secret: String,
 }
 
 pub async fn run(
     brokers: &str,
     topics: &crate::config::Topics,
     args: &SimArgs,
+    mut gateway: Option<&mut Gateway>,
 ) -> anyhow::Result<Expected> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -378,7 +426,15 @@ pub async fn run(
         if duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
-        let (user_id, v) = plan.usage(i);
+        let (user_id, v, booking) = plan.draw(i);
+        let v = match gateway.as_deref_mut() {
+            None => v,
+            Some(g) => match g.request(&v, &booking).await? {
+                Some(v) => v,
+                None => continue,
+            },
+        };
+        plan.book(&booking);
         let payload = v.to_string();
         let topic = topics.usage.clone();
         let p = producer.clone();
@@ -453,15 +509,19 @@ pub async fn check(
         for (kind, map) in [("reseller", &expected.resellers), ("user", &expected.users)] {
             for (id, (granted, charged)) in map {
                 let want = *granted - *charged;
-                let got = http_get_json(addr, token, &format!("/v1/balances/{kind}/{id}"))
+                let answer = http_get_json(addr, token, &format!("/v1/balances/{kind}/{id}"))
                     .await
-                    .ok()
-                    .and_then(|v| {
-                        v["balance"]
-                            .as_str()
-                            .and_then(|s| s.parse::<Decimal>().ok())
-                    });
-                let ok = got == Some(want);
+                    .ok();
+                let got = answer.as_ref().and_then(|v| {
+                    v["balance"]
+                        .as_str()
+                        .and_then(|s| s.parse::<Decimal>().ok())
+                });
+                // Every hold settled or released once ingest caught up.
+                let no_holds = answer
+                    .as_ref()
+                    .is_some_and(|v| v["held"] == "0" && v["in_flight"] == 0);
+                let ok = got == Some(want) && no_holds;
                 all_ok &= ok;
                 rows.push((kind, id.clone(), *granted, *charged, want, got, ok));
             }
@@ -494,15 +554,29 @@ pub async fn check(
 
 /// A minimal HTTP/1.1 GET on loopback, so the binary needs no HTTP client.
 pub async fn http_get_json(addr: &str, token: &str, path: &str) -> anyhow::Result<Value> {
+    Ok(http_json(addr, token, "GET", path, None).await?.1)
+}
+
+/// A minimal HTTP/1.1 request with an optional JSON body: the status and
+/// the JSON answer.
+pub async fn http_json(
+    addr: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let body = body.map(Value::to_string).unwrap_or_default();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
     )
     .await?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok(serde_json::from_str(body)?)
+    Ok((status, serde_json::from_str(body)?))
 }
