@@ -125,13 +125,10 @@ async fn ledgers(
     let (kinds, ids): (Vec<&str>, Vec<&str>) = only
         .map(|s| s.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip())
         .unwrap_or_default();
-    // Either every account, or those named (the names unique), each looked
-    // up by its index (`OFFSET 0` keeps the planner from flattening the
-    // lookup into a join it may plan as a scan of the whole table: on a
-    // freshly loaded table it did, on every refresh).
+    // Either every account, or those named.
     let from = |table: &str| {
         if only.is_some() {
-            format!("unnest($1::text[], $2::text[]) u(k, i) CROSS JOIN LATERAL (SELECT * FROM {table} WHERE kind = u.k AND id = u.i OFFSET 0) x")
+            format!("{table} x JOIN unnest($1::text[], $2::text[]) u(k, i) ON x.kind = u.k AND x.id = u.i")
         } else {
             format!("{table} x CROSS JOIN (SELECT $1::text[], $2::text[]) AS unused")
         }

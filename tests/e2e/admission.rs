@@ -476,7 +476,7 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-async fn ask(svc: &Service, body: &Value) -> (u16, Value) {
+pub(crate) async fn ask(svc: &Service, body: &Value) -> (u16, Value) {
     let r = svc
         .http()
         .post(svc.url("/v1/admission"))

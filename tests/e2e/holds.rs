@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::admission::ask as post;
 use crate::common::{Service, TestCtx};
 use crate::world::{control, d, grant};
 
@@ -52,15 +53,21 @@ fn ask_body(p: &str, hold: Value) -> Value {
     json!({"api_key": format!("sk-{p}"), "client_ip": "203.0.113.7", "model": "gpt-4o", "path": "/v1/chat/completions", "hold": hold})
 }
 
-async fn post(svc: &Service, body: &Value) -> (u16, Value) {
-    let r = svc
-        .http()
-        .post(svc.url("/v1/admission"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+/// Two `serve` processes on `events` (produced first), both admitting
+/// every chain in `chains`.
+async fn two_processes(ctx: &TestCtx, events: Vec<Value>, chains: &[&str]) -> (Service, Service) {
+    let n = ctx.produce_control(events).await;
+    let mut a = ctx.serve();
+    let mut b = ctx.serve();
+    a.ready().await;
+    b.ready().await;
+    ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60))
+        .await;
+    for p in chains {
+        wait_admits(&a, p).await;
+        wait_admits(&b, p).await;
+    }
+    (a, b)
 }
 
 async fn delete(svc: &Service, path: &str) -> (u16, Value) {
@@ -142,17 +149,7 @@ async fn exactly_n_holds_are_granted_across_two_processes_on_every_scope() {
     }
     // No quota limit anywhere but the user's plenty; the key takes 3 at once.
     events.extend(chain("mif", &[], "0", Some(3)));
-    let n = ctx.produce_control(events).await;
-    let mut a = ctx.serve();
-    let mut b = ctx.serve();
-    a.ready().await;
-    b.ready().await;
-    ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60))
-        .await;
-    for p in scopes.iter().chain(&["mif"]) {
-        wait_admits(&a, p).await;
-        wait_admits(&b, p).await;
-    }
+    let (a, b) = two_processes(&ctx, events, &["key", "app", "user", "group", "reseller", "mif"]).await;
     for s in scopes {
         let answers = race(&[&a, &b], s, 40, "100").await;
         let allowed = answers.iter().filter(|(st, _)| *st == 200).count();
@@ -192,15 +189,7 @@ async fn a_hold_is_priced_settled_released_expired_kept_while_its_usage_waits_an
     let ctx = TestCtx::new("holdlife").await;
     let mut events = vec![model()];
     events.extend(chain("h", &["key", "app", "group", "reseller"], "1000000", None));
-    let n = ctx.produce_control(events).await;
-    let mut a = ctx.serve();
-    let mut b = ctx.serve();
-    a.ready().await;
-    b.ready().await;
-    ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60))
-        .await;
-    wait_admits(&a, "h").await;
-    wait_admits(&b, "h").await;
+    let (mut a, b) = two_processes(&ctx, events, &["h"]).await;
 
     // Priced from estimated usage: (1000 × 2.5 + 500 × 10) × 0.8 = 6000.
     let (status, ok) = post(&a, &ask_body("h", json!({"usage": {"input_tokens": 1000, "output_tokens": 500}}))).await;
