@@ -15,7 +15,11 @@ async fn usage_debits_every_named_scope_to_the_unit() {
     let ctx = TestCtx::new("units").await;
     let mut svc = ctx.serve();
     svc.ready().await;
-    register_world(&ctx).await;
+    // The prices first: usage consumed before them would wait (and the
+    // counts below are read once the usage is consumed).
+    let n = register_world(&ctx).await;
+    ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60))
+        .await;
     let events = vec![
         // 1200 × 2.5 + 350 × 10 = 6500; × 0.8 = 5200
         usage(

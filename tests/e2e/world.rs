@@ -30,8 +30,9 @@ pub fn grant(id: &str, kind: &str, account: &str, amount: &str) -> Value {
     )
 }
 
-/// A registry where every scope is limited and funded.
-pub async fn register_world(ctx: &TestCtx) {
+/// A registry where every scope is limited and funded; the number of
+/// control events produced.
+pub async fn register_world(ctx: &TestCtx) -> i64 {
     let events = vec![
         control(
             "c-model",
@@ -76,7 +77,7 @@ pub async fn register_world(ctx: &TestCtx) {
         grant("c-g4", "app", "a_1", "2000000"),
         grant("c-g5", "group", "g_1", "10000000"),
     ];
-    ctx.produce_control(events).await;
+    ctx.produce_control(events).await
 }
 
 pub fn usage(id: &str, model: &str, path: &str, status: &str, usage: Value) -> Value {
