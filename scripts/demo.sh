@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The service end to end on local defaults: the stack (Postgres + tansu),
 # `quota-engine serve`, a simulated gateway producing control and usage
-# events, and a summary of balances checked against what the simulator
-# computed. Then the service keeps running until Ctrl-C (DEMO_WAIT=0 to
+# events (asking for admission with a hold before each request), and a
+# summary of balances checked against what the simulator computed (and
+# nothing left held). Then the service keeps running until Ctrl-C (DEMO_WAIT=0 to
 # stop right after the summary); everything started here is stopped.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +23,11 @@ demo() {
   done
   echo "quota-engine serve is up on http://$addr (log: .stack/serve.log)"
   local checked=0
-  "$bin" simulate --users "${DEMO_USERS:-12}" --events "${DEMO_EVENTS:-5000}" --check "$addr" || checked=$?
+  # As a gateway with holds (DEMO_HOLDS=0: without): admission with a hold
+  # per request, the usage event naming it, failed requests released.
+  local holds=--holds
+  [ "${DEMO_HOLDS:-1}" = 1 ] || holds=
+  "$bin" simulate --users "${DEMO_USERS:-12}" --events "${DEMO_EVENTS:-5000}" --check "$addr" $holds || checked=$?
   if ! kill -0 $serve_pid 2>/dev/null; then
     echo "quota-engine serve has stopped; the end of its log (.stack/serve.log):"
     tail -3 "$repo/.stack/serve.log"

@@ -26,6 +26,25 @@ impl Gateway {
         }
     }
 
+    /// Wait (up to a minute) until the service admits `secret`'s requests:
+    /// the registry just produced is applied and in the admission view. A
+    /// gateway sends nothing for keys the service does not know yet.
+    pub async fn wait_for_registry(&self, secret: &str) -> anyhow::Result<()> {
+        let body = json!({"api_key": secret, "client_ip": "203.0.113.7", "model": "gpt-4o", "path": "/v1/chat/completions"});
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let (status, answer) = super::http_json(&self.addr, &self.token, "POST", "/v1/admission", Some(&body)).await?;
+            if status == 200 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the service still refuses the simulated keys after a minute: {answer}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Ask for admission with a hold on the usage's worst case (the
     /// request's output limit: here twice what it will produce, at least
     /// 256 tokens). Returns the event to produce: with the hold's id, or

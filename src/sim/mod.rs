@@ -418,6 +418,11 @@ pub async fn run(
     for s in sends {
         s.await??;
     }
+    if let Some(g) = gateway.as_deref() {
+        for i in 0..args.users {
+            g.wait_for_registry(&format!("sk-{}-{i}", plan.run_id)).await?;
+        }
+    }
     let duration = args.duration_secs.map(Duration::from_secs);
     let started = Instant::now();
     let mut pending = Vec::new();

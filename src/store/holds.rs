@@ -103,7 +103,9 @@ const OPEN_BLOCKS: &str = "SELECT b.kind, b.id, b.active_from, b.expires_at, b.r
 const ADD_TOTALS: &str = "UPDATE hold_totals t SET held = t.held + d.h, in_flight = t.in_flight + d.n \
      FROM unnest($1::text[], $2::text[], $3::numeric[], $4::int[]) d(k, i, h, n) \
      WHERE t.kind = d.k AND t.id = d.i";
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+/// Every payload in one statement, so that none is sent after a COMMIT
+/// pipelined behind it.
+const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p";
 const INSERT_HOLDS: &str = "INSERT INTO holds (hold_id, state, amount, scopes, created_at, expires_at, trace_id) \
      SELECT h.hold_id, 'active', h.amount, h.scopes, h.created_at, h.expires_at, h.trace_id \
      FROM jsonb_to_recordset($1::jsonb) AS h(hold_id text, amount numeric, scopes jsonb, \
@@ -227,10 +229,12 @@ async fn notify_held(
             .collect(),
         ..Default::default()
     };
-    let stmt = tx.prepare_cached(NOTIFY).await?;
-    for payload in changes.payloads() {
-        tx.execute(&stmt, &[&super::view::CHANNEL, &payload]).await?;
+    let payloads = changes.payloads();
+    if payloads.is_empty() {
+        return Ok(());
     }
+    let stmt = tx.prepare_cached(NOTIFY).await?;
+    tx.execute(&stmt, &[&super::view::CHANNEL, &payloads]).await?;
     Ok(())
 }
 
