@@ -260,30 +260,7 @@ async fn decide_http(
     };
     // Steps 13 and 14, where the totals are locked.
     let decision = match decision {
-        Ok((mut body, Some(ask))) => {
-            let key_id = body["key_id"].as_str().map(str::to_string);
-            let ttl_secs = req
-                .hold
-                .as_ref()
-                .and_then(|h| h.ttl_secs)
-                .unwrap_or(st.hold_ttl_secs);
-            let new = crate::store::holds::NewHold {
-                ask,
-                ttl_secs,
-                trace_id: trace_id.clone(),
-            };
-            match st.holds.place(new).await {
-                Ok(Ok(placed)) => {
-                    add_hold(&mut body, &placed, scoped);
-                    Ok(body)
-                }
-                Ok(Err(code)) => Err((code, key_id)),
-                Err(e) => {
-                    tracing::error!(error = %e, trace_id = %trace_id, "hold not placed");
-                    Err((ErrorCode::InternalError, key_id))
-                }
-            }
-        }
+        Ok((body, Some(ask))) => place_hold(&st, &req, body, ask, &trace_id, scoped).await,
         Ok((body, None)) => Ok(body),
         Err(e) => Err(e),
     };
@@ -299,6 +276,41 @@ async fn decide_http(
             ApiError::documented(code)
                 .with_trace(&trace_id)
                 .into_response()
+        }
+    }
+}
+
+/// Place the hold an allowed request asked for (steps 13 and 14, decided
+/// by the store on locked totals) and add it to the answer, or the code
+/// that refused it.
+async fn place_hold(
+    st: &AppState,
+    req: &Request,
+    mut body: Value,
+    ask: crate::admission::hold::Ask,
+    trace_id: &str,
+    scoped: bool,
+) -> Result<Value, (ErrorCode, Option<String>)> {
+    let key_id = body["key_id"].as_str().map(str::to_string);
+    let ttl_secs = req
+        .hold
+        .as_ref()
+        .and_then(|h| h.ttl_secs)
+        .unwrap_or(st.hold_ttl_secs);
+    let new = crate::store::holds::NewHold {
+        ask,
+        ttl_secs,
+        trace_id: trace_id.to_string(),
+    };
+    match st.holds.place(new).await {
+        Ok(Ok(placed)) => {
+            add_hold(&mut body, &placed, scoped);
+            Ok(body)
+        }
+        Ok(Err(code)) => Err((code, key_id)),
+        Err(e) => {
+            tracing::error!(error = %e, trace_id = %trace_id, "hold not placed");
+            Err((ErrorCode::InternalError, key_id))
         }
     }
 }

@@ -394,30 +394,12 @@ pub async fn run(
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     let mut plan = Plan::new(args);
-    // All control events in flight at once (one at a time, each would wait
-    // out the producer's linger: seconds for a few thousand). Their order
-    // does not matter: each entity has one version here, and a grant to an
-    // account not registered yet is applied all the same.
     let control = if args.skip_control {
         Vec::new()
     } else {
         plan.control.clone()
     };
-    let sends: Vec<_> = control
-        .iter()
-        .map(|(key, v)| {
-            let (p, topic, key, payload) = (
-                producer.clone(),
-                topics.control.clone(),
-                key.clone(),
-                v.to_string(),
-            );
-            tokio::spawn(async move { send_payload(&p, &topic, &key, &payload).await })
-        })
-        .collect();
-    for s in sends {
-        s.await??;
-    }
+    send_control(&producer, &topics.control, &control).await?;
     if let Some(g) = gateway.as_deref() {
         for i in 0..args.users {
             g.wait_for_registry(&format!("sk-{}-{i}", plan.run_id)).await?;
@@ -467,6 +449,28 @@ pub async fn run(
         plan.run_id
     );
     Ok(plan.expected)
+}
+
+/// All control events in flight at once (one at a time, each would wait
+/// out the producer's linger: seconds for a few thousand). Their order
+/// does not matter: each entity has one version here, and a grant to an
+/// account not registered yet is applied all the same.
+async fn send_control(
+    producer: &FutureProducer,
+    topic: &str,
+    control: &[(String, Value)],
+) -> anyhow::Result<()> {
+    let sends: Vec<_> = control
+        .iter()
+        .map(|(key, v)| {
+            let (p, topic, key, payload) = (producer.clone(), topic.to_string(), key.clone(), v.to_string());
+            tokio::spawn(async move { send_payload(&p, &topic, &key, &payload).await })
+        })
+        .collect();
+    for s in sends {
+        s.await??;
+    }
+    Ok(())
 }
 
 /// Produce one event, retrying what the broker did not acknowledge for up

@@ -299,41 +299,9 @@ async fn place_on(
     let asks: Vec<Ask> = batch.iter().map(|h| h.ask.clone()).collect();
     let before = totals.clone();
     let answers = place_all(&asks, &mut totals);
-    let mut rows = Vec::new();
-    let mut out = Vec::with_capacity(batch.len());
-    for (h, answer) in batch.iter().zip(answers) {
-        if let Err(code) = answer {
-            out.push(Err(code));
-            continue;
-        }
-        let hold_id = new_hold_id();
-        let expires_at = now + Duration::seconds(i64::from(h.ttl_secs));
-        let scopes: Vec<Value> = h
-            .ask
-            .scopes
-            .iter()
-            .map(|s| json!({"kind": s.kind.as_str(), "id": s.id, "reserved": s.reserved, "counted": s.counted()}))
-            .collect();
-        rows.push(json!({
-            "hold_id": hold_id, "amount": h.ask.amount.to_string(), "scopes": scopes,
-            "created_at": now, "expires_at": expires_at, "trace_id": h.trace_id,
-        }));
-        out.push(Ok(Placed {
-            hold_id,
-            amount: h.ask.amount,
-            expires_at,
-            available: Vec::new(),
-        }));
-    }
+    let (rows, mut out) = new_rows(batch, answers, now);
     if !rows.is_empty() {
-        let delta: BTreeMap<Key, (Decimal, i32)> = totals
-            .iter()
-            .filter_map(|(k, t)| {
-                let b = before.get(k).cloned().unwrap_or_default();
-                let n = t.in_flight as i32 - b.in_flight as i32;
-                (n != 0 || t.held != b.held).then(|| (k.clone(), (t.held - b.held, n)))
-            })
-            .collect();
+        let delta = totals_delta(&before, &totals);
         let rows = Value::Array(rows);
         let insert_stmt = tx.prepare_cached(INSERT_HOLDS).await?;
         let commit = tx.prepare_cached("COMMIT").await?;
@@ -364,6 +332,53 @@ async fn place_on(
         }
     }
     Ok(out)
+}
+
+/// The `holds` rows of the placed asks, and each ask's answer.
+fn new_rows(
+    batch: &[NewHold],
+    answers: Vec<Result<(), ErrorCode>>,
+    now: DateTime<Utc>,
+) -> (Vec<Value>, Vec<Result<Placed, ErrorCode>>) {
+    let mut rows = Vec::new();
+    let mut out = Vec::with_capacity(batch.len());
+    for (h, answer) in batch.iter().zip(answers) {
+        if let Err(code) = answer {
+            out.push(Err(code));
+            continue;
+        }
+        let hold_id = new_hold_id();
+        let expires_at = now + Duration::seconds(i64::from(h.ttl_secs));
+        let scopes: Vec<Value> = h
+            .ask
+            .scopes
+            .iter()
+            .map(|s| json!({"kind": s.kind.as_str(), "id": s.id, "reserved": s.reserved, "counted": s.counted()}))
+            .collect();
+        rows.push(json!({
+            "hold_id": hold_id, "amount": h.ask.amount.to_string(), "scopes": scopes,
+            "created_at": now, "expires_at": expires_at, "trace_id": h.trace_id,
+        }));
+        out.push(Ok(Placed {
+            hold_id,
+            amount: h.ask.amount,
+            expires_at,
+            available: Vec::new(),
+        }));
+    }
+    (rows, out)
+}
+
+/// What moved between `before` and `after`: (held, in flight) per account.
+fn totals_delta(before: &TotalsMap, after: &TotalsMap) -> BTreeMap<Key, (Decimal, i32)> {
+    after
+        .iter()
+        .filter_map(|(k, t)| {
+            let b = before.get(k).cloned().unwrap_or_default();
+            let n = t.in_flight as i32 - b.in_flight as i32;
+            (n != 0 || t.held != b.held).then(|| (k.clone(), (t.held - b.held, n)))
+        })
+        .collect()
 }
 
 /// The scopes a stored hold reserved or counted, as totals deltas.
