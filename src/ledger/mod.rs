@@ -2,6 +2,7 @@
 //! the fold that turns events into ledger entries. Pure: no tokio, no SQL,
 //! no clock.
 
+pub mod cycle;
 pub mod entry;
 pub mod fold;
 pub mod pricing;
