@@ -36,6 +36,9 @@ pub const REGISTRY_CACHE_MAX: usize = 200_000;
 /// take: a pass is one transaction, short enough not to hold account locks
 /// long against the consumers.
 pub const SWEEP_BATCH_MAX: i64 = 500;
+/// The most cycle starts one transaction books (a catch-up over many
+/// missed starts takes several, in order).
+pub const CYCLE_BATCH_MAX: usize = 500;
 /// The sweeper's pause after a pass that found work, found none, or failed.
 pub const SWEEP_PAUSE_BUSY: Duration = Duration::from_millis(10);
 pub const SWEEP_PAUSE_IDLE: Duration = Duration::from_millis(200);

@@ -12,6 +12,8 @@ fn quota(limited: bool) -> QuotaSettings {
         quota_limited: limited,
         quota_expires_at: None,
         max_in_flight: None,
+        quota_cycle: None,
+        expires_after_first_use_secs: None,
     }
 }
 
@@ -23,6 +25,7 @@ pub fn build_view(n: usize) -> (View, Vec<String>) {
         blocks: vec![(t0, None, Decimal::from(1_000_000))],
         debt: Decimal::ZERO,
         held: Decimal::ZERO,
+        first_used_at: None,
     };
     let mut v = View::default();
     for m in 0..5 {

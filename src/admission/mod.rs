@@ -39,6 +39,9 @@ pub struct Ledger {
     pub debt: Decimal,
     /// The amounts of the account's active holds.
     pub held: Decimal,
+    /// When the account's first usage happened (for
+    /// `quota_expires_after_first_use_secs`).
+    pub first_used_at: Option<DateTime<Utc>>,
 }
 
 impl Ledger {
@@ -132,8 +135,25 @@ fn ip_rejected(allow: &[IpRule], deny: &[IpRule], ip: IpAddr) -> bool {
         || (!allow.is_empty() && !allow.iter().any(|r| r.contains(ip)))
 }
 
-fn expired(q: &QuotaSettings, now: DateTime<Utc>) -> bool {
-    q.quota_expires_at.is_some_and(|t| t <= now)
+/// The moment an account's quota expires: its `quota_expires_at`, or its
+/// first usage plus `quota_expires_after_first_use_secs` when that is
+/// earlier (contract, "Expiry counted from first use").
+pub fn quota_expires_at(
+    q: &QuotaSettings,
+    first_used_at: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    let from_use = q
+        .expires_after_first_use_secs
+        .zip(first_used_at)
+        .map(|(secs, t)| t + chrono::Duration::seconds(i64::from(secs)));
+    match (q.quota_expires_at, from_use) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn expired(q: &QuotaSettings, ledger: &Ledger, now: DateTime<Utc>) -> bool {
+    quota_expires_at(q, ledger.first_used_at).is_some_and(|t| t <= now)
 }
 
 /// A scope's own quota: only where limited (a user always is), expired →
@@ -150,7 +170,7 @@ fn quota_check(
     if !(always_limited || q.quota_limited) {
         return Ok(None);
     }
-    if expired(q, now) {
+    if expired(q, ledger, now) {
         return Err(expired_code);
     }
     let available = ledger.available(now);
@@ -365,7 +385,7 @@ pub fn decide<'a>(
     if gq.status == Status::Disabled {
         return Err(GroupDisabled);
     }
-    if expired(gq, now) {
+    if expired(gq, &group_rec.ledger, now) {
         return Err(GroupExpired);
     }
     let group_avail = gq.quota_limited.then(|| group_rec.ledger.available(now));

@@ -24,6 +24,8 @@ fn q(limited: bool, expires: Option<DateTime<Utc>>) -> QuotaSettings {
         quota_limited: limited,
         quota_expires_at: expires,
         max_in_flight: None,
+        quota_cycle: None,
+        expires_after_first_use_secs: None,
     }
 }
 
@@ -32,6 +34,7 @@ fn funded(amount: &str) -> Ledger {
         blocks: vec![(t(0), None, d(amount))],
         debt: Decimal::ZERO,
         held: Decimal::ZERO,
+    first_used_at: None,
     }
 }
 
@@ -298,6 +301,7 @@ fn available_counts_only_blocks_open_now_minus_debt() {
         ],
         debt: d("45"),
         held: Decimal::ZERO,
+        first_used_at: None,
     };
     assert_eq!(l.available(t(4)), d("-15"));
     assert_eq!(l.available(t(6)), d("5"));
@@ -305,6 +309,7 @@ fn available_counts_only_blocks_open_now_minus_debt() {
     // Active holds are not available either.
     let held = Ledger {
         held: d("4"),
+        first_used_at: None,
         ..l
     };
     assert_eq!(held.available(t(6)), d("1"));

@@ -4,6 +4,7 @@
 //! JSON. Pure: no IO, no clock.
 
 mod decimal;
+mod cycle;
 mod decode;
 mod expiry;
 pub mod ip;
@@ -15,6 +16,7 @@ use serde::Serialize;
 
 pub use decimal::{decimal_pattern, parse_decimal};
 pub use decode::{decode, parse_time, usage_members};
+pub use cycle::CycleRecord;
 pub use expiry::{ExpiryCause, ExpiryRecord};
 pub use ip::IpRule;
 pub use json::canonical_hash;
@@ -201,6 +203,11 @@ pub struct QuotaSettings {
     /// Keys, apps and users only: the most active holds that may name the
     /// account at once (contract, "Holds"); None for no limit.
     pub max_in_flight: Option<u32>,
+    /// Credit that renews on a schedule (contract, "Quota cycles").
+    pub quota_cycle: Option<crate::ledger::cycle::QuotaCycle>,
+    /// `quota_expires_after_first_use_secs`: the quota expires this long
+    /// after the account's first applied usage.
+    pub expires_after_first_use_secs: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -288,6 +295,9 @@ pub enum GrantCategory {
     Paid,
     Promotional,
     Refund,
+    /// A quota cycle's block (the service books it; no producer's grant
+    /// may use it).
+    Cycle,
 }
 
 impl GrantCategory {
@@ -296,6 +306,7 @@ impl GrantCategory {
             GrantCategory::Paid => "paid",
             GrantCategory::Promotional => "promotional",
             GrantCategory::Refund => "refund",
+            GrantCategory::Cycle => "cycle",
         }
     }
 
@@ -304,6 +315,7 @@ impl GrantCategory {
             GrantCategory::Paid,
             GrantCategory::Promotional,
             GrantCategory::Refund,
+            GrantCategory::Cycle,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)

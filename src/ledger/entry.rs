@@ -18,16 +18,21 @@ pub enum EntryType {
     Expiry,
     Reversal,
     GrantVoid,
+    /// Unused credit of a cycle block carried into the next cycle's block:
+    /// a pair, − on the old block and + on the new (contract, "Quota
+    /// cycles").
+    Rollover,
 }
 
 impl EntryType {
-    pub const ALL: [EntryType; 6] = [
+    pub const ALL: [EntryType; 7] = [
         EntryType::Grant,
         EntryType::Usage,
         EntryType::Adjustment,
         EntryType::Expiry,
         EntryType::Reversal,
         EntryType::GrantVoid,
+        EntryType::Rollover,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +43,7 @@ impl EntryType {
             EntryType::Expiry => "expiry",
             EntryType::Reversal => "reversal",
             EntryType::GrantVoid => "grant_void",
+            EntryType::Rollover => "rollover",
         }
     }
 }

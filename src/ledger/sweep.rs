@@ -47,7 +47,7 @@ pub fn available(
 pub struct Block {
     pub block_id: String,
     pub account: AccountRef,
-    /// `grant`, `adjustment` or `reversal`.
+    /// `grant`, `adjustment`, `reversal` or `cycle`.
     pub source: &'static str,
     pub category: Option<GrantCategory>,
     pub effective_at: DateTime<Utc>,
@@ -62,12 +62,17 @@ pub struct Block {
     pub void_amount: Decimal,
     /// What the finalized expiry entry took, once it fired.
     pub expired_amount: Option<Decimal>,
+    /// A cycle block: the most of its remainder that moves into the next
+    /// cycle's block at its expiry finalization (0 for other blocks), and
+    /// what moved (also part of its amount leaving at finalization).
+    pub rollover_cap: Decimal,
+    pub rolled_out: Decimal,
     pub dirty: bool,
 }
 
 impl Block {
     /// What can make a block: a grant, a positive adjustment, a reversal.
-    pub const SOURCES: [&'static str; 3] = ["grant", "adjustment", "reversal"];
+    pub const SOURCES: [&'static str; 4] = ["grant", "adjustment", "reversal", "cycle"];
 
     /// The block source named by stored text.
     pub fn source_named(s: &str) -> Option<&'static str> {
@@ -135,6 +140,8 @@ pub struct AccountState {
     /// (all blocks when resweeping).
     pub blocks: Vec<Block>,
     pub hwm: Option<DateTime<Utc>>,
+    /// The `occurred_at` of the account's first applied usage.
+    pub first_used_at: Option<DateTime<Utc>>,
     pub needs_resweep: bool,
     pub dirty: bool,
     /// Every block boundary, sorted; rebuilt when blocks change.
@@ -152,6 +159,7 @@ impl AccountState {
             last_hash: [0; 32],
             blocks: Vec::new(),
             hwm: None,
+            first_used_at: None,
             needs_resweep: false,
             dirty: false,
             boundaries: None,
@@ -403,10 +411,11 @@ pub fn resweep(
             }
         }
         if let Some(x) = b.expired_amount {
-            if x != b.remaining {
+            // What left at finalization: the expiry, and what rolled over.
+            if x + b.rolled_out != b.remaining {
                 return Err(format!(
-                    "account {}: block {} expired with {} but the sweep leaves it {}",
-                    acct.account, b.block_id, x, b.remaining
+                    "account {}: block {} expired with {} (and rolled over {}) but the sweep leaves it {}",
+                    acct.account, b.block_id, x, b.rolled_out, b.remaining
                 ));
             }
             b.remaining = Decimal::ZERO;

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::clock::system_clock;
 use crate::event::{self, AccountRef};
-use crate::event::{ExpiryCause, ExpiryRecord};
+use crate::event::{CycleRecord, ExpiryCause, ExpiryRecord};
 use crate::ledger::fold::{Input, Source};
 use crate::store::{self, finance, LedgerSink};
 
@@ -77,7 +77,7 @@ impl OrderedReplay {
 
     pub async fn push(&mut self, e: Exported) -> anyhow::Result<()> {
         let same_moment = self.batch.last().is_none_or(|l| {
-            l.applied_at == e.applied_at && (l.event_type == "expiry") == (e.event_type == "expiry")
+            l.applied_at == e.applied_at && service_record(l) == service_record(&e)
         });
         if !same_moment || self.batch.len() >= crate::limits::REPLAY_BATCH_MAX {
             self.flush().await?;
@@ -92,6 +92,9 @@ impl OrderedReplay {
             return Ok(());
         };
         let now = first.applied_at;
+        if first.event_type == "cycle" {
+            return self.book_cycles(&batch, now).await;
+        }
         if first.event_type == "expiry" {
             let due: Vec<_> = batch
                 .iter()
@@ -144,6 +147,36 @@ impl OrderedReplay {
         }
         Ok(())
     }
+}
+
+impl OrderedReplay {
+    /// Book recorded cycle starts again at the moment they were booked.
+    async fn book_cycles(&mut self, batch: &[Exported], now: DateTime<Utc>) -> anyhow::Result<()> {
+        let due: Vec<CycleRecord> = batch
+            .iter()
+            .map(|e| CycleRecord::from_json(&e.payload))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let fx = self
+            .sink
+            .book_cycles_at(&due, now)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let booked: HashSet<&str> = fx.applied.iter().map(|a| a.event_id.as_str()).collect();
+        for e in batch {
+            if !booked.contains(e.event_id.as_str()) {
+                self.not_applied
+                    .push(json!({"event_id": e.event_id, "why": "the cycle start was booked already"}));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records the service made for itself replay apart from events, each kind
+/// in batches of its own: expiry finalizations, cycle starts.
+fn service_record(e: &Exported) -> Option<&str> {
+    matches!(e.event_type.as_str(), "expiry" | "cycle").then_some(e.event_type.as_str())
 }
 
 /// Replay from the applied-event store of `source`.

@@ -26,6 +26,9 @@ pub struct BalanceView {
     pub in_flight: Option<i64>,
     pub limited: bool,
     pub expires_at: Option<DateTime<Utc>>,
+    /// When the account's first usage happened (it starts
+    /// `quota_expires_after_first_use_secs`).
+    pub first_used_at: Option<DateTime<Utc>>,
     /// Null while the account is unregistered.
     pub status: Option<&'static str>,
     pub registered: bool,
@@ -70,7 +73,7 @@ pub async fn balance(
     let client = pool.get().await?;
     let Some(row) = client
         .query_opt(
-            "SELECT registered, balance, debt FROM accounts WHERE kind = $1 AND id = $2",
+            "SELECT registered, balance, debt, first_used_at FROM accounts WHERE kind = $1 AND id = $2",
             &[&account.kind.as_str(), &account.id],
         )
         .await?
@@ -78,6 +81,7 @@ pub async fn balance(
         return Ok(None);
     };
     let registered: bool = row.get(0);
+    let first_used_at: Option<DateTime<Utc>> = row.get(3);
     let moment = at.unwrap_or(now);
     let reg = entity_versions(pool, EntityKind::Account(account.kind), &account.id).await?;
     let version = reg.at(EntityKind::Account(account.kind), &account.id, moment);
@@ -126,7 +130,8 @@ pub async fn balance(
         held: held.map(|(h, _)| h.normalize().to_string()),
         in_flight: held.map(|(_, n)| n),
         limited,
-        expires_at: quota.and_then(|q| q.quota_expires_at),
+        expires_at: quota.and_then(|q| crate::admission::quota_expires_at(q, first_used_at)),
+        first_used_at,
         status: quota.map(|q| q.status.as_str()),
         registered,
         as_of: moment,

@@ -226,6 +226,19 @@ impl LedgerSink {
         Ok(fx)
     }
 
+    /// Book recorded cycle starts again, as of `now` (a replay).
+    pub async fn book_cycles_at(
+        &self,
+        due: &[crate::event::CycleRecord],
+        now: DateTime<Utc>,
+    ) -> Result<Effects, ApplyError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let fx = crate::store::jobs::book(&tx, due, now, self.windows(), None).await?;
+        tx.commit().await?;
+        Ok(fx)
+    }
+
     /// Fire recorded expiry finalizations again, as of `now` (a replay).
     pub async fn fire_expiries(
         &self,

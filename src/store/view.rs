@@ -136,7 +136,7 @@ async fn ledgers(
     let mut out: LedgerRows = HashMap::new();
     let accounts = client
         .query(
-            &format!("SELECT x.kind, x.id, x.debt FROM {}", from("accounts")),
+            &format!("SELECT x.kind, x.id, x.debt, x.first_used_at FROM {}", from("accounts")),
             &[&kinds, &ids],
         )
         .await?;
@@ -150,6 +150,7 @@ async fn ledgers(
                 blocks: Vec::new(),
                 debt: r.get(2),
                 held: Decimal::ZERO,
+                first_used_at: r.get(3),
             },
         );
     }

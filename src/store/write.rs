@@ -123,11 +123,12 @@ async fn write_accounts(
     let cnt: Vec<i64> = dirty.iter().map(|a| a.seq).collect();
     let hashes: Vec<&[u8]> = dirty.iter().map(|a| a.last_hash.as_slice()).collect();
     let hwm: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|a| a.hwm).collect();
+    let first: Vec<Option<DateTime<Utc>>> = dirty.iter().map(|a| a.first_used_at).collect();
     tx.execute(
-        "UPDATE accounts a SET registered = u.r, balance = u.b, debt = u.d, entry_count = u.c, last_hash = u.h, hwm = u.w, updated_at = $9
-         FROM unnest($1::text[], $2::text[], $3::bool[], $4::numeric[], $5::numeric[], $6::bigint[], $7::bytea[], $8::timestamptz[]) AS u(k, i, r, b, d, c, h, w)
+        "UPDATE accounts a SET registered = u.r, balance = u.b, debt = u.d, entry_count = u.c, last_hash = u.h, hwm = u.w, first_used_at = u.f, updated_at = $9
+         FROM unnest($1::text[], $2::text[], $3::bool[], $4::numeric[], $5::numeric[], $6::bigint[], $7::bytea[], $8::timestamptz[], $10::timestamptz[]) AS u(k, i, r, b, d, c, h, w, f)
          WHERE a.kind = u.k AND a.id = u.i",
-        &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &hwm, &now],
+        &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &hwm, &now, &first],
     )
     .await?;
     let blocks: Vec<&Block> = dirty
@@ -158,11 +159,13 @@ async fn write_blocks(tx: &Transaction<'_>, blocks: &[&Block]) -> Result<(), App
     let vat: Vec<Option<DateTime<Utc>>> = blocks.iter().map(|b| b.voided_at).collect();
     let vam: Vec<Decimal> = blocks.iter().map(|b| b.void_amount).collect();
     let xam: Vec<Option<Decimal>> = blocks.iter().map(|b| b.expired_amount).collect();
+    let cap: Vec<Decimal> = blocks.iter().map(|b| b.rollover_cap).collect();
+    let rol: Vec<Decimal> = blocks.iter().map(|b| b.rolled_out).collect();
     tx.execute(
-        "INSERT INTO credit_blocks (kind, id, block_id, source, category, effective_at, expires_at, amount, remaining, active_from, voided_at, void_amount, expired_amount, voided)
-         SELECT *, v IS NOT NULL FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::timestamptz[], $12::numeric[], $13::numeric[]) AS u(k, i, b, s, c, e, x, a, r, af, v, va, xa)
-         ON CONFLICT (kind, id, block_id) DO UPDATE SET remaining = excluded.remaining, expires_at = excluded.expires_at, voided = excluded.voided, voided_at = excluded.voided_at, void_amount = excluded.void_amount, expired_amount = excluded.expired_amount",
-        &[&kinds, &ids, &bids, &src, &cat, &eff, &exp, &amt, &rem, &act, &vat, &vam, &xam],
+        "INSERT INTO credit_blocks (kind, id, block_id, source, category, effective_at, expires_at, amount, remaining, active_from, voided_at, void_amount, expired_amount, rollover_cap, rolled_out, voided)
+         SELECT *, v IS NOT NULL FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::numeric[], $9::numeric[], $10::timestamptz[], $11::timestamptz[], $12::numeric[], $13::numeric[], $14::numeric[], $15::numeric[]) AS u(k, i, b, s, c, e, x, a, r, af, v, va, xa, rc, ro)
+         ON CONFLICT (kind, id, block_id) DO UPDATE SET amount = excluded.amount, remaining = excluded.remaining, expires_at = excluded.expires_at, voided = excluded.voided, voided_at = excluded.voided_at, void_amount = excluded.void_amount, expired_amount = excluded.expired_amount, rolled_out = excluded.rolled_out",
+        &[&kinds, &ids, &bids, &src, &cat, &eff, &exp, &amt, &rem, &act, &vat, &vam, &xam, &cap, &rol],
     )
     .await?;
     Ok(())

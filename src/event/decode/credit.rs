@@ -24,7 +24,7 @@ pub(super) fn grant(f: &Fields, occurred_at: DateTime<Utc>) -> R<Grant> {
         },
         category: match f.opt_text("category")?.as_deref() {
             None => GrantCategory::Paid,
-            Some(o) => GrantCategory::parse(o).ok_or_else(|| {
+            Some(o) => GrantCategory::parse(o).filter(|c| *c != GrantCategory::Cycle).ok_or_else(|| {
                 schema(format!(
                     "`category` must be paid, promotional or refund, not `{o}`"
                 ))

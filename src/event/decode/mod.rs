@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 mod credit;
+mod cycle;
 mod fields;
 mod registry;
 mod usage;

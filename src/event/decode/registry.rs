@@ -53,6 +53,11 @@ fn quota(f: &Fields, always_limited: bool) -> R<QuotaSettings> {
     };
     Ok(QuotaSettings {
         max_in_flight,
+        quota_cycle: super::cycle::quota_cycle(f)?,
+        expires_after_first_use_secs: f.opt_count(
+            "quota_expires_after_first_use_secs",
+            super::cycle::MAX_FIRST_USE_SECS,
+        )?,
         status: f.status()?,
         quota_limited: if always_limited {
             true

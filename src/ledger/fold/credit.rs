@@ -29,6 +29,8 @@ pub(super) fn grant(cx: &mut Cx, g: &Grant) -> Outcome {
         voided_at: None,
         void_amount: Decimal::ZERO,
         expired_amount: None,
+        rollover_cap: Decimal::ZERO,
+        rolled_out: Decimal::ZERO,
         dirty: true,
     };
     cx.account(&g.account).add_block(block);
@@ -228,6 +230,8 @@ fn credit_block(
         voided_at: None,
         void_amount: Decimal::ZERO,
         expired_amount: None,
+        rollover_cap: Decimal::ZERO,
+        rolled_out: Decimal::ZERO,
         dirty: true,
     }
 }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use super::{post, AppliedEvent, Draft, Effects, EntryType, FoldState, Origin};
+use super::{cycle, post, AppliedEvent, Draft, Effects, EntryType, FoldState, Origin};
 use crate::event::{canonical_hash, migrated_block_id, AccountRef, ExpiryCause, ExpiryRecord};
 
 /// Finalize expiries: one `expiry` entry for exactly what each named block
@@ -61,13 +61,14 @@ fn expire_one(
         return;
     };
     let legacy = migrated_block_id(block_id);
-    let Some(b) = acct
+    let Some(i) = acct
         .blocks
-        .iter_mut()
-        .find(|b| b.block_id == block_id || Some(&b.block_id) == legacy.as_ref())
+        .iter()
+        .position(|b| b.block_id == block_id || Some(&b.block_id) == legacy.as_ref())
     else {
         return;
     };
+    let b = &acct.blocks[i];
     let left = b.remaining;
     let at = match cause {
         ExpiryCause::Block => match b.expires_at {
@@ -79,14 +80,30 @@ fn expire_one(
     if b.voided_at.is_some() || b.expired_amount.is_some() {
         return;
     }
+    let block_id = b.block_id.clone();
+    // A cycle block's rollover goes first (its entries carry the expiry
+    // record's id); the rest expires.
+    let rolled = match cause {
+        ExpiryCause::Block => {
+            let id = ExpiryRecord::event_id(acct_ref, &block_id, cause);
+            cycle::roll_over(state, fx, acct_ref, i, left, (&id, at), now)
+        }
+        ExpiryCause::Account { .. } => Decimal::ZERO,
+    };
+    let left = left - rolled;
     let recorded = recorded(ExpiryRecord {
         account: acct_ref,
-        block_id: &b.block_id,
+        block_id: &block_id,
         cause,
         amount: left,
         expires_at: at,
         fired_at: now,
     });
+    let acct = state
+        .accounts
+        .get_mut(acct_ref)
+        .expect("the account was found above");
+    let b = &mut acct.blocks[i];
     if left <= Decimal::ZERO {
         // Nothing left once the sweep reached the cutoff (the block was
         // spent, or repaid debt when it opened): recorded all the same,

@@ -15,9 +15,12 @@
 //! one file here, one dispatch line.
 
 mod credit;
+mod cycle;
 mod effects;
 mod expiry;
 mod resweep;
+#[cfg(test)]
+mod cycle_tests;
 #[cfg(test)]
 mod tests;
 mod upsert;
@@ -34,6 +37,7 @@ use crate::event::*;
 pub use super::entry::{entry_hash, Detail, Entry, EntryType};
 pub use super::sweep::{resweep, AccountState, Block};
 pub use effects::{AppliedEvent, Counts, Effects, NewVersion, Quarantined, Resolution, WaitingOn};
+pub use cycle::book_cycles;
 pub use expiry::expire_blocks;
 pub use resweep::settle;
 

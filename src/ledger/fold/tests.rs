@@ -50,7 +50,7 @@ fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn input(offset: i64, json: &str) -> Input {
+pub(super) fn input(offset: i64, json: &str) -> Input {
     let bytes = json.as_bytes().to_vec();
     Input {
         source: Source {
@@ -69,10 +69,10 @@ fn now() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
 }
 
-const MODEL: &str = r#"{"event_id":"c-m","type":"model.upserted","schema_version":1,"occurred_at":"2026-11-27T09:00:00Z","id":"gpt-4o","status":"enabled","prices":[{"path":"*","input":"2.5","output":"10"}]}"#;
-const GROUP: &str = r#"{"event_id":"c-g","type":"group.upserted","schema_version":1,"occurred_at":"2026-11-27T09:00:00Z","id":"g_1","status":"enabled","quota_limited":false,"quota_expires_at":null,"discount":"0.8","models":[]}"#;
+pub(super) const MODEL: &str = r#"{"event_id":"c-m","type":"model.upserted","schema_version":1,"occurred_at":"2026-11-27T09:00:00Z","id":"gpt-4o","status":"enabled","prices":[{"path":"*","input":"2.5","output":"10"}]}"#;
+pub(super) const GROUP: &str = r#"{"event_id":"c-g","type":"group.upserted","schema_version":1,"occurred_at":"2026-11-27T09:00:00Z","id":"g_1","status":"enabled","quota_limited":false,"quota_expires_at":null,"discount":"0.8","models":[]}"#;
 const GRANT: &str = r#"{"event_id":"c-gr","type":"quota.granted","schema_version":1,"occurred_at":"2026-11-27T09:00:01Z","grant_id":"gr-1","account":{"kind":"user","id":"u_1"},"amount":"10000","expires_at":null}"#;
-const USAGE: &str = r#"{"event_id":"u-1","type":"usage","schema_version":1,"occurred_at":"2026-11-27T10:00:00Z","key_id":"k_1","app_id":"a_1","user_id":"u_1","reseller_id":null,"group_id":"g_1","model":"gpt-4o","path":"/v1/chat/completions","status":"success","usage":{"input_tokens":1200,"output_tokens":350}}"#;
+pub(super) const USAGE: &str = r#"{"event_id":"u-1","type":"usage","schema_version":1,"occurred_at":"2026-11-27T10:00:00Z","key_id":"k_1","app_id":"a_1","user_id":"u_1","reseller_id":null,"group_id":"g_1","model":"gpt-4o","path":"/v1/chat/completions","status":"success","usage":{"input_tokens":1200,"output_tokens":350}}"#;
 
 #[test]
 fn given_prices_and_credit_when_usage_then_every_named_ledger_is_debited() {

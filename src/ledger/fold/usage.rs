@@ -46,10 +46,14 @@ pub(super) fn apply(cx: &mut Cx, u: &UsageEvent) -> Outcome {
         return overflow(a);
     }
     let mut postings = Vec::new();
+    let occurred_at = cx.ev.occurred_at;
     for (acct_ref, amount, limited) in legs {
+        let acct = cx.account(&acct_ref);
         if !amount.is_zero() {
-            cx.account(&acct_ref).debit(priced.charge, sweep_t);
+            acct.debit(priced.charge, sweep_t);
         }
+        // First by applied order: a later usage dated earlier moves nothing.
+        acct.first_used_at.get_or_insert(occurred_at);
         cx.post(
             &acct_ref,
             Draft {

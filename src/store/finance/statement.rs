@@ -25,6 +25,10 @@ pub struct Summary {
     pub adjustments: String,
     pub reversals: String,
     pub voids: String,
+    /// Cycle rollovers: each is a pair (− on the old cycle block, + on the
+    /// new), so within one account this is 0 unless a pair straddles the
+    /// period's edge.
+    pub rollovers: String,
     pub closing_balance: String,
     pub entries: i64,
     pub ties_out: bool,
@@ -83,7 +87,8 @@ pub async fn summary(pool: &Pool, a: &AccountRef, p: Period) -> anyhow::Result<S
                 &[&kind, &id, &p.from, &p.to],
             )
             .await?;
-        let mut m: BTreeMap<String, String> = ["paid", "promotional", "refund"]
+        // Cycle blocks' breakage is counted under `cycle`: not revenue.
+        let mut m: BTreeMap<String, String> = ["paid", "promotional", "refund", "cycle"]
             .iter()
             .map(|c| (c.to_string(), "0".to_string()))
             .collect();
@@ -103,6 +108,7 @@ pub async fn summary(pool: &Pool, a: &AccountRef, p: Period) -> anyhow::Result<S
         adjustments: dec(get(EntryType::Adjustment)),
         reversals: dec(get(EntryType::Reversal)),
         voids: dec(get(EntryType::GrantVoid)),
+        rollovers: dec(get(EntryType::Rollover)),
         closing_balance: dec(closing),
         entries: n,
         ties_out,

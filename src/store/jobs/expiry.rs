@@ -44,9 +44,12 @@ impl LedgerSink {
             rows.extend(
                 tx.query(
                     "SELECT b.kind, b.id, b.block_id, r.qx FROM credit_blocks b JOIN (
-                         SELECT DISTINCT ON (kind, id) kind, id, (payload->>'quota_expires_at')::timestamptz AS qx FROM registry_versions
-                         WHERE kind IN ('key', 'app', 'user', 'group', 'reseller') AND effective_from <= $1
-                         ORDER BY kind, id, effective_from DESC, version_seq DESC) r ON r.kind = b.kind AND r.id = b.id
+                         SELECT DISTINCT ON (v.kind, v.id) v.kind, v.id,
+                                least((v.payload->>'quota_expires_at')::timestamptz,
+                                      a.first_used_at + (v.payload->>'quota_expires_after_first_use_secs')::bigint * interval '1 second') AS qx
+                         FROM registry_versions v LEFT JOIN accounts a ON a.kind = v.kind AND a.id = v.id
+                         WHERE v.kind IN ('key', 'app', 'user', 'group', 'reseller') AND v.effective_from <= $1
+                         ORDER BY v.kind, v.id, v.effective_from DESC, v.version_seq DESC) r ON r.kind = b.kind AND r.id = b.id
                      WHERE r.qx <= $2 AND b.remaining > 0 AND b.voided_at IS NULL AND b.expired_amount IS NULL
                        AND (b.expires_at IS NULL OR b.expires_at > r.qx + $5 * interval '1 second')
                      ORDER BY b.kind, b.id, b.block_id LIMIT $4",

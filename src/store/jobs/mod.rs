@@ -3,10 +3,13 @@
 //! re-drive. Each pass is one transaction of its own, with the consumers'
 //! lock order.
 
+mod cycle;
 mod expiry;
 mod redrive;
 mod retry;
 
+pub(crate) use cycle::book;
+pub use cycle::CycleCache;
 pub(crate) use expiry::expire_due;
 
 use crate::limits;
@@ -20,7 +23,24 @@ pub async fn run_quarantine_sweeper(
     expire_balance_after: Option<chrono::Duration>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut cycles = CycleCache::default();
     loop {
+        // Cycle starts before expiries: a cycle block's finalization rolls
+        // over into the next cycle's block, which must be booked by then.
+        loop {
+            match sink.book_due_cycles(&mut cycles, limits::CYCLE_BATCH_MAX).await {
+                Ok((0, _)) => break,
+                Ok((due, booked)) => tracing::info!(due, booked, "cycle starts booked"),
+                Err(ApplyError::Invariant(m)) => {
+                    tracing::error!(error = %m, "broken ledger invariant while booking cycles; stopping the sweeper");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, "booking cycle starts failed");
+                    break;
+                }
+            }
+        }
         match sink
             .finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX)
             .await
