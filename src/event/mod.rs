@@ -9,6 +9,7 @@ mod decode;
 mod expiry;
 pub mod ip;
 mod json;
+mod quota_cycle;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -19,6 +20,7 @@ pub use decode::{decode, parse_time, usage_members};
 pub use cycle::CycleRecord;
 pub use expiry::{ExpiryCause, ExpiryRecord};
 pub use ip::IpRule;
+pub use quota_cycle::{Mode, Period, QuotaCycle, Schedule, MAX_EVERY};
 pub use json::canonical_hash;
 
 /// The five scopes that have ledgers.
@@ -204,7 +206,7 @@ pub struct QuotaSettings {
     /// account at once (contract, "Holds"); None for no limit.
     pub max_in_flight: Option<u32>,
     /// Credit that renews on a schedule (contract, "Quota cycles").
-    pub quota_cycle: Option<crate::ledger::cycle::QuotaCycle>,
+    pub quota_cycle: Option<QuotaCycle>,
     /// `quota_expires_after_first_use_secs`: the quota expires this long
     /// after the account's first applied usage.
     pub expires_after_first_use_secs: Option<u32>,

@@ -5,7 +5,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{schema, Fields, R};
-use crate::ledger::cycle::{Mode, Period, QuotaCycle, MAX_EVERY};
+use crate::event::{Mode, Period, QuotaCycle, MAX_EVERY};
 
 /// The longest `quota_expires_after_first_use_secs` (100 years).
 pub const MAX_FIRST_USE_SECS: u32 = 3_155_760_000;
