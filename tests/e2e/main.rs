@@ -6,6 +6,7 @@ mod access;
 mod admission;
 mod billing;
 mod common;
+mod cycles;
 mod deadletter;
 mod faults;
 mod finance;
