@@ -22,3 +22,8 @@ ALTER TABLE ledger_entry_rows ADD CONSTRAINT ledger_entries_entry_type_check
 -- Expiry counted from first use: the `occurred_at` of the account's first
 -- applied usage (by applied order).
 ALTER TABLE accounts ADD COLUMN first_used_at timestamptz;
+
+-- The cycle job reloads the versions of accounts that have (or had) a
+-- cycle whenever the registry changes.
+CREATE INDEX registry_versions_cycles ON registry_versions (kind, id)
+    WHERE jsonb_typeof(payload->'quota_cycle') = 'object';

@@ -134,6 +134,23 @@ fn write_schema(
     }
 }
 
+/// `quota_cycle` (contract, "Quota cycles").
+fn quota_cycle() -> Value {
+    let every = json!({"type": "integer", "minimum": 1, "maximum": crate::event::MAX_EVERY});
+    object(
+        vec![
+            ("amount", decimal()),
+            ("period", json!({"type": "string", "enum": ["hour", "day", "week", "month"]})),
+            ("every", nullable(every)),
+            ("mode", nullable(json!({"type": "string", "enum": ["natural", "relative"]}))),
+            ("anchor", nullable(time())),
+            ("timezone", nullable(json!({"type": "string", "maxLength": 64, "description": "IANA time zone name (natural mode; default UTC)"}))),
+            ("rollover", nullable(decimal())),
+        ],
+        &["amount", "period"],
+    )
+}
+
 /// An entity type's fields, with their schemas (`id` is the path's).
 fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static str]) {
     let quota = |limited: bool| {
@@ -141,6 +158,11 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
             ("status", status_enum()),
             ("quota_expires_at", nullable(time())),
             ("effective_from", nullable(time())),
+            ("quota_cycle", nullable(quota_cycle())),
+            (
+                "quota_expires_after_first_use_secs",
+                nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "the quota expires this long after the account's first applied usage (an earlier quota_expires_at wins)"})),
+            ),
         ];
         if limited {
             v.push(("quota_limited", json!({"type": "boolean"})));

@@ -175,7 +175,10 @@ impl Schedule<'_> {
 
     /// The start after start `s`.
     pub fn next_after(&self, s: DateTime<Utc>) -> DateTime<Utc> {
-        self.first_at_or_after(s + Duration::nanoseconds(1))
+        match s.checked_add_signed(Duration::nanoseconds(1)) {
+            Some(t) => self.first_at_or_after(t),
+            None => DateTime::<Utc>::MAX_UTC,
+        }
     }
 
     /// The length of a relative step, when it is fixed (all but months).

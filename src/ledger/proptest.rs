@@ -1,6 +1,7 @@
 //! Property test of the billing rules: random grants (with and without
 //! expiry and `effective_at`), usage (some beyond all credit), adjustments,
-//! reversals and voids, applied in many random arrival orders and batch
+//! reversals, voids and quota cycles (booked, rolled over and finalized),
+//! applied in many random arrival orders and batch
 //! splits within the lateness window, through the same fold, resweep and
 //! expiry code the store runs. Every order must give identical balances,
 //! debts, block remainders, void and expiry amounts; and on every account
@@ -172,8 +173,12 @@ impl Harness {
             let _ = &raw;
         }
         self.entries.extend(fx.entries);
-        // What the store does after the fold: resweep the flagged accounts
-        // from their whole history of debits.
+        self.resweep(now);
+    }
+
+    /// What the store does after the fold: resweep the flagged accounts
+    /// from their whole history of debits.
+    fn resweep(&mut self, now: DateTime<Utc>) {
         let mut debits: HashMap<AccountRef, Vec<(DateTime<Utc>, Decimal)>> = HashMap::new();
         for e in &self.entries {
             if let Some(debit) = e.sweep_debit() {
@@ -224,13 +229,50 @@ impl Harness {
                     .map(|b| (a.account.clone(), b.block_id.clone(), ExpiryCause::Block))
             })
             .collect();
-        let fx = expire_blocks(&mut self.st, &due, now).expect("expiry keeps its invariants");
+        // As the sweeper does: again after each resweep, until nothing
+        // more fires (a rollover onto a block that ran out defers that
+        // block's own finalization until its usage is re-attributed).
+        loop {
+            let fx = expire_blocks(&mut self.st, &due, now).expect("expiry keeps its invariants");
+            let fired = fx.applied.len();
+            self.entries.extend(fx.entries);
+            self.resweep(now);
+            if fired == 0 {
+                return;
+            }
+        }
+    }
+
+    /// The cycle job: book cycle starts (in order), then resweep.
+    fn book(&mut self, cycles: &[CycleRecord], now: DateTime<Utc>) {
+        let fx = book_cycles(&mut self.st, cycles, now).expect("booking keeps its invariants");
         self.entries.extend(fx.entries);
+        self.resweep(now);
     }
 }
 
-/// Per block: (remaining, void amount, expired amount).
-type Blocks = BTreeMap<String, (Decimal, Decimal, Option<Decimal>)>;
+/// Up to three consecutive cycles of 100 seconds on one account, each with
+/// a random amount and rollover cap.
+fn cycles(rng: &mut Rng) -> Vec<CycleRecord> {
+    let account = if rng.chance(50) {
+        AccountRef::new(AccountKind::User, "u1")
+    } else {
+        AccountRef::new(AccountKind::App, "a1")
+    };
+    let first = rng.below(600) as i64;
+    (0..rng.below(4) as i64)
+        .map(|k| CycleRecord {
+            account: account.clone(),
+            start: t0() + Duration::seconds(first + 100 * k),
+            expires_at: t0() + Duration::seconds(first + 100 * (k + 1)),
+            amount: Decimal::new(1 + rng.below(20000) as i64, 2),
+            rollover: Decimal::new(rng.below(6000) as i64, 2),
+        })
+        .collect()
+}
+
+/// Per block: (remaining, void amount, expired amount, rolled out).
+type Blocks = BTreeMap<String, (Decimal, Decimal, Option<Decimal>, Decimal)>;
 
 #[derive(Debug, PartialEq)]
 struct Outcome {
@@ -240,13 +282,21 @@ struct Outcome {
     sums: BTreeMap<(String, &'static str), Decimal>,
 }
 
-fn run(registry: &[String], events: &[String], rng: &mut Rng) -> Outcome {
+/// Apply the events in batches of random size; the cycle starts are booked
+/// in order, each at a random point between batches (as the cycle job
+/// would, whatever has arrived).
+fn run(registry: &[String], events: &[String], cycles: &[CycleRecord], rng: &mut Rng) -> Outcome {
     let mut h = Harness::new();
     let now = t0() + Duration::seconds(900);
     let inputs: Vec<Input> = registry.iter().map(|j| h.input(j, None)).collect();
     h.batch(inputs, now);
     let mut i = 0;
+    let mut booked = 0;
     while i < events.len() {
+        if booked < cycles.len() && rng.chance(30) {
+            h.book(&cycles[booked..booked + 1], now);
+            booked += 1;
+        }
         let n = 1 + rng.below(4) as usize;
         let inputs: Vec<Input> = events[i..(i + n).min(events.len())]
             .iter()
@@ -258,6 +308,7 @@ fn run(registry: &[String], events: &[String], rng: &mut Rng) -> Outcome {
         }
         i += n;
     }
+    h.book(&cycles[booked..], now);
     h.retry(now);
     assert!(
         h.waiting.is_empty(),
@@ -288,7 +339,7 @@ fn outcome(h: &Harness) -> Outcome {
             .map(|b| {
                 (
                     b.block_id.clone(),
-                    (b.remaining, b.void_amount, b.expired_amount),
+                    (b.remaining, b.void_amount, b.expired_amount, b.rolled_out),
                 )
             })
             .collect();
@@ -307,7 +358,8 @@ fn outcome(h: &Harness) -> Outcome {
             + sum("expiry")
             + sum("grant_void")
             + sum("adjustment")
-            + sum("reversal");
+            + sum("reversal")
+            + sum("rollover");
         assert_eq!(
             identity, a.balance,
             "entries of {} do not add up to its balance",
@@ -340,6 +392,7 @@ fn seeds() -> u64 {
 fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
     let seeds = seeds();
     let mut flagged_any = 0;
+    let mut with_cycles = 0;
     let only: Option<u64> = std::env::var("QUOTA_PROPTEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -349,6 +402,7 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
         }
         let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
         let (registry, events) = scenario(&mut rng);
+        let cycles = cycles(&mut rng);
         // Reference: the events in time order.
         let mut sorted = events.clone();
         sorted.sort_by_key(|j| {
@@ -362,7 +416,7 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
                 eprintln!("{e}");
             }
         }
-        let reference = run(&registry, &sorted, &mut rng);
+        let reference = run(&registry, &sorted, &cycles, &mut rng);
         for order in 0..12 {
             let mut shuffled = events.clone();
             rng.shuffle(&mut shuffled);
@@ -380,7 +434,7 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
                         .collect::<Vec<_>>()
                 );
             }
-            let got = run(&registry, &shuffled, &mut rng);
+            let got = run(&registry, &shuffled, &cycles, &mut rng);
             assert_eq!(
                 got, reference,
                 "seed {seed}, order {order}: arrival order changed the outcome"
@@ -389,8 +443,12 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
         if reference.sums.keys().any(|(_, t)| *t == "grant_void") {
             flagged_any += 1;
         }
+        if reference.sums.keys().any(|(_, t)| *t == "rollover") {
+            with_cycles += 1;
+        }
     }
     assert!(flagged_any > 0, "the generator should produce voids");
+    assert!(with_cycles > 0, "the generator should produce cycles that roll over");
     let (resweeps, corrections) = COVERAGE.with(|c| *c.borrow());
     eprintln!("{resweeps} resweeps, {corrections} void corrections");
     assert!(

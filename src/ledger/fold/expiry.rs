@@ -31,6 +31,13 @@ pub fn expire_blocks(
         }
     }
     for (acct_ref, block_id, cause) in due {
+        // A rollover that landed on a cycle block which had run out (or
+        // behind debt) changes what that account's later blocks hold once
+        // its usage is re-attributed: the store resweeps it after this
+        // transaction, and its other due blocks wait for the next pass.
+        if state.accounts.get(acct_ref).is_some_and(|a| a.needs_resweep) {
+            continue;
+        }
         expire_one(state, &mut fx, acct_ref, block_id, *cause, now);
     }
     // An account-level expiry may have moved a block's expires_at (part of

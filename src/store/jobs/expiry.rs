@@ -13,6 +13,7 @@ use crate::ledger::fold::{self, Effects};
 use crate::store::batch::after_locks;
 use crate::store::error::ApplyError;
 use crate::store::load::{lock_accounts, Blocks};
+use crate::store::resweep::resweep_accounts;
 use crate::store::sink::{LedgerSink, Windows};
 use crate::store::write::write_effects;
 
@@ -98,5 +99,8 @@ pub(crate) async fn expire_due(
     let now = after_locks(now, clock);
     let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
     write_effects(tx, &state, &fx, now).await?;
+    // A rollover onto a cycle block that ran out re-attributes its usage.
+    let flagged: BTreeSet<AccountRef> = state.needing_resweep().into_iter().collect();
+    resweep_accounts(tx, &flagged, now, windows).await?;
     Ok(fx)
 }
