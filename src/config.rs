@@ -70,6 +70,12 @@ pub struct Config {
     #[arg(long, env = "QUOTA_HOLD_TTL_SECS", default_value_t = 600,
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub hold_ttl_secs: u32,
+    /// Where each notification is POSTed, signed with
+    /// `QUOTA_WEBHOOK_SECRET` (contract, "Notifications"); unset: none.
+    #[arg(long, env = "QUOTA_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    #[arg(long, env = "QUOTA_WEBHOOK_SECRET", default_value = "", hide_env_values = true)]
+    pub webhook_secret: String,
     /// How long ended holds are kept for audit (`GET /v1/holds/{id}`).
     #[arg(long, env = "QUOTA_HOLD_RETENTION_DAYS", default_value_t = 7)]
     pub hold_retention_days: u32,
@@ -101,6 +107,12 @@ pub struct Topics {
         default_value = "quota.dlq"
     )]
     pub dlq: String,
+    #[arg(
+        long = "topic-notifications",
+        env = "QUOTA_TOPIC_NOTIFICATIONS",
+        default_value = "quota.notifications"
+    )]
+    pub notifications: String,
 }
 
 impl Topics {
@@ -118,6 +130,7 @@ impl Topics {
             self.usage.clone(),
             self.errors.clone(),
             self.dlq.clone(),
+            self.notifications.clone(),
         ]
     }
 }

@@ -39,6 +39,8 @@ pub const SWEEP_BATCH_MAX: i64 = 500;
 /// The most cycle starts one transaction books (a catch-up over many
 /// missed starts takes several, in order).
 pub const CYCLE_BATCH_MAX: usize = 500;
+/// Connections of the notification outbox (publishing and webhook calls).
+pub const OUTBOX_POOL: usize = 2;
 /// The sweeper's pause after a pass that found work, found none, or failed.
 pub const SWEEP_PAUSE_BUSY: Duration = Duration::from_millis(10);
 pub const SWEEP_PAUSE_IDLE: Duration = Duration::from_millis(200);

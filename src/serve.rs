@@ -19,6 +19,38 @@ use crate::store::{self, DeadLetters, LedgerSink};
 
 type IngestResult = oneshot::Receiver<Result<(), String>>;
 
+/// The notification outbox: published to its topic and, with
+/// `QUOTA_WEBHOOK_URL`, delivered signed; on a pool of its own.
+async fn spawn_outbox(
+    cfg: &Config,
+    producer: FutureProducer,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let webhook = match &cfg.webhook_url {
+        Some(url) => {
+            if cfg.webhook_secret.is_empty() {
+                anyhow::bail!("QUOTA_WEBHOOK_URL is set but QUOTA_WEBHOOK_SECRET is empty: the webhook's calls could not be signed");
+            }
+            Some(store::outbox::Webhook {
+                url: url.clone(),
+                secret: cfg.webhook_secret.clone(),
+                http: reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(10))
+                    .build()?,
+            })
+        }
+        None => None,
+    };
+    let outbox = store::outbox::Outbox {
+        pool: store::connect(&cfg.database_url, limits::OUTBOX_POOL).await?,
+        producer,
+        topic: cfg.topics.notifications.clone(),
+        webhook,
+    };
+    tokio::spawn(store::outbox::run(outbox, shutdown));
+    Ok(())
+}
+
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let pool = store::connect(&cfg.database_url, limits::API_POOL).await?;
     let reports = store::connect(&cfg.database_url, limits::REPORTS_POOL).await?;
@@ -72,6 +104,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         shutdown.clone(),
     );
     let holds = store::holds::HoldBatcher::spawn(pool.clone(), clock.clone());
+    spawn_outbox(&cfg, producer.clone(), shutdown.clone()).await?;
     let router = api::app(AppState {
         pool,
         reports,

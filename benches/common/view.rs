@@ -14,6 +14,8 @@ fn quota(limited: bool) -> QuotaSettings {
         max_in_flight: None,
         quota_cycle: None,
         expires_after_first_use_secs: None,
+        warning_threshold: None,
+        expire_warning_secs: None,
     }
 }
 

@@ -26,6 +26,8 @@ fn q(limited: bool, expires: Option<DateTime<Utc>>) -> QuotaSettings {
         max_in_flight: None,
         quota_cycle: None,
         expires_after_first_use_secs: None,
+        warning_threshold: None,
+        expire_warning_secs: None,
     }
 }
 

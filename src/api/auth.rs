@@ -258,6 +258,7 @@ fn scope_allows(path: &str) -> bool {
                 | "/v1/holds/{id}"
                 | "/v1/balances/{kind}/{id}"
                 | "/v1/ledger/{kind}/{id}"
+                | "/v1/notifications"
                 | "/openapi.json"
                 | "/v1/grants"
                 | "/v1/adjustments"

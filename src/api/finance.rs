@@ -45,7 +45,7 @@ pub fn time_param(
 }
 
 /// `limit`: 1 to 10,000, default 1,000.
-fn limit_param(v: Option<&str>) -> Result<i64, ApiError> {
+pub(super) fn limit_param(v: Option<&str>) -> Result<i64, ApiError> {
     match v {
         None => Ok(1000),
         Some(s) => s

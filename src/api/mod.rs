@@ -5,6 +5,7 @@ mod admission;
 pub mod auth;
 mod finance;
 mod holds;
+mod notifications;
 pub mod openapi;
 pub mod operator;
 
@@ -74,6 +75,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/reconcile"),
     ("GET", "/v1/checksum"),
     ("GET", "/v1/errors/summary"),
+    ("GET", "/v1/notifications"),
     ("POST", "/v1/grants"),
     ("POST", "/v1/adjustments"),
     ("POST", "/v1/reversals"),
@@ -108,6 +110,7 @@ fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppSta
         ("GET", "/v1/reconcile") => get(finance::reconcile),
         ("GET", "/v1/checksum") => get(finance::checksum),
         ("GET", "/v1/errors/summary") => get(finance::errors_summary),
+        ("GET", "/v1/notifications") => get(notifications::list),
         ("POST", "/v1/grants") => post(operator::grant),
         ("POST", "/v1/adjustments") => post(operator::adjustment),
         ("POST", "/v1/reversals") => post(operator::reversal),

@@ -134,6 +134,19 @@ fn write_schema(
     }
 }
 
+/// The answer of `GET /v1/notifications`.
+fn notifications_schema() -> Value {
+    let (dec, dn, time) = (decimal(), nullable(decimal()), json!({"type": "string", "format": "date-time"}));
+    let tn = json!({"type": "string", "format": "date-time", "nullable": true});
+    let webhook = json!({"type": "object", "properties": {"state": {"type": "string", "enum": ["pending", "retrying", "delivered", "abandoned", "replayed"]}, "attempts": {"type": "integer"},
+        "next_attempt_at": tn, "delivered_at": tn, "last_error": {"type": "string", "nullable": true}}});
+    let item = json!({"type": "object", "properties": {
+        "event_id": {"type": "string"}, "type": {"type": "string", "enum": ["quota.low", "quota.exhausted", "quota.expiring", "quota.expired"]}, "schema_version": {"type": "integer"},
+        "occurred_at": time, "account": {"type": "object"}, "available": dec, "threshold": dn, "expires_at": tn,
+        "delivery": {"type": "object", "properties": {"recorded_at": time, "published_at": tn, "webhook": webhook}}}});
+    json!({"type": "object", "properties": {"notifications": {"type": "array", "items": item}}})
+}
+
 /// `quota_cycle` (contract, "Quota cycles").
 fn quota_cycle() -> Value {
     let every = json!({"type": "integer", "minimum": 1, "maximum": crate::event::MAX_EVERY});
@@ -162,6 +175,11 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
             (
                 "quota_expires_after_first_use_secs",
                 nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "the quota expires this long after the account's first applied usage (an earlier quota_expires_at wins)"})),
+            ),
+            ("warning_threshold", nullable(decimal())),
+            (
+                "expire_warning_secs",
+                nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "quota.expiring this long before an expiry moment"})),
             ),
         ];
         if limited {
@@ -421,6 +439,14 @@ pub fn document(test_clock: bool) -> Value {
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}],
                 "responses": {"200": ok("the summary", "ErrorSummary")}
             }), &[400, 401, 403, 500])},
+            "/v1/notifications": {"get": with_errors(json!({
+                "summary": "Notifications recorded (quota.low, quota.exhausted, quota.expiring, quota.expired), newest first, with their delivery state. Role finance; a scoped token sees its tree.",
+                "parameters": [{"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}, "description": "with id: one account"},
+                    {"name": "id", "in": "query", "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+                    time_param("from", "occurred at or after"), time_param("to", "occurred before"),
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}],
+                "responses": {"200": ok("the notifications", "Notifications")}
+            }), &[400, 401, 403, 500])},
             "/v1/grants": {"post": with_errors(write_op("Grant credit (publishes quota.granted)", "GrantWrite"), &[400, 401, 403, 409, 413, 500, 503])},
             "/v1/adjustments": {"post": with_errors(write_op("Adjust a balance (publishes quota.adjusted)", "AdjustmentWrite"), &[400, 401, 403, 409, 413, 500, 503])},
             "/v1/reversals": {"post": with_errors(write_op("Reverse a usage event (publishes usage.reversed)", "ReversalWrite"), &[400, 401, 403, 409, 413, 500, 503])},
@@ -481,6 +507,7 @@ pub fn document(test_clock: bool) -> Value {
         doc["paths"][format!("/v1/entities/{ty}/{{id}}")] =
             json!({"put": with_errors(op, &[400, 401, 403, 409, 413, 500, 503])});
     }
+    doc["components"]["schemas"]["Notifications"] = notifications_schema();
     if !test_clock {
         if let Some(paths) = doc["paths"].as_object_mut() {
             paths.remove("/v1/test/clock");

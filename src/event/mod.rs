@@ -210,6 +210,13 @@ pub struct QuotaSettings {
     /// `quota_expires_after_first_use_secs`: the quota expires this long
     /// after the account's first applied usage.
     pub expires_after_first_use_secs: Option<u32>,
+    /// `warning_threshold` (contract, "Notifications"): `quota.low` when
+    /// the account's credit falls to or below it (and `quota.exhausted` at
+    /// 0); None: not watched.
+    pub warning_threshold: Option<rust_decimal::Decimal>,
+    /// `expire_warning_secs`: `quota.expiring` this long before an expiry
+    /// moment, `quota.expired` once it passed; None: not watched.
+    pub expire_warning_secs: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -5,6 +5,7 @@
 pub mod cycle;
 pub mod entry;
 pub mod fold;
+pub mod notify;
 pub mod pricing;
 pub mod registry;
 pub mod sweep;

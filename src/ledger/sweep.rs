@@ -142,6 +142,8 @@ pub struct AccountState {
     pub hwm: Option<DateTime<Utc>>,
     /// The `occurred_at` of the account's first applied usage.
     pub first_used_at: Option<DateTime<Utc>>,
+    /// Warning settings and where the account's credit episodes stand.
+    pub watch: crate::ledger::notify::Watch,
     pub needs_resweep: bool,
     pub dirty: bool,
     /// Every block boundary, sorted; rebuilt when blocks change.
@@ -160,6 +162,7 @@ impl AccountState {
             blocks: Vec::new(),
             hwm: None,
             first_used_at: None,
+            watch: Default::default(),
             needs_resweep: false,
             dirty: false,
             boundaries: None,

@@ -206,7 +206,10 @@ pub async fn from_store(
         source: "store".into(),
         events,
         seconds: took.as_secs_f64(),
-        checksum: finance::checksum(&target).await?,
+        checksum: {
+            store::replay::mark_notifications_replayed(&target).await?;
+            finance::checksum(&target).await?
+        },
         not_applied: r.not_applied,
         differences: None,
     })
@@ -247,7 +250,10 @@ pub async fn from_file(
         source: format!("file:{path}"),
         events,
         seconds: took.as_secs_f64(),
-        checksum: finance::checksum(&target).await?,
+        checksum: {
+            store::replay::mark_notifications_replayed(&target).await?;
+            finance::checksum(&target).await?
+        },
         not_applied: r.not_applied,
         differences: None,
     })
@@ -343,7 +349,10 @@ pub async fn from_kafka(
         source: "kafka".into(),
         events,
         seconds: took.as_secs_f64(),
-        checksum: finance::checksum(&target).await?,
+        checksum: {
+            store::replay::mark_notifications_replayed(&target).await?;
+            finance::checksum(&target).await?
+        },
         not_applied,
         differences,
     })

@@ -327,7 +327,7 @@ pub(crate) async fn lock_accounts(
     let ids: Vec<&str> = sorted.iter().map(|(_, i)| *i).collect();
     tx.execute("INSERT INTO accounts (kind, id) SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING", &[&kinds, &ids]).await?;
     let rows = tx
-        .query("SELECT a.kind, a.id, a.registered, a.balance, a.debt, a.entry_count, a.last_hash, a.hwm, a.first_used_at FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i ORDER BY a.kind, a.id FOR UPDATE OF a", &[&kinds, &ids])
+        .query("SELECT a.kind, a.id, a.registered, a.balance, a.debt, a.entry_count, a.last_hash, a.hwm, a.first_used_at, a.warning_threshold, a.expire_warning_secs, a.low_armed, a.exhausted_armed, a.low_fired, a.exhausted_fired FROM accounts a JOIN unnest($1::text[], $2::text[]) u(k, i) ON a.kind = u.k AND a.id = u.i ORDER BY a.kind, a.id FOR UPDATE OF a", &[&kinds, &ids])
         .await?;
     for r in rows {
         let account = account_ref(r.get(0), r.get::<_, String>(1), "accounts")?;
@@ -339,6 +339,14 @@ pub(crate) async fn lock_accounts(
         a.last_hash = hash32(r.get(6));
         a.hwm = r.get(7);
         a.first_used_at = r.get(8);
+        a.watch = crate::ledger::notify::Watch {
+            threshold: r.get(9),
+            expire_warning_secs: r.get::<_, Option<i32>>(10).map(|s| s.max(0) as u32),
+            low_armed: r.get(11),
+            exhausted_armed: r.get(12),
+            low_fired: r.get(13),
+            exhausted_fired: r.get(14),
+        };
         st.accounts.insert(account, a);
     }
     const COLS: &str = "SELECT b.kind, b.id, b.block_id, b.source, b.category, b.effective_at, b.expires_at, b.amount, b.remaining, b.active_from, b.voided_at, b.void_amount, b.expired_amount, b.rollover_cap, b.rolled_out FROM credit_blocks b JOIN unnest($1::text[], $2::text[]) u(k, i) ON b.kind = u.k AND b.id = u.i";

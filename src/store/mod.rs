@@ -15,6 +15,7 @@ pub mod error;
 pub mod finance;
 pub mod jobs;
 mod load;
+pub mod outbox;
 mod postings;
 pub mod holds;
 pub mod read;

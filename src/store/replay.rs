@@ -94,6 +94,16 @@ pub async fn read_applied(
 }
 
 /// How many events the applied-event store holds.
+/// A replay records notifications and never publishes or delivers them:
+/// what the target holds is marked so (a `serve` on it later leaves them).
+pub async fn mark_notifications_replayed(pool: &Pool) -> anyhow::Result<u64> {
+    Ok(pool
+        .get()
+        .await?
+        .execute("UPDATE notifications SET replayed = true WHERE NOT replayed", &[])
+        .await?)
+}
+
 pub async fn count_applied(pool: &Pool) -> anyhow::Result<i64> {
     Ok(pool
         .get()

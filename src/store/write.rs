@@ -32,6 +32,7 @@ pub(crate) async fn write_effects(
         write_ledger(tx, &fx.entries).await?;
     }
     write_quarantined(tx, &fx.quarantined, now).await?;
+    write_notifications(tx, &fx.notifications, now).await?;
     resolve_retried(tx, &fx.resolved, now).await?;
     wake_waiting(tx, fx, now).await?;
     notify_changes(tx, st, fx).await?;
@@ -131,12 +132,71 @@ async fn write_accounts(
         &[&kinds, &ids, &reg, &bal, &debt, &cnt, &hashes, &hwm, &now, &first],
     )
     .await?;
+    write_watches(tx, &dirty).await?;
     let blocks: Vec<&Block> = dirty
         .iter()
         .flat_map(|a| a.blocks.iter())
         .filter(|b| b.dirty)
         .collect();
     write_blocks(tx, &blocks).await
+}
+
+/// The warning settings and episode state of dirty accounts that are, or
+/// were, watched (the rest keep their defaults and cost nothing).
+async fn write_watches(tx: &Transaction<'_>, dirty: &[&AccountState]) -> Result<(), ApplyError> {
+    let watched: Vec<&&AccountState> = dirty
+        .iter()
+        .filter(|a| a.watch != crate::ledger::notify::Watch::default())
+        .collect();
+    if watched.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = watched.iter().map(|a| a.account.kind.as_str()).collect();
+    let ids: Vec<&str> = watched.iter().map(|a| a.account.id.as_str()).collect();
+    let th: Vec<Option<Decimal>> = watched.iter().map(|a| a.watch.threshold).collect();
+    let secs: Vec<Option<i32>> = watched
+        .iter()
+        .map(|a| a.watch.expire_warning_secs.map(|s| s.min(i32::MAX as u32) as i32))
+        .collect();
+    let la: Vec<bool> = watched.iter().map(|a| a.watch.low_armed).collect();
+    let ea: Vec<bool> = watched.iter().map(|a| a.watch.exhausted_armed).collect();
+    let lf: Vec<i32> = watched.iter().map(|a| a.watch.low_fired).collect();
+    let ef: Vec<i32> = watched.iter().map(|a| a.watch.exhausted_fired).collect();
+    tx.execute(
+        "UPDATE accounts a SET warning_threshold = u.t, expire_warning_secs = u.s, low_armed = u.la, exhausted_armed = u.ea, low_fired = u.lf, exhausted_fired = u.ef
+         FROM unnest($1::text[], $2::text[], $3::numeric[], $4::int[], $5::bool[], $6::bool[], $7::int[], $8::int[]) AS u(k, i, t, s, la, ea, lf, ef)
+         WHERE a.kind = u.k AND a.id = u.i",
+        &[&kinds, &ids, &th, &secs, &la, &ea, &lf, &ef],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Record notifications in the outbox, once each (a replay marks what it
+/// recorded as never to be published or delivered, when it ends).
+pub(crate) async fn write_notifications(
+    tx: &Transaction<'_>,
+    list: &[crate::ledger::notify::Notification],
+    now: DateTime<Utc>,
+) -> Result<(), ApplyError> {
+    if list.is_empty() {
+        return Ok(());
+    }
+    let eids: Vec<String> = list.iter().map(|n| n.event_id()).collect();
+    let types: Vec<&str> = list.iter().map(|n| n.kind.as_str()).collect();
+    let kinds: Vec<&str> = list.iter().map(|n| n.account.kind.as_str()).collect();
+    let ids: Vec<&str> = list.iter().map(|n| n.account.id.as_str()).collect();
+    let eps: Vec<&str> = list.iter().map(|n| n.episode.as_str()).collect();
+    let at: Vec<DateTime<Utc>> = list.iter().map(|n| n.occurred_at).collect();
+    let payloads: Vec<String> = list.iter().map(|n| n.to_json().to_string()).collect();
+    tx.execute(
+        "INSERT INTO notifications (event_id, type, kind, id, episode, occurred_at, payload, recorded_at, replayed, next_attempt_at)
+         SELECT e, t, k, i, ep, o, p::jsonb, $8, false, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]) AS u(e, t, k, i, ep, o, p)
+         ON CONFLICT (event_id) DO NOTHING",
+        &[&eids, &types, &kinds, &ids, &eps, &at, &payloads, &now],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn write_blocks(tx: &Transaction<'_>, blocks: &[&Block]) -> Result<(), ApplyError> {

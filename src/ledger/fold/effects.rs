@@ -115,4 +115,6 @@ pub struct Effects {
     /// (hold id, usage event id) of each usage event naming a hold that
     /// went to wait: the hold stays active while it waits.
     pub pinned: Vec<(String, String)>,
+    /// Notifications decided by the movements of this fold, in order.
+    pub notifications: Vec<crate::ledger::notify::Notification>,
 }

@@ -533,4 +533,9 @@ pub(crate) fn post(
     e.hash = entry_hash(&acct.last_hash, &e);
     acct.last_hash = e.hash;
     fx.entries.push(e);
+    // Credit is evaluated after each movement, in ledger order.
+    if acct.watch.threshold.is_some() {
+        let credit = acct.available_at(now);
+        acct.watch.evaluate(r, credit, now, &mut fx.notifications);
+    }
 }

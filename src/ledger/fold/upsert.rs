@@ -24,6 +24,16 @@ pub(super) fn apply(cx: &mut Cx, up: &Upsert) -> Outcome {
             acct.registered = true;
             acct.dirty = true;
         }
+        // The warning settings of the latest version applied; changing
+        // them fires nothing by itself.
+        if let Some(q) = up.entity.quota() {
+            let (t, s) = (q.warning_threshold, q.expire_warning_secs);
+            if (acct.watch.threshold, acct.watch.expire_warning_secs) != (t, s) {
+                acct.watch.threshold = t;
+                acct.watch.expire_warning_secs = s;
+                acct.dirty = true;
+            }
+        }
     }
     cx.fx.versions.push(NewVersion {
         kind: up.kind,

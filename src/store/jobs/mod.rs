@@ -5,6 +5,7 @@
 
 mod cycle;
 mod expiry;
+mod notify;
 mod redrive;
 mod retry;
 
@@ -52,6 +53,15 @@ pub async fn run_quarantine_sweeper(
                 return;
             }
             Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
+        }
+        match sink.notify_as_time_passes().await {
+            Ok(n) if n > 0 => tracing::info!(notifications = n, "notifications recorded as time passed"),
+            Ok(_) => {}
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
+                return;
+            }
+            Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
         }
         let pause = match sink.retry_waiting(limits::SWEEP_BATCH_MAX).await {
             Ok(n) if n > 0 => limits::SWEEP_PAUSE_BUSY,
