@@ -173,7 +173,9 @@ async fn write_watches(tx: &Transaction<'_>, dirty: &[&AccountState]) -> Result<
 }
 
 /// Record notifications in the outbox, once each (a replay marks what it
-/// recorded as never to be published or delivered, when it ends).
+/// recorded as never to be published or delivered, when it ends). Webhook
+/// attempts are scheduled on the database's wall clock: retries are about
+/// the network, not the service clock.
 pub(crate) async fn write_notifications(
     tx: &Transaction<'_>,
     list: &[crate::ledger::notify::Notification],
@@ -191,7 +193,7 @@ pub(crate) async fn write_notifications(
     let payloads: Vec<String> = list.iter().map(|n| n.to_json().to_string()).collect();
     tx.execute(
         "INSERT INTO notifications (event_id, type, kind, id, episode, occurred_at, payload, recorded_at, replayed, next_attempt_at)
-         SELECT e, t, k, i, ep, o, p::jsonb, $8, false, $8 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]) AS u(e, t, k, i, ep, o, p)
+         SELECT e, t, k, i, ep, o, p::jsonb, $8, false, now() FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::text[]) AS u(e, t, k, i, ep, o, p)
          ON CONFLICT (event_id) DO NOTHING",
         &[&eids, &types, &kinds, &ids, &eps, &at, &payloads, &now],
     )

@@ -72,6 +72,7 @@ impl TestCtx {
             errors: format!("{uniq}.errors"),
             control: format!("{uniq}.control"),
             dlq: format!("{uniq}.dlq"),
+            notifications: format!("{uniq}.notifications"),
         };
         let list: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, 3)).collect();
         quota_consumers::ensure_topics(&brokers, &list)
@@ -163,6 +164,7 @@ impl TestCtx {
             .env("QUOTA_TOPIC_ERRORS", &self.topics.errors)
             .env("QUOTA_TOPIC_CONTROL", &self.topics.control)
             .env("QUOTA_TOPIC_DLQ", &self.topics.dlq)
+            .env("QUOTA_TOPIC_NOTIFICATIONS", &self.topics.notifications)
             .env("RUST_LOG", "warn")
             .envs(extra.iter().copied())
             .output()
@@ -299,6 +301,7 @@ impl Service {
             .env("QUOTA_TOPIC_ERRORS", &ctx.topics.errors)
             .env("QUOTA_TOPIC_CONTROL", &ctx.topics.control)
             .env("QUOTA_TOPIC_DLQ", &ctx.topics.dlq)
+            .env("QUOTA_TOPIC_NOTIFICATIONS", &ctx.topics.notifications)
             .env("QUOTA_TOPIC_PARTITIONS", "3")
             .env("QUOTA_BATCH_MAX", "50")
             .env("QUOTA_BATCH_LINGER_MS", "10")

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::common::{Service, TestCtx};
 use crate::world::{balance, d};
 
-fn ev(id: &str, ty: &str, at: &str, fields: Value) -> Value {
+pub(crate) fn ev(id: &str, ty: &str, at: &str, fields: Value) -> Value {
     let mut v = json!({"event_id": id, "type": ty, "schema_version": 1, "occurred_at": at});
     v.as_object_mut()
         .unwrap()
@@ -28,7 +28,7 @@ fn ev(id: &str, ty: &str, at: &str, fields: Value) -> Value {
 /// Model `m_c` (1 unit per input token), an unlimited group and reseller,
 /// user `user` with `user_fields`, and an unlimited app and a key (secret
 /// `sk-<user>`) with `key_fields`.
-fn world(user: &str, at: &str, user_fields: Value, key_fields: Value) -> Vec<Value> {
+pub(crate) fn world(user: &str, at: &str, user_fields: Value, key_fields: Value) -> Vec<Value> {
     let key_hash = hex::encode(Sha256::digest(format!("sk-{user}").as_bytes()));
     let unlimited = json!({"status": "enabled", "quota_limited": false, "quota_expires_at": null});
     let with = |base: Value, more: Value| {
@@ -56,7 +56,7 @@ fn world(user: &str, at: &str, user_fields: Value, key_fields: Value) -> Vec<Val
     ]
 }
 
-fn usage(id: &str, user: &str, at: &str, tokens: u64) -> Value {
+pub(crate) fn usage(id: &str, user: &str, at: &str, tokens: u64) -> Value {
     ev(
         id,
         "usage",

@@ -14,6 +14,7 @@ mod fuzz_http;
 mod holds;
 mod hostile;
 mod ingest;
+mod notify;
 mod replay;
 mod schemas;
 mod world;

@@ -42,6 +42,17 @@ pub async fn run_quarantine_sweeper(
                 }
             }
         }
+        // Expiry warnings before finalization: a block past its expiry
+        // still holds its credit until it is finalized.
+        match sink.notify_as_time_passes().await {
+            Ok(n) if n > 0 => tracing::info!(notifications = n, "notifications recorded as time passed"),
+            Ok(_) => {}
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
+                return;
+            }
+            Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
+        }
         match sink
             .finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX)
             .await
@@ -53,15 +64,6 @@ pub async fn run_quarantine_sweeper(
                 return;
             }
             Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
-        }
-        match sink.notify_as_time_passes().await {
-            Ok(n) if n > 0 => tracing::info!(notifications = n, "notifications recorded as time passed"),
-            Ok(_) => {}
-            Err(ApplyError::Invariant(m)) => {
-                tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
-                return;
-            }
-            Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
         }
         let pause = match sink.retry_waiting(limits::SWEEP_BATCH_MAX).await {
             Ok(n) if n > 0 => limits::SWEEP_PAUSE_BUSY,
