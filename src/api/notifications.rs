@@ -27,10 +27,16 @@ pub async fn list(
     q: Result<Query<NotificationsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let one = match (&q.kind, &q.id) {
-        (Some(k), Some(i)) => Some(account(k, i)?),
-        (None, None) => None,
-        _ => return Err(ApiError::invalid("id", "`kind` and `id` go together")),
+    let kind = match q.kind.as_deref() {
+        Some(k) => Some(account(k, "x")?.kind),
+        None => None,
+    };
+    if let Some(i) = q.id.as_deref() {
+        account("key", i)?;
+    }
+    let one = match (kind, &q.id) {
+        (Some(k), Some(i)) => Some(crate::event::AccountRef::new(k, i.as_str())),
+        _ => None,
     };
     let from = time_param("from", q.from.as_deref())?;
     let to = time_param("to", q.to.as_deref())?;
@@ -50,11 +56,7 @@ pub async fn list(
             return Err(auth::access_denied());
         }
     }
-    let (kind, id) = match &one {
-        Some(a) => (Some(a.kind.as_str()), Some(a.id.as_str())),
-        None => (None, None),
-    };
-    let rows = crate::store::outbox::list(&st.reports, kind.zip(id), from, to, limit)
+    let rows = crate::store::outbox::list(&st.reports, kind.map(|k| k.as_str()), q.id.as_deref(), from, to, limit)
         .await
         .map_err(ApiError::internal)?;
     let list: Vec<Value> = rows

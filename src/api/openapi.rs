@@ -147,21 +147,31 @@ fn notifications_schema() -> Value {
     json!({"type": "object", "properties": {"notifications": {"type": "array", "items": item}}})
 }
 
-/// `quota_cycle` (contract, "Quota cycles").
+/// `quota_cycle` (contract, "Quota cycles"): natural (the default mode;
+/// `anchor` optional), or relative with its `anchor`.
 fn quota_cycle() -> Value {
     let every = json!({"type": "integer", "minimum": 1, "maximum": crate::event::MAX_EVERY});
-    object(
+    let zones: Vec<&str> = chrono_tz::TZ_VARIANTS.iter().map(|z| z.name()).collect();
+    let fields = |mode: Value, anchor: Value| {
         vec![
-            ("amount", decimal()),
+            ("amount", decimal_not(&[NEGATIVE, ZERO])),
             ("period", json!({"type": "string", "enum": ["hour", "day", "week", "month"]})),
-            ("every", nullable(every)),
-            ("mode", nullable(json!({"type": "string", "enum": ["natural", "relative"]}))),
-            ("anchor", nullable(time())),
-            ("timezone", nullable(json!({"type": "string", "maxLength": 64, "description": "IANA time zone name (natural mode; default UTC)"}))),
-            ("rollover", nullable(decimal())),
-        ],
+            ("every", nullable(every.clone())),
+            ("mode", mode),
+            ("anchor", anchor),
+            ("timezone", nullable(json!({"type": "string", "enum": zones, "description": "IANA time zone name (natural mode; default UTC)"}))),
+            ("rollover", nullable(decimal_not(&[NEGATIVE_NONZERO]))),
+        ]
+    };
+    let natural = object(
+        fields(nullable(json!({"type": "string", "enum": ["natural"]})), nullable(time())),
         &["amount", "period"],
-    )
+    );
+    let relative = object(
+        fields(json!({"type": "string", "enum": ["relative"]}), time()),
+        &["amount", "period", "mode", "anchor"],
+    );
+    json!({"oneOf": [natural, relative]})
 }
 
 /// An entity type's fields, with their schemas (`id` is the path's).
@@ -176,7 +186,7 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
                 "quota_expires_after_first_use_secs",
                 nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "the quota expires this long after the account's first applied usage (an earlier quota_expires_at wins)"})),
             ),
-            ("warning_threshold", nullable(decimal())),
+            ("warning_threshold", nullable(decimal_not(&[NEGATIVE_NONZERO]))),
             (
                 "expire_warning_secs",
                 nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "quota.expiring this long before an expiry moment"})),
@@ -441,8 +451,8 @@ pub fn document(test_clock: bool) -> Value {
             }), &[400, 401, 403, 500])},
             "/v1/notifications": {"get": with_errors(json!({
                 "summary": "Notifications recorded (quota.low, quota.exhausted, quota.expiring, quota.expired), newest first, with their delivery state. Role finance; a scoped token sees its tree.",
-                "parameters": [{"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}, "description": "with id: one account"},
-                    {"name": "id", "in": "query", "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+                "parameters": [{"name": "kind", "in": "query", "schema": {"type": "string", "enum": ["key", "app", "user", "group", "reseller"]}, "description": "accounts of this kind"},
+                    {"name": "id", "in": "query", "schema": id(), "description": "accounts with this id (with kind: one account)"},
                     time_param("from", "occurred at or after"), time_param("to", "occurred before"),
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}],
                 "responses": {"200": ok("the notifications", "Notifications")}

@@ -2,7 +2,7 @@
 //! starts of the schedule of the version in force at each, after the last
 //! one booked. Pure: time is passed in.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 use rust_decimal::Decimal;
 
 use crate::event::QuotaCycle;
@@ -45,7 +45,10 @@ pub fn due_starts(
             continue;
         };
         let sched = c.schedule(v.from);
-        let after = last.map_or(v.from, |l| v.from.max(l + Duration::nanoseconds(1)));
+        // Starts are whole seconds (anchors are truncated): one in the
+        // version's own second counts.
+        let from = v.from.trunc_subsecs(0);
+        let after = last.map_or(from, |l| from.max(l + Duration::nanoseconds(1)));
         let mut s = sched.first_at_or_after(after);
         while s <= now && until.is_none_or(|u| s < u) && out.len() < limit {
             let next = sched.next_after(s);

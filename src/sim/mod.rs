@@ -208,6 +208,7 @@ impl Plan {
             .unwrap_or_else(|| format!("r{}", Utc::now().timestamp()));
         let rng = Rng(args.seed.max(1) ^ 0x9E37_79B9_7F4A_7C15);
         let setup_at = (Utc::now() - chrono::Duration::seconds(60)).to_rfc3339();
+        // (The fifth apps' cycles start at `setup_at`: see below.)
         let mut n = 0u64;
         let mut next_id = |kind: &str| {
             n += 1;
@@ -262,7 +263,17 @@ impl Plan {
             let key = format!("{run_id}-key-{i}");
             let key_hash = hex::encode(Sha256::digest(format!("sk-{run_id}-{i}").as_bytes()));
             control.push((id.clone(), json!({"event_id": next_id("c"), "type": "user.upserted", "schema_version": 1, "occurred_at": setup_at, "id": id, "reseller_id": reseller, "status": "enabled", "quota_expires_at": null, "groups": [{"group_id": group, "weight": 10, "default": true}]})));
-            control.push((app.clone(), json!({"event_id": next_id("c"), "type": "app.upserted", "schema_version": 1, "occurred_at": setup_at, "id": app, "user_id": id, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
+            let mut app_v = json!({"event_id": next_id("c"), "type": "app.upserted", "schema_version": 1, "occurred_at": setup_at, "id": app, "user_id": id, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []});
+            if i % 5 == 0 {
+                // Every fifth app renews an hourly spending allowance from
+                // the run's start (a quarter of what is left carries over)
+                // and is watched: its warnings show in GET
+                // /v1/notifications and on the notifications topic.
+                app_v["quota_cycle"] = json!({"amount": "1000000", "period": "hour", "mode": "relative", "anchor": setup_at, "rollover": "250000"});
+                app_v["warning_threshold"] = json!("2000000");
+                app_v["expire_warning_secs"] = json!(600);
+            }
+            control.push((app.clone(), app_v));
             control.push((key.clone(), json!({"event_id": next_id("c"), "type": "key.upserted", "schema_version": 1, "occurred_at": setup_at, "id": key, "app_id": app, "key_hash": key_hash, "status": "enabled", "quota_limited": false, "quota_expires_at": null, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})));
             let amount = d("5000000000");
             control.push((id.clone(), json!({"event_id": next_id("c"), "type": "quota.granted", "schema_version": 1, "occurred_at": setup_at, "grant_id": next_id("grant"), "account": {"kind": "user", "id": id}, "amount": amount.to_string(), "expires_at": null, "category": "paid", "actor": "simulator"})));

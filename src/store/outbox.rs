@@ -135,23 +135,24 @@ impl Outbox {
     }
 }
 
-/// Notifications recorded, newest first (of one account, within a period),
+/// Notifications recorded, newest first (of a kind, an id, within a
+/// period),
 /// each as published plus its `delivery` state; with its account's kind and
 /// id for scoping.
 pub async fn list(
     pool: &Pool,
-    account: Option<(&str, &str)>,
+    kind: Option<&str>,
+    id: Option<&str>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
     limit: i64,
 ) -> anyhow::Result<Vec<(String, String, serde_json::Value)>> {
-    let (kind, id) = account.unzip();
     let rows = pool
         .get()
         .await?
         .query(
             "SELECT kind, id, payload, recorded_at, replayed, published_at, attempts, next_attempt_at, delivered_at, last_error FROM notifications
-             WHERE ($1::text IS NULL OR (kind = $1 AND id = $2)) AND ($3::timestamptz IS NULL OR occurred_at >= $3) AND ($4::timestamptz IS NULL OR occurred_at < $4)
+             WHERE ($1::text IS NULL OR kind = $1) AND ($2::text IS NULL OR id = $2) AND ($3::timestamptz IS NULL OR occurred_at >= $3) AND ($4::timestamptz IS NULL OR occurred_at < $4)
              ORDER BY occurred_at DESC, event_id LIMIT $5",
             &[&kind, &id, &from, &to, &limit],
         )

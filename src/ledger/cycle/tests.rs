@@ -77,4 +77,10 @@ fn a_start_at_the_versions_own_moment_counts() {
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].start, utc("2026-11-30T09:00:00Z"));
     assert_eq!(due[0].expires_at, utc("2026-11-30T10:00:00Z"));
+    // A version whose time has a fraction of a second still starts at an
+    // anchor in its own second (anchors are whole seconds).
+    let c = cycle(Period::Hour, Mode::Relative, 1, "UTC", Some("2026-11-30T09:00:00Z"));
+    let v = [version("2026-11-30T09:00:00.750Z", Some(c), false)];
+    let due = due_starts(&v, None, utc("2026-11-30T09:00:01Z"), 10);
+    assert_eq!(due.first().map(|d| d.start), Some(utc("2026-11-30T09:00:00Z")));
 }
