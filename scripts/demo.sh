@@ -42,6 +42,7 @@ demo() {
   echo "Try: curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/balances/user/<id from the table>"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/ledger/user/<id>?format=csv"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/reconcile"
+  echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/notifications   # every fifth app renews hourly and is watched"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/openapi.json"
   [ "$checked" = 0 ] || exit "$checked"
   if [ "${DEMO_WAIT:-1}" = 1 ]; then
