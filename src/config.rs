@@ -74,7 +74,12 @@ pub struct Config {
     /// `QUOTA_WEBHOOK_SECRET` (contract, "Notifications"); unset: none.
     #[arg(long, env = "QUOTA_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
-    #[arg(long, env = "QUOTA_WEBHOOK_SECRET", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "QUOTA_WEBHOOK_SECRET",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub webhook_secret: String,
     /// How long ended holds are kept for audit (`GET /v1/holds/{id}`).
     #[arg(long, env = "QUOTA_HOLD_RETENTION_DAYS", default_value_t = 7)]

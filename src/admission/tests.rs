@@ -36,7 +36,7 @@ fn funded(amount: &str) -> Ledger {
         blocks: vec![(t(0), None, d(amount))],
         debt: Decimal::ZERO,
         held: Decimal::ZERO,
-    first_used_at: None,
+        first_used_at: None,
     }
 }
 

@@ -56,9 +56,16 @@ pub async fn list(
             return Err(auth::access_denied());
         }
     }
-    let rows = crate::store::outbox::list(&st.reports, kind.map(|k| k.as_str()), q.id.as_deref(), from, to, limit)
-        .await
-        .map_err(ApiError::internal)?;
+    let rows = crate::store::outbox::list(
+        &st.reports,
+        kind.map(|k| k.as_str()),
+        q.id.as_deref(),
+        from,
+        to,
+        limit,
+    )
+    .await
+    .map_err(ApiError::internal)?;
     let list: Vec<Value> = rows
         .into_iter()
         .filter(|(k, i, _)| in_tree(k, i))

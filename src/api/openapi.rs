@@ -136,7 +136,11 @@ fn write_schema(
 
 /// The answer of `GET /v1/notifications`.
 fn notifications_schema() -> Value {
-    let (dec, dn, time) = (decimal(), nullable(decimal()), json!({"type": "string", "format": "date-time"}));
+    let (dec, dn, time) = (
+        decimal(),
+        nullable(decimal()),
+        json!({"type": "string", "format": "date-time"}),
+    );
     let tn = json!({"type": "string", "format": "date-time", "nullable": true});
     let webhook = json!({"type": "object", "properties": {"state": {"type": "string", "enum": ["pending", "retrying", "delivered", "abandoned", "replayed"]}, "attempts": {"type": "integer"},
         "next_attempt_at": tn, "delivered_at": tn, "last_error": {"type": "string", "nullable": true}}});
@@ -155,16 +159,27 @@ fn quota_cycle() -> Value {
     let fields = |mode: Value, anchor: Value| {
         vec![
             ("amount", decimal_not(&[NEGATIVE, ZERO])),
-            ("period", json!({"type": "string", "enum": ["hour", "day", "week", "month"]})),
+            (
+                "period",
+                json!({"type": "string", "enum": ["hour", "day", "week", "month"]}),
+            ),
             ("every", nullable(every.clone())),
             ("mode", mode),
             ("anchor", anchor),
-            ("timezone", nullable(json!({"type": "string", "enum": zones, "description": "IANA time zone name (natural mode; default UTC)"}))),
+            (
+                "timezone",
+                nullable(
+                    json!({"type": "string", "enum": zones, "description": "IANA time zone name (natural mode; default UTC)"}),
+                ),
+            ),
             ("rollover", nullable(decimal_not(&[NEGATIVE_NONZERO]))),
         ]
     };
     let natural = object(
-        fields(nullable(json!({"type": "string", "enum": ["natural"]})), nullable(time())),
+        fields(
+            nullable(json!({"type": "string", "enum": ["natural"]})),
+            nullable(time()),
+        ),
         &["amount", "period"],
     );
     let relative = object(
@@ -184,12 +199,19 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
             ("quota_cycle", nullable(quota_cycle())),
             (
                 "quota_expires_after_first_use_secs",
-                nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "the quota expires this long after the account's first applied usage (an earlier quota_expires_at wins)"})),
+                nullable(
+                    json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "the quota expires this long after the account's first applied usage (an earlier quota_expires_at wins)"}),
+                ),
             ),
-            ("warning_threshold", nullable(decimal_not(&[NEGATIVE_NONZERO]))),
+            (
+                "warning_threshold",
+                nullable(decimal_not(&[NEGATIVE_NONZERO])),
+            ),
             (
                 "expire_warning_secs",
-                nullable(json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "quota.expiring this long before an expiry moment"})),
+                nullable(
+                    json!({"type": "integer", "minimum": 0, "maximum": 3_155_760_000u64, "description": "quota.expiring this long before an expiry moment"}),
+                ),
             ),
         ];
         if limited {
@@ -209,7 +231,9 @@ fn entity_schema(ty: &str) -> (Vec<(&'static str, Value)>, &'static [&'static st
     let in_flight = || {
         (
             "max_in_flight",
-            nullable(json!({"type": "integer", "minimum": 0, "maximum": crate::event::MAX_IN_FLIGHT_LIMIT, "description": "the most active holds naming this account at once; null: no limit"})),
+            nullable(
+                json!({"type": "integer", "minimum": 0, "maximum": crate::event::MAX_IN_FLIGHT_LIMIT, "description": "the most active holds naming this account at once; null: no limit"}),
+            ),
         )
     };
     match ty {
@@ -388,13 +412,13 @@ fn hold_request() -> Value {
     .map(|m| ((*m).to_string(), count.clone()))
     .collect();
     json!({"type": "object", "additionalProperties": false,
-        "description": "reserve `amount`, or the price of estimated `usage` (model price in force now, the group's discount), until settled by the usage event naming the hold, released or expired",
-        "oneOf": [{"required": ["amount"]}, {"required": ["usage"]}],
-        "properties": {
-            "amount": decimal_not(&[NEGATIVE, ZERO]),
-            "usage": {"type": "object", "additionalProperties": false, "properties": usage},
-            "ttl_secs": nullable(json!({"type": "integer", "minimum": 1, "maximum": crate::admission::hold::MAX_TTL_SECS}))
-        }})
+    "description": "reserve `amount`, or the price of estimated `usage` (model price in force now, the group's discount), until settled by the usage event naming the hold, released or expired",
+    "oneOf": [{"required": ["amount"]}, {"required": ["usage"]}],
+    "properties": {
+        "amount": decimal_not(&[NEGATIVE, ZERO]),
+        "usage": {"type": "object", "additionalProperties": false, "properties": usage},
+        "ttl_secs": nullable(json!({"type": "integer", "minimum": 1, "maximum": crate::admission::hold::MAX_TTL_SECS}))
+    }})
 }
 
 fn hold_param() -> Value {

@@ -3,25 +3,25 @@
 //! with its dead-letter reason. Nothing outside this module touches wire
 //! JSON. Pure: no IO, no clock.
 
-mod decimal;
 mod cycle;
+mod decimal;
 mod decode;
 mod expiry;
 pub mod ip;
 mod json;
-mod quota_cycle;
+pub(crate) mod quota_cycle;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
 
+pub use cycle::CycleRecord;
 pub use decimal::{decimal_pattern, parse_decimal};
 pub use decode::{decode, parse_time, usage_members};
-pub use cycle::CycleRecord;
 pub use expiry::{ExpiryCause, ExpiryRecord};
 pub use ip::IpRule;
-pub use quota_cycle::{Mode, Period, QuotaCycle, Schedule, MAX_EVERY};
 pub use json::canonical_hash;
+pub use quota_cycle::{Mode, Period, QuotaCycle, Schedule, MAX_EVERY};
 
 /// The five scopes that have ledgers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

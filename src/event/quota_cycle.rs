@@ -100,10 +100,7 @@ impl QuotaCycle {
             Period::Hour => self.unit_floor(b + Duration::hours(1)),
             Period::Day => local_start(self.timezone, day + Duration::days(1)),
             Period::Week => local_start(self.timezone, monday_of(day) + Duration::days(7)),
-            Period::Month => local_start(
-                self.timezone,
-                first_of_month(day) + Months::new(1),
-            ),
+            Period::Month => local_start(self.timezone, first_of_month(day) + Months::new(1)),
         };
         // Strictly forward whatever the zone does.
         if next > b {
@@ -241,4 +238,4 @@ fn local_start(tz: Tz, d: NaiveDate) -> DateTime<Utc> {
 
 #[cfg(test)]
 #[path = "quota_cycle_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -1,11 +1,17 @@
 use super::*;
 use chrono::TimeZone;
 
-fn utc(s: &str) -> DateTime<Utc> {
+pub(crate) fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
-fn cycle(period: Period, mode: Mode, every: u32, tz: &str, anchor: Option<&str>) -> QuotaCycle {
+pub(crate) fn cycle(
+    period: Period,
+    mode: Mode,
+    every: u32,
+    tz: &str,
+    anchor: Option<&str>,
+) -> QuotaCycle {
     QuotaCycle {
         amount: Decimal::new(1000, 0),
         period,
@@ -35,12 +41,20 @@ fn a_daily_natural_cycle_follows_local_midnight_through_both_dst_changes() {
     // Spring forward on 8 March 2026: that day lasts 23 hours.
     assert_eq!(
         starts(&c, "2026-03-07T01:00:00Z", 3),
-        ["2026-03-07T05:00:00Z", "2026-03-08T05:00:00Z", "2026-03-09T04:00:00Z"]
+        [
+            "2026-03-07T05:00:00Z",
+            "2026-03-08T05:00:00Z",
+            "2026-03-09T04:00:00Z"
+        ]
     );
     // Fall back on 1 November 2026: that day lasts 25 hours.
     assert_eq!(
         starts(&c, "2026-10-31T03:00:00Z", 3),
-        ["2026-10-31T04:00:00Z", "2026-11-01T04:00:00Z", "2026-11-02T05:00:00Z"]
+        [
+            "2026-10-31T04:00:00Z",
+            "2026-11-01T04:00:00Z",
+            "2026-11-02T05:00:00Z"
+        ]
     );
 }
 
@@ -59,7 +73,11 @@ fn a_local_midnight_that_does_not_exist_starts_at_the_first_instant_after_it() {
     let c = cycle(Period::Day, Mode::Natural, 1, "America/Santiago", None);
     assert_eq!(
         starts(&c, "2026-09-05T00:00:00Z", 3),
-        ["2026-09-05T04:00:00Z", "2026-09-06T04:00:00Z", "2026-09-07T03:00:00Z"]
+        [
+            "2026-09-05T04:00:00Z",
+            "2026-09-06T04:00:00Z",
+            "2026-09-07T03:00:00Z"
+        ]
     );
 }
 
@@ -99,16 +117,30 @@ fn weekly_and_monthly_natural_cycles_start_on_monday_and_the_first_in_their_zone
     let m = cycle(Period::Month, Mode::Natural, 1, "Asia/Shanghai", None);
     assert_eq!(
         starts(&m, "2027-01-15T00:00:00Z", 3),
-        ["2027-01-31T16:00:00Z", "2027-02-28T16:00:00Z", "2027-03-31T16:00:00Z"]
+        [
+            "2027-01-31T16:00:00Z",
+            "2027-02-28T16:00:00Z",
+            "2027-03-31T16:00:00Z"
+        ]
     );
 }
 
 #[test]
 fn every_n_counts_from_the_boundary_at_or_before_the_anchor() {
-    let c = cycle(Period::Day, Mode::Natural, 3, "UTC", Some("2026-11-02T15:00:00Z"));
+    let c = cycle(
+        Period::Day,
+        Mode::Natural,
+        3,
+        "UTC",
+        Some("2026-11-02T15:00:00Z"),
+    );
     assert_eq!(
         starts(&c, "2026-11-03T00:00:00Z", 3),
-        ["2026-11-05T00:00:00Z", "2026-11-08T00:00:00Z", "2026-11-11T00:00:00Z"]
+        [
+            "2026-11-05T00:00:00Z",
+            "2026-11-08T00:00:00Z",
+            "2026-11-11T00:00:00Z"
+        ]
     );
     // Without an anchor it counts from the version's own time.
     let d = cycle(Period::Month, Mode::Natural, 2, "UTC", None);
@@ -120,7 +152,13 @@ fn every_n_counts_from_the_boundary_at_or_before_the_anchor() {
 
 #[test]
 fn a_monthly_relative_cycle_anchored_on_the_31st_clamps_to_each_months_end() {
-    let c = cycle(Period::Month, Mode::Relative, 1, "UTC", Some("2026-01-31T10:00:00Z"));
+    let c = cycle(
+        Period::Month,
+        Mode::Relative,
+        1,
+        "UTC",
+        Some("2026-01-31T10:00:00Z"),
+    );
     assert_eq!(
         starts(&c, "2026-01-31T10:00:00Z", 6),
         [
@@ -134,12 +172,24 @@ fn a_monthly_relative_cycle_anchored_on_the_31st_clamps_to_each_months_end() {
     );
     // Computed from the anchor each time, from any moment, and with a
     // leap year's 29 February.
-    let l = cycle(Period::Month, Mode::Relative, 1, "UTC", Some("2027-12-31T00:00:00Z"));
+    let l = cycle(
+        Period::Month,
+        Mode::Relative,
+        1,
+        "UTC",
+        Some("2027-12-31T00:00:00Z"),
+    );
     assert_eq!(
         starts(&l, "2028-02-01T00:00:00Z", 2),
         ["2028-02-29T00:00:00Z", "2028-03-31T00:00:00Z"]
     );
-    let y = cycle(Period::Month, Mode::Relative, 12, "UTC", Some("2028-02-29T08:00:00Z"));
+    let y = cycle(
+        Period::Month,
+        Mode::Relative,
+        12,
+        "UTC",
+        Some("2028-02-29T08:00:00Z"),
+    );
     assert_eq!(
         starts(&y, "2028-03-01T00:00:00Z", 4),
         [
@@ -153,13 +203,30 @@ fn a_monthly_relative_cycle_anchored_on_the_31st_clamps_to_each_months_end() {
 
 #[test]
 fn relative_cycles_of_fixed_length_are_utc_steps_from_the_anchor() {
-    let c = cycle(Period::Hour, Mode::Relative, 5, "Asia/Shanghai", Some("2026-11-30T01:17:00Z"));
+    let c = cycle(
+        Period::Hour,
+        Mode::Relative,
+        5,
+        "Asia/Shanghai",
+        Some("2026-11-30T01:17:00Z"),
+    );
     assert_eq!(
         starts(&c, "2026-11-29T00:00:00Z", 2),
         ["2026-11-30T01:17:00Z", "2026-11-30T06:17:00Z"]
     );
-    assert_eq!(starts(&c, "2026-12-30T00:00:00Z", 1), ["2026-12-30T01:17:00Z"]);
-    let w = cycle(Period::Week, Mode::Relative, 2, "UTC", Some("2026-03-01T12:00:00Z"));
-    assert_eq!(starts(&w, "2026-03-16T00:00:00Z", 1), ["2026-03-29T12:00:00Z"]);
+    assert_eq!(
+        starts(&c, "2026-12-30T00:00:00Z", 1),
+        ["2026-12-30T01:17:00Z"]
+    );
+    let w = cycle(
+        Period::Week,
+        Mode::Relative,
+        2,
+        "UTC",
+        Some("2026-03-01T12:00:00Z"),
+    );
+    assert_eq!(
+        starts(&w, "2026-03-16T00:00:00Z", 1),
+        ["2026-03-29T12:00:00Z"]
+    );
 }
-

@@ -203,12 +203,25 @@ mod tests {
             ..Watch::default()
         };
         let mut out = Vec::new();
-        let steps = [("100", ""), ("50", "quota.low:1"), ("40", ""), ("-10", "quota.exhausted:1"), ("0", ""),
-            ("50", ""), ("50.01", ""), ("20", "quota.low:2"), ("200", ""), ("-5", "quota.low:3 quota.exhausted:2")];
+        let steps = [
+            ("100", ""),
+            ("50", "quota.low:1"),
+            ("40", ""),
+            ("-10", "quota.exhausted:1"),
+            ("0", ""),
+            ("50", ""),
+            ("50.01", ""),
+            ("20", "quota.low:2"),
+            ("200", ""),
+            ("-5", "quota.low:3 quota.exhausted:2"),
+        ];
         for (credit, want) in steps {
             out.clear();
             w.evaluate(&a, d(credit), now, &mut out);
-            let got: Vec<String> = out.iter().map(|n| format!("{}:{}", n.kind.as_str(), n.episode)).collect();
+            let got: Vec<String> = out
+                .iter()
+                .map(|n| format!("{}:{}", n.kind.as_str(), n.episode))
+                .collect();
             assert_eq!(got.join(" "), want, "credit {credit}");
         }
         let first = Notification {
@@ -236,12 +249,21 @@ mod tests {
             ..Watch::default()
         };
         let kinds = |now| -> Vec<&'static str> {
-            expiry_warnings(&a, &w, e, d("10"), now).iter().map(|n| n.kind.as_str()).collect()
+            expiry_warnings(&a, &w, e, d("10"), now)
+                .iter()
+                .map(|n| n.kind.as_str())
+                .collect()
         };
         assert!(kinds(e - chrono::Duration::seconds(3601)).is_empty());
-        assert_eq!(kinds(e - chrono::Duration::seconds(3600)), ["quota.expiring"]);
+        assert_eq!(
+            kinds(e - chrono::Duration::seconds(3600)),
+            ["quota.expiring"]
+        );
         assert_eq!(kinds(e), ["quota.expiring", "quota.expired"]);
         let n = &expiry_warnings(&a, &w, e, d("10"), e)[1];
-        assert_eq!(n.event_id(), "svc:notify:quota.expired:key:k:2026-12-01T00%3A00%3A00Z");
+        assert_eq!(
+            n.event_id(),
+            "svc:notify:quota.expired:key:k:2026-12-01T00%3A00%3A00Z"
+        );
     }
 }

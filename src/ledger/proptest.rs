@@ -448,7 +448,10 @@ fn attribution_expiry_and_voids_do_not_depend_on_arrival_order() {
         }
     }
     assert!(flagged_any > 0, "the generator should produce voids");
-    assert!(with_cycles > 0, "the generator should produce cycles that roll over");
+    assert!(
+        with_cycles > 0,
+        "the generator should produce cycles that roll over"
+    );
     let (resweeps, corrections) = COVERAGE.with(|c| *c.borrow());
     eprintln!("{resweeps} resweeps, {corrections} void corrections");
     assert!(

@@ -165,8 +165,9 @@ impl OrderedReplay {
         let booked: HashSet<&str> = fx.applied.iter().map(|a| a.event_id.as_str()).collect();
         for e in batch {
             if !booked.contains(e.event_id.as_str()) {
-                self.not_applied
-                    .push(json!({"event_id": e.event_id, "why": "the cycle start was booked already"}));
+                self.not_applied.push(
+                    json!({"event_id": e.event_id, "why": "the cycle start was booked already"}),
+                );
             }
         }
         Ok(())

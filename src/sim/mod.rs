@@ -413,7 +413,8 @@ pub async fn run(
     send_control(&producer, &topics.control, &control).await?;
     if let Some(g) = gateway.as_deref() {
         for i in 0..args.users {
-            g.wait_for_registry(&format!("sk-{}-{i}", plan.run_id)).await?;
+            g.wait_for_registry(&format!("sk-{}-{i}", plan.run_id))
+                .await?;
         }
     }
     let duration = args.duration_secs.map(Duration::from_secs);
@@ -474,7 +475,12 @@ async fn send_control(
     let sends: Vec<_> = control
         .iter()
         .map(|(key, v)| {
-            let (p, topic, key, payload) = (producer.clone(), topic.to_string(), key.clone(), v.to_string());
+            let (p, topic, key, payload) = (
+                producer.clone(),
+                topic.to_string(),
+                key.clone(),
+                v.to_string(),
+            );
             tokio::spawn(async move { send_payload(&p, &topic, &key, &payload).await })
         })
         .collect();

@@ -186,7 +186,10 @@ impl Webhook {
             .post(&self.url)
             .header("content-type", "application/json")
             .header("x-quota-event-id", event_id)
-            .header("x-quota-signature", signature(&self.secret, body.as_bytes()))
+            .header(
+                "x-quota-signature",
+                signature(&self.secret, body.as_bytes()),
+            )
             .body(body.to_string())
             .send()
             .await

@@ -108,7 +108,12 @@ pub async fn balance(
                 .map(|r| (r.get(0), r.get(1)))
                 .unwrap_or_default();
             let available = crate::ledger::sweep::available(open, debt, now) - held;
-            (balance, Some(available), Some(debt), Some((held, i64::from(in_flight))))
+            (
+                balance,
+                Some(available),
+                Some(debt),
+                Some((held, i64::from(in_flight))),
+            )
         }
         Some(at) => {
             let b: Option<Decimal> = client

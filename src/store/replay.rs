@@ -100,7 +100,10 @@ pub async fn mark_notifications_replayed(pool: &Pool) -> anyhow::Result<u64> {
     Ok(pool
         .get()
         .await?
-        .execute("UPDATE notifications SET replayed = true WHERE NOT replayed", &[])
+        .execute(
+            "UPDATE notifications SET replayed = true WHERE NOT replayed",
+            &[],
+        )
         .await?)
 }
 

@@ -70,7 +70,9 @@ impl Changes {
             match (list, h) {
                 (0, _) => cur.a.push((k.clone(), i.clone())),
                 (1, _) => cur.e.push((k.clone(), i.clone())),
-                (_, h) => cur.h.push((k.clone(), i.clone(), h.cloned().unwrap_or_default())),
+                (_, h) => cur
+                    .h
+                    .push((k.clone(), i.clone(), h.cloned().unwrap_or_default())),
             }
         }
         if !cur.a.is_empty() || !cur.e.is_empty() || !cur.h.is_empty() || cur.t.is_some() {
@@ -136,7 +138,10 @@ async fn ledgers(
     let mut out: LedgerRows = HashMap::new();
     let accounts = client
         .query(
-            &format!("SELECT x.kind, x.id, x.debt, x.first_used_at FROM {}", from("accounts")),
+            &format!(
+                "SELECT x.kind, x.id, x.debt, x.first_used_at FROM {}",
+                from("accounts")
+            ),
             &[&kinds, &ids],
         )
         .await?;
@@ -156,7 +161,10 @@ async fn ledgers(
     }
     let held = client
         .query(
-            &format!("SELECT x.kind, x.id, x.held FROM {} WHERE x.held > 0", from("hold_totals")),
+            &format!(
+                "SELECT x.kind, x.id, x.held FROM {} WHERE x.held > 0",
+                from("hold_totals")
+            ),
             &[&kinds, &ids],
         )
         .await?;
@@ -299,7 +307,9 @@ pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyho
             continue;
         }
         if let (Some(kind), Ok(held)) = (AccountKind::parse(k), h.parse::<Decimal>()) {
-            record_mut(&mut guard, EntityKind::Account(kind), i).ledger.held = held;
+            record_mut(&mut guard, EntityKind::Account(kind), i)
+                .ledger
+                .held = held;
         }
     }
     Ok(())

@@ -156,7 +156,11 @@ async fn write_watches(tx: &Transaction<'_>, dirty: &[&AccountState]) -> Result<
     let th: Vec<Option<Decimal>> = watched.iter().map(|a| a.watch.threshold).collect();
     let secs: Vec<Option<i32>> = watched
         .iter()
-        .map(|a| a.watch.expire_warning_secs.map(|s| s.min(i32::MAX as u32) as i32))
+        .map(|a| {
+            a.watch
+                .expire_warning_secs
+                .map(|s| s.min(i32::MAX as u32) as i32)
+        })
         .collect();
     let la: Vec<bool> = watched.iter().map(|a| a.watch.low_armed).collect();
     let ea: Vec<bool> = watched.iter().map(|a| a.watch.exhausted_armed).collect();

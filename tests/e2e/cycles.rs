@@ -43,15 +43,44 @@ pub(crate) fn world(user: &str, at: &str, user_fields: Value, key_fields: Value)
         .unwrap()
         .extend(user_fields.as_object().unwrap().clone());
     let key = with(
-        with(unlimited.clone(), json!({"id": format!("k_{user}"), "app_id": format!("a_{user}"), "key_hash": key_hash, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []})),
+        with(
+            unlimited.clone(),
+            json!({"id": format!("k_{user}"), "app_id": format!("a_{user}"), "key_hash": key_hash, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []}),
+        ),
         key_fields,
     );
     vec![
-        ev(&format!("c-m-{user}"), "model.upserted", at, json!({"id": "m_c", "status": "enabled", "prices": [{"path": "*", "input": "1"}]})),
-        ev(&format!("c-g-{user}"), "group.upserted", at, with(unlimited.clone(), json!({"id": "g_c", "discount": "1", "models": []}))),
-        ev(&format!("c-r-{user}"), "reseller.upserted", at, with(unlimited.clone(), json!({"id": "r_c"}))),
+        ev(
+            &format!("c-m-{user}"),
+            "model.upserted",
+            at,
+            json!({"id": "m_c", "status": "enabled", "prices": [{"path": "*", "input": "1"}]}),
+        ),
+        ev(
+            &format!("c-g-{user}"),
+            "group.upserted",
+            at,
+            with(
+                unlimited.clone(),
+                json!({"id": "g_c", "discount": "1", "models": []}),
+            ),
+        ),
+        ev(
+            &format!("c-r-{user}"),
+            "reseller.upserted",
+            at,
+            with(unlimited.clone(), json!({"id": "r_c"})),
+        ),
         ev(&format!("c-u-{user}"), "user.upserted", at, u),
-        ev(&format!("c-a-{user}"), "app.upserted", at, with(unlimited, json!({"id": format!("a_{user}"), "user_id": user, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []}))),
+        ev(
+            &format!("c-a-{user}"),
+            "app.upserted",
+            at,
+            with(
+                unlimited,
+                json!({"id": format!("a_{user}"), "user_id": user, "models": [], "group_id": null, "ip_allow": [], "ip_deny": []}),
+            ),
+        ),
         ev(&format!("c-k-{user}"), "key.upserted", at, key),
     ]
 }
@@ -115,9 +144,22 @@ async fn wait_count(ctx: &TestCtx, sql: &str, n: i64) {
 
 /// (block id's start, effective_at, expires_at, amount, remaining,
 /// rolled_out, expired_amount) of an account's cycle blocks in order.
-async fn cycle_blocks(ctx: &TestCtx, kind: &str, id: &str) -> Vec<(String, String, String, Decimal, Decimal, Decimal, Option<Decimal>)> {
+async fn cycle_blocks(
+    ctx: &TestCtx,
+    kind: &str,
+    id: &str,
+) -> Vec<(
+    String,
+    String,
+    String,
+    Decimal,
+    Decimal,
+    Decimal,
+    Option<Decimal>,
+)> {
     let c = ctx.pool.get().await.unwrap();
-    let fmt = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let fmt =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     c.query(
         "SELECT block_id, effective_at, expires_at, amount, remaining, rolled_out, expired_amount FROM credit_blocks WHERE kind = $1 AND id = $2 AND source = 'cycle' ORDER BY effective_at",
         &[&kind, &id],
@@ -165,7 +207,10 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     // see it; it is booked once.
     a.set_clock("2030-03-10T05:00:00Z").await;
     let took = expect_admission(&b, "u_c", "100").await;
-    eprintln!("admission saw the new cycle {} ms after the clock reached its start", took.as_millis());
+    eprintln!(
+        "admission saw the new cycle {} ms after the clock reached its start",
+        took.as_millis()
+    );
     assert!(took < Duration::from_secs(2), "{took:?}");
     let grants = "SELECT count(*) FROM ledger_entries WHERE kind = 'user' AND id = 'u_c' AND entry_type = 'grant' AND detail->>'category' = 'cycle'";
     wait_count(&ctx, grants, 1).await;
@@ -173,8 +218,14 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     // 40 spent; at the next local midnight (EDT: a 23-hour day) the second
     // cycle starts; once the lateness window has passed the first, 30 of
     // its 60 roll over and 30 expire.
-    ctx.produce(&ctx.topics.usage, "u_c", &usage("u-1", "u_c", "2030-03-10T06:00:00Z", 40)).await;
-    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60)).await;
+    ctx.produce(
+        &ctx.topics.usage,
+        "u_c",
+        &usage("u-1", "u_c", "2030-03-10T06:00:00Z", 40),
+    )
+    .await;
+    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60))
+        .await;
     b.set_clock("2030-03-11T04:00:00Z").await;
     expect_admission(&a, "u_c", "100").await;
     a.set_clock("2030-03-11T04:01:01Z").await;
@@ -183,8 +234,24 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     assert_eq!(
         blocks,
         vec![
-            ("2030-03-10T05:00:00Z".into(), "2030-03-10T05:00:00Z".into(), "2030-03-11T04:00:00Z".into(), d("100"), d("0"), d("30"), Some(d("30"))),
-            ("2030-03-11T04:00:00Z".into(), "2030-03-11T04:00:00Z".into(), "2030-03-12T04:00:00Z".into(), d("130"), d("130"), d("0"), None),
+            (
+                "2030-03-10T05:00:00Z".into(),
+                "2030-03-10T05:00:00Z".into(),
+                "2030-03-11T04:00:00Z".into(),
+                d("100"),
+                d("0"),
+                d("30"),
+                Some(d("30"))
+            ),
+            (
+                "2030-03-11T04:00:00Z".into(),
+                "2030-03-11T04:00:00Z".into(),
+                "2030-03-12T04:00:00Z".into(),
+                d("130"),
+                d("130"),
+                d("0"),
+                None
+            ),
         ]
     );
     let moves: Vec<(String, Decimal)> = {
@@ -198,13 +265,23 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     };
     assert_eq!(
         moves,
-        vec![("rollover".into(), d("-30")), ("rollover".into(), d("30")), ("expiry".into(), d("-30"))]
+        vec![
+            ("rollover".into(), d("-30")),
+            ("rollover".into(), d("30")),
+            ("expiry".into(), d("-30"))
+        ]
     );
 
     // 200 spent: 130 from the cycle, 70 debt. The next cycle repays the
     // debt first.
-    ctx.produce(&ctx.topics.usage, "u_c", &usage("u-2", "u_c", "2030-03-11T05:00:00Z", 200)).await;
-    ctx.wait_consumed(&ctx.topics.usage, 2, Duration::from_secs(60)).await;
+    ctx.produce(
+        &ctx.topics.usage,
+        "u_c",
+        &usage("u-2", "u_c", "2030-03-11T05:00:00Z", 200),
+    )
+    .await;
+    ctx.wait_consumed(&ctx.topics.usage, 2, Duration::from_secs(60))
+        .await;
     expect_admission(&a, "u_c", "insufficient_quota").await;
     a.set_clock("2030-03-12T04:00:00Z").await;
     expect_admission(&b, "u_c", "30").await;
@@ -221,7 +298,11 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     a.set_clock("2030-03-15T12:00:00Z").await;
     expect_admission(&a, "u_c", "130").await;
     wait_count(&ctx, grants, 6).await;
-    let starts: Vec<String> = cycle_blocks(&ctx, "user", "u_c").await.into_iter().map(|b| b.0).collect();
+    let starts: Vec<String> = cycle_blocks(&ctx, "user", "u_c")
+        .await
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
     assert_eq!(
         starts,
         [
@@ -241,7 +322,11 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     // 130 each, 30 rolled over and 100 expired; 15 March open with 130.
     assert_eq!((blocks[2].5, blocks[2].6), (d("30"), Some(d("0"))));
     for b in &blocks[3..5] {
-        assert_eq!((b.3, b.5, b.6), (d("130"), d("30"), Some(d("100"))), "{b:?}");
+        assert_eq!(
+            (b.3, b.5, b.6),
+            (d("130"), d("30"), Some(d("100"))),
+            "{b:?}"
+        );
     }
     assert_eq!((blocks[5].3, blocks[5].4), (d("130"), d("130")));
     assert_eq!(balance(&a, "user", "u_c").await, d("130"));
@@ -306,7 +391,10 @@ async fn a_monthly_cycle_on_the_31st_and_expiry_from_first_use() {
         wait_count(&ctx, reseller_grants, n).await;
     }
     let blocks = cycle_blocks(&ctx, "reseller", "r_c").await;
-    let spans: Vec<(&str, &str)> = blocks.iter().map(|b| (b.1.as_str(), b.2.as_str())).collect();
+    let spans: Vec<(&str, &str)> = blocks
+        .iter()
+        .map(|b| (b.1.as_str(), b.2.as_str()))
+        .collect();
     assert_eq!(
         spans,
         [
@@ -325,14 +413,26 @@ async fn a_monthly_cycle_on_the_31st_and_expiry_from_first_use() {
     // says the key's quota expired, with credit left.
     let (_, before) = svc.get_json("/v1/balances/key/k_u_m").await;
     assert_eq!(before["expires_at"], Value::Null, "{before}");
-    ctx.produce(&ctx.topics.usage, "u_m", &usage("u-m1", "u_m", "2030-04-30T10:05:00Z", 10)).await;
-    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60)).await;
+    ctx.produce(
+        &ctx.topics.usage,
+        "u_m",
+        &usage("u-m1", "u_m", "2030-04-30T10:05:00Z", 10),
+    )
+    .await;
+    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60))
+        .await;
     let (_, after) = svc.get_json("/v1/balances/key/k_u_m").await;
     assert_eq!(after["first_used_at"], "2030-04-30T10:05:00Z", "{after}");
     assert_eq!(after["expires_at"], "2030-04-30T11:05:00Z", "{after}");
     // A later-arriving usage dated earlier does not move it.
-    ctx.produce(&ctx.topics.usage, "u_m", &usage("u-m0", "u_m", "2030-04-30T10:01:00Z", 10)).await;
-    ctx.wait_consumed(&ctx.topics.usage, 2, Duration::from_secs(60)).await;
+    ctx.produce(
+        &ctx.topics.usage,
+        "u_m",
+        &usage("u-m0", "u_m", "2030-04-30T10:01:00Z", 10),
+    )
+    .await;
+    ctx.wait_consumed(&ctx.topics.usage, 2, Duration::from_secs(60))
+        .await;
     let (_, again) = svc.get_json("/v1/balances/key/k_u_m").await;
     assert_eq!(again["first_used_at"], "2030-04-30T10:05:00Z", "{again}");
     svc.set_clock("2030-04-30T11:04:59Z").await;

@@ -22,9 +22,10 @@ use crate::cycles::{ev, usage, world};
 const SECRET: &str = "webhook-secret-for-the-test";
 
 fn at(m: i64) -> String {
-    (chrono::DateTime::parse_from_rfc3339("2030-06-01T00:00:00Z").unwrap() + chrono::Duration::minutes(m))
-        .to_utc()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    (chrono::DateTime::parse_from_rfc3339("2030-06-01T00:00:00Z").unwrap()
+        + chrono::Duration::minutes(m))
+    .to_utc()
+    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// What the receiver saw: calls refused, and deliveries accepted per id.
@@ -49,8 +50,15 @@ async fn receiver() -> (String, Arc<Mutex<Received>>) {
                 let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
                 mac.update(&body);
                 let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-                let got = headers.get("x-quota-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
-                let id = headers.get("x-quota-event-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                let got = headers
+                    .get("x-quota-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let id = headers
+                    .get("x-quota-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
                 let mut r = s.lock().unwrap();
                 r.calls += 1;
                 if got != want {
@@ -61,7 +69,11 @@ async fn receiver() -> (String, Arc<Mutex<Received>>) {
                     return StatusCode::SERVICE_UNAVAILABLE;
                 }
                 let v: Value = serde_json::from_slice(&body).unwrap();
-                assert_eq!(v["event_id"], json!(id), "the id header names the body's event");
+                assert_eq!(
+                    v["event_id"],
+                    json!(id),
+                    "the id header names the body's event"
+                );
                 *r.accepted.entry(id).or_default() += 1;
                 r.bodies.push(v);
                 StatusCode::OK
@@ -74,7 +86,13 @@ async fn receiver() -> (String, Arc<Mutex<Received>>) {
     (url, seen)
 }
 
-async fn step(ctx: &TestCtx, svc: &Service, clock: i64, control: Vec<Value>, usage_events: Vec<Value>) {
+async fn step(
+    ctx: &TestCtx,
+    svc: &Service,
+    clock: i64,
+    control: Vec<Value>,
+    usage_events: Vec<Value>,
+) {
     svc.set_clock(&at(clock)).await;
     let before_c = ctx.topic_counts(&ctx.topics.control).await.consumed;
     let before_u = ctx.topic_counts(&ctx.topics.usage).await.consumed;
@@ -82,8 +100,14 @@ async fn step(ctx: &TestCtx, svc: &Service, clock: i64, control: Vec<Value>, usa
     for u in &usage_events {
         ctx.produce(&ctx.topics.usage, "u_n", u).await;
     }
-    ctx.wait_consumed(&ctx.topics.control, before_c + n, Duration::from_secs(60)).await;
-    ctx.wait_consumed(&ctx.topics.usage, before_u + usage_events.len() as i64, Duration::from_secs(60)).await;
+    ctx.wait_consumed(&ctx.topics.control, before_c + n, Duration::from_secs(60))
+        .await;
+    ctx.wait_consumed(
+        &ctx.topics.usage,
+        before_u + usage_events.len() as i64,
+        Duration::from_secs(60),
+    )
+    .await;
 }
 
 /// (type, episode) of the account's notifications, oldest first.
@@ -97,7 +121,11 @@ async fn listed(svc: &Service, want: usize) -> Vec<Value> {
         if list.len() >= want {
             return list;
         }
-        assert!(Instant::now() < deadline, "{} of {want} notifications: {body}", list.len());
+        assert!(
+            Instant::now() < deadline,
+            "{} of {want} notifications: {body}",
+            list.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -115,7 +143,12 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
     svc.ready().await;
     let watched = json!({"warning_threshold": "50", "expire_warning_secs": 600});
     let grant = |id: &str, m: i64, amount: &str, expires: Option<String>| {
-        ev(&format!("c-{id}"), "quota.granted", &at(m), json!({"grant_id": id, "account": {"kind": "user", "id": "u_n"}, "amount": amount, "expires_at": expires}))
+        ev(
+            &format!("c-{id}"),
+            "quota.granted",
+            &at(m),
+            json!({"grant_id": id, "account": {"kind": "user", "id": "u_n"}, "amount": amount, "expires_at": expires}),
+        )
     };
     let mut control = world("u_n", &at(-10), watched, json!({}));
     control.push(grant("g1", 0, "100", Some(at(60))));
@@ -131,7 +164,14 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
     // 50 that expire at T+2h: credit 90. Ten minutes before: expiring;
     // once past: expired, and the credit falls back to 40 as the block
     // closes (low, third episode) with nothing else happening.
-    step(&ctx, &svc, 7, vec![grant("g3", 7, "50", Some(at(120)))], vec![]).await;
+    step(
+        &ctx,
+        &svc,
+        7,
+        vec![grant("g3", 7, "50", Some(at(120)))],
+        vec![],
+    )
+    .await;
     svc.set_clock(&at(111)).await;
     listed(&svc, 4).await;
     svc.set_clock(&at(121)).await;
@@ -140,7 +180,11 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
         .iter()
         .map(|n| {
             let id = n["event_id"].as_str().unwrap();
-            (n["type"].as_str().unwrap().to_string(), id.rsplit(':').next().unwrap().replace("%3A", ":"), n["available"].as_str().unwrap().to_string())
+            (
+                n["type"].as_str().unwrap().to_string(),
+                id.rsplit(':').next().unwrap().replace("%3A", ":"),
+                n["available"].as_str().unwrap().to_string(),
+            )
         })
         .collect();
     let want = [
@@ -151,7 +195,10 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
         ("quota.expired", "2030-06-01T02:00:00Z", "40"),
         ("quota.low", "3", "40"),
     ];
-    let mut got_ref: Vec<(&str, &str, &str)> = got.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect();
+    let mut got_ref: Vec<(&str, &str, &str)> = got
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+        .collect();
     // The last two fire in the same second (the block's end): either order.
     assert_eq!(got_ref[..4], want[..4]);
     got_ref[4..].sort();
@@ -165,7 +212,12 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, body) = svc.get_json("/v1/notifications?kind=user&id=u_n").await;
-        let states: Vec<&str> = body["notifications"].as_array().unwrap().iter().map(|n| n["delivery"]["webhook"]["state"].as_str().unwrap()).collect();
+        let states: Vec<&str> = body["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["delivery"]["webhook"]["state"].as_str().unwrap())
+            .collect();
         if states.iter().all(|s| *s == "delivered") {
             break;
         }
@@ -178,19 +230,36 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
         assert_eq!(r.accepted.len(), 6, "{:?}", r.accepted);
         assert!(r.accepted.values().all(|n| *n == 1), "{:?}", r.accepted);
         assert_eq!(r.calls, 8, "two refused, six accepted");
-        assert!(r.bodies.iter().all(|b| b["schema_version"] == 1 && b["account"]["id"] == "u_n"));
+        assert!(r
+            .bodies
+            .iter()
+            .all(|b| b["schema_version"] == 1 && b["account"]["id"] == "u_n"));
     }
     let (_, body) = svc.get_json("/v1/notifications?kind=user&id=u_n").await;
-    let retried = body["notifications"].as_array().unwrap().iter().filter(|n| n["delivery"]["webhook"]["attempts"].as_i64() > Some(1)).count();
+    let retried = body["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["delivery"]["webhook"]["attempts"].as_i64() > Some(1))
+        .count();
     assert!(retried >= 1, "the refused calls were retried: {body}");
 
     // Published to the topic, keyed by the account, at least once each.
-    let records = quota_consumers::read_all(&ctx.brokers, &[ctx.topics.notifications.clone()], None, &|_| {}).unwrap();
+    let records = quota_consumers::read_all(
+        &ctx.brokers,
+        &[ctx.topics.notifications.clone()],
+        None,
+        &|_| {},
+    )
+    .unwrap();
     let mut ids: Vec<String> = records
         .iter()
         .map(|r| {
             assert_eq!(r.key.as_deref(), Some(b"u_n".as_slice()));
-            serde_json::from_slice::<Value>(r.payload.as_deref().unwrap()).unwrap()["event_id"].as_str().unwrap().to_string()
+            serde_json::from_slice::<Value>(r.payload.as_deref().unwrap()).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
         })
         .collect();
     ids.sort();

@@ -24,11 +24,13 @@ pub(super) fn grant(f: &Fields, occurred_at: DateTime<Utc>) -> R<Grant> {
         },
         category: match f.opt_text("category")?.as_deref() {
             None => GrantCategory::Paid,
-            Some(o) => GrantCategory::parse(o).filter(|c| *c != GrantCategory::Cycle).ok_or_else(|| {
-                schema(format!(
-                    "`category` must be paid, promotional or refund, not `{o}`"
-                ))
-            })?,
+            Some(o) => GrantCategory::parse(o)
+                .filter(|c| *c != GrantCategory::Cycle)
+                .ok_or_else(|| {
+                    schema(format!(
+                        "`category` must be paid, promotional or refund, not `{o}`"
+                    ))
+                })?,
         },
         reference: f.opt_text("reference")?,
         actor: f.opt_text("actor")?,

@@ -59,7 +59,8 @@ fn quota(f: &Fields, always_limited: bool) -> R<QuotaSettings> {
             super::cycle::MAX_FIRST_USE_SECS,
         )?,
         warning_threshold: f.opt_price("warning_threshold")?,
-        expire_warning_secs: f.opt_count("expire_warning_secs", super::cycle::MAX_FIRST_USE_SECS)?,
+        expire_warning_secs: f
+            .opt_count("expire_warning_secs", super::cycle::MAX_FIRST_USE_SECS)?,
         status: f.status()?,
         quota_limited: if always_limited {
             true

@@ -1,22 +1,7 @@
 use super::*;
+use crate::event::quota_cycle::tests::{cycle, utc};
 use crate::event::{Mode, Period};
 use chrono::Datelike;
-
-fn utc(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
-}
-
-fn cycle(period: Period, mode: Mode, every: u32, tz: &str, anchor: Option<&str>) -> QuotaCycle {
-    QuotaCycle {
-        amount: Decimal::new(1000, 0),
-        period,
-        every,
-        mode,
-        anchor: anchor.map(utc),
-        timezone: tz.parse().unwrap(),
-        rollover: Decimal::ZERO,
-    }
-}
 
 fn version(from: &str, cycle: Option<QuotaCycle>, deleted: bool) -> CycleVersion {
     CycleVersion {
@@ -64,14 +49,28 @@ fn due_starts_follow_the_version_in_force_at_each_start() {
     );
     // After the last booked start, at most `limit`, in order (a catch-up
     // goes on from where it stopped).
-    let after = due_starts(&versions, Some(utc("2026-11-04T00:00:00Z")), utc("2026-11-10T00:00:00Z"), 2);
-    assert_eq!(after.iter().map(|d| d.start.day()).collect::<Vec<_>>(), [5, 9]);
+    let after = due_starts(
+        &versions,
+        Some(utc("2026-11-04T00:00:00Z")),
+        utc("2026-11-10T00:00:00Z"),
+        2,
+    );
+    assert_eq!(
+        after.iter().map(|d| d.start.day()).collect::<Vec<_>>(),
+        [5, 9]
+    );
     assert!(due_starts(&versions, None, utc("2026-11-01T23:59:59Z"), 10).is_empty());
 }
 
 #[test]
 fn a_start_at_the_versions_own_moment_counts() {
-    let c = cycle(Period::Hour, Mode::Relative, 1, "UTC", Some("2026-11-30T09:00:00Z"));
+    let c = cycle(
+        Period::Hour,
+        Mode::Relative,
+        1,
+        "UTC",
+        Some("2026-11-30T09:00:00Z"),
+    );
     let v = [version("2026-11-30T09:00:00Z", Some(c), false)];
     let due = due_starts(&v, None, utc("2026-11-30T09:00:00Z"), 10);
     assert_eq!(due.len(), 1);
@@ -79,8 +78,17 @@ fn a_start_at_the_versions_own_moment_counts() {
     assert_eq!(due[0].expires_at, utc("2026-11-30T10:00:00Z"));
     // A version whose time has a fraction of a second still starts at an
     // anchor in its own second (anchors are whole seconds).
-    let c = cycle(Period::Hour, Mode::Relative, 1, "UTC", Some("2026-11-30T09:00:00Z"));
+    let c = cycle(
+        Period::Hour,
+        Mode::Relative,
+        1,
+        "UTC",
+        Some("2026-11-30T09:00:00Z"),
+    );
     let v = [version("2026-11-30T09:00:00.750Z", Some(c), false)];
     let due = due_starts(&v, None, utc("2026-11-30T09:00:01Z"), 10);
-    assert_eq!(due.first().map(|d| d.start), Some(utc("2026-11-30T09:00:00Z")));
+    assert_eq!(
+        due.first().map(|d| d.start),
+        Some(utc("2026-11-30T09:00:00Z"))
+    );
 }

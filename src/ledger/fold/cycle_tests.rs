@@ -58,9 +58,17 @@ fn block<'a>(st: &'a FoldState, c: &CycleRecord) -> &'a Block {
 fn a_cycle_start_is_booked_once_as_a_cycle_grant() {
     let mut st = FoldState::new(Duration::seconds(300));
     let c1 = cycle(27, "10000", "0");
-    let fx = book_cycles(&mut st, &[c1.clone()], c1.start + Duration::seconds(1)).unwrap();
+    let fx = book_cycles(
+        &mut st,
+        std::slice::from_ref(&c1),
+        c1.start + Duration::seconds(1),
+    )
+    .unwrap();
     assert_eq!(fx.applied.len(), 1);
-    assert_eq!(fx.applied[0].event_id, "svc:cycle:user:u_1:2026-11-27T00%3A00%3A00Z");
+    assert_eq!(
+        fx.applied[0].event_id,
+        "svc:cycle:user:u_1:2026-11-27T00%3A00%3A00Z"
+    );
     assert_eq!(fx.applied[0].event_type, "cycle");
     assert_eq!(fx.entries.len(), 1);
     assert_eq!(fx.entries[0].entry_type, EntryType::Grant);
@@ -69,10 +77,18 @@ fn a_cycle_start_is_booked_once_as_a_cycle_grant() {
     assert_eq!(detail["category"], "cycle");
     assert_eq!(detail["cycle_start"], "2026-11-27T00:00:00Z");
     // Another process, or a retry, finds it booked.
-    let again = book_cycles(&mut st, &[c1.clone()], c1.start + Duration::seconds(2)).unwrap();
+    let again = book_cycles(
+        &mut st,
+        std::slice::from_ref(&c1),
+        c1.start + Duration::seconds(2),
+    )
+    .unwrap();
     assert!(again.applied.is_empty() && again.entries.is_empty());
     let b = block(&st, &c1);
-    assert_eq!((b.category, b.source), (Some(GrantCategory::Cycle), "cycle"));
+    assert_eq!(
+        (b.category, b.source),
+        (Some(GrantCategory::Cycle), "cycle")
+    );
     assert_eq!(st.accounts[&user()].balance, d("10000"));
 }
 
@@ -80,16 +96,25 @@ fn a_cycle_start_is_booked_once_as_a_cycle_grant() {
 fn at_finalization_up_to_the_cap_rolls_into_the_next_cycle_and_the_rest_expires() {
     let mut st = FoldState::new(Duration::seconds(300));
     let (c1, c2) = (cycle(27, "10000", "3000"), cycle(28, "10000", "3000"));
-    book_cycles(&mut st, &[c1.clone()], c1.start).unwrap();
-    usage(&mut st, "u-1", "2026-11-27T10:00:00Z", t("2026-11-27T10:00:01Z"));
-    book_cycles(&mut st, &[c2.clone()], c2.start).unwrap();
+    book_cycles(&mut st, std::slice::from_ref(&c1), c1.start).unwrap();
+    usage(
+        &mut st,
+        "u-1",
+        "2026-11-27T10:00:00Z",
+        t("2026-11-27T10:00:01Z"),
+    );
+    book_cycles(&mut st, std::slice::from_ref(&c2), c2.start).unwrap();
     let fx = expire_blocks(
         &mut st,
         &[(user(), c1.event_id(), ExpiryCause::Block)],
         c2.start + Duration::minutes(10),
     )
     .unwrap();
-    let moves: Vec<(EntryType, Decimal)> = fx.entries.iter().map(|e| (e.entry_type, e.amount)).collect();
+    let moves: Vec<(EntryType, Decimal)> = fx
+        .entries
+        .iter()
+        .map(|e| (e.entry_type, e.amount))
+        .collect();
     assert_eq!(
         moves,
         [
@@ -99,7 +124,10 @@ fn at_finalization_up_to_the_cap_rolls_into_the_next_cycle_and_the_rest_expires(
         ]
     );
     let (old, new) = (block(&st, &c1), block(&st, &c2));
-    assert_eq!((old.expired_amount, old.rolled_out, old.remaining), (Some(d("1800")), d("3000"), d("0")));
+    assert_eq!(
+        (old.expired_amount, old.rolled_out, old.remaining),
+        (Some(d("1800")), d("3000"), d("0"))
+    );
     assert_eq!((new.amount, new.remaining), (d("13000"), d("13000")));
     let a = &st.accounts[&user()];
     assert_eq!(a.balance, d("13000"));
@@ -110,10 +138,15 @@ fn at_finalization_up_to_the_cap_rolls_into_the_next_cycle_and_the_rest_expires(
 fn a_new_cycle_repays_debt_first() {
     let mut st = FoldState::new(Duration::seconds(300));
     let (c1, c2) = (cycle(27, "5000", "1000"), cycle(28, "10000", "0"));
-    book_cycles(&mut st, &[c1.clone()], c1.start).unwrap();
-    usage(&mut st, "u-1", "2026-11-27T10:00:00Z", t("2026-11-27T10:00:01Z"));
+    book_cycles(&mut st, std::slice::from_ref(&c1), c1.start).unwrap();
+    usage(
+        &mut st,
+        "u-1",
+        "2026-11-27T10:00:00Z",
+        t("2026-11-27T10:00:01Z"),
+    );
     assert_eq!(st.accounts[&user()].debt, d("200"));
-    book_cycles(&mut st, &[c2.clone()], c2.start).unwrap();
+    book_cycles(&mut st, std::slice::from_ref(&c2), c2.start).unwrap();
     assert_eq!(st.accounts[&user()].available_at(c2.start), d("9800"));
     // Nothing left in the old block: nothing rolls over, nothing expires.
     let fx = expire_blocks(
@@ -132,10 +165,20 @@ fn a_new_cycle_repays_debt_first() {
 fn a_rollover_onto_a_cycle_block_that_ran_out_re_attributes_its_usage() {
     let mut st = FoldState::new(Duration::seconds(300));
     let (c1, c2) = (cycle(27, "10000", "3000"), cycle(28, "1000", "0"));
-    book_cycles(&mut st, &[c1.clone()], c1.start).unwrap();
-    usage(&mut st, "u-1", "2026-11-27T10:00:00Z", t("2026-11-27T10:00:01Z"));
-    book_cycles(&mut st, &[c2.clone()], c2.start).unwrap();
-    usage(&mut st, "u-2", "2026-11-28T00:01:00Z", t("2026-11-28T00:01:01Z"));
+    book_cycles(&mut st, std::slice::from_ref(&c1), c1.start).unwrap();
+    usage(
+        &mut st,
+        "u-1",
+        "2026-11-27T10:00:00Z",
+        t("2026-11-27T10:00:01Z"),
+    );
+    book_cycles(&mut st, std::slice::from_ref(&c2), c2.start).unwrap();
+    usage(
+        &mut st,
+        "u-2",
+        "2026-11-28T00:01:00Z",
+        t("2026-11-28T00:01:01Z"),
+    );
     assert_eq!(st.accounts[&user()].debt, d("4200"));
     let now = c2.start + Duration::minutes(10);
     expire_blocks(&mut st, &[(user(), c1.event_id(), ExpiryCause::Block)], now).unwrap();

@@ -35,7 +35,11 @@ pub fn expire_blocks(
         // behind debt) changes what that account's later blocks hold once
         // its usage is re-attributed: the store resweeps it after this
         // transaction, and its other due blocks wait for the next pass.
-        if state.accounts.get(acct_ref).is_some_and(|a| a.needs_resweep) {
+        if state
+            .accounts
+            .get(acct_ref)
+            .is_some_and(|a| a.needs_resweep)
+        {
             continue;
         }
         expire_one(state, &mut fx, acct_ref, block_id, *cause, now);

@@ -16,11 +16,11 @@
 
 mod credit;
 mod cycle;
+#[cfg(test)]
+mod cycle_tests;
 mod effects;
 mod expiry;
 mod resweep;
-#[cfg(test)]
-mod cycle_tests;
 #[cfg(test)]
 mod tests;
 mod upsert;
@@ -36,8 +36,8 @@ use crate::event::*;
 
 pub use super::entry::{entry_hash, Detail, Entry, EntryType};
 pub use super::sweep::{resweep, AccountState, Block};
-pub use effects::{AppliedEvent, Counts, Effects, NewVersion, Quarantined, Resolution, WaitingOn};
 pub use cycle::book_cycles;
+pub use effects::{AppliedEvent, Counts, Effects, NewVersion, Quarantined, Resolution, WaitingOn};
 pub use expiry::expire_blocks;
 pub use resweep::settle;
 

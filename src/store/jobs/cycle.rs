@@ -15,12 +15,8 @@ use crate::clock::Clock;
 use crate::event::{AccountKind, AccountRef, CycleRecord, Status};
 use crate::ledger::cycle::{due_starts, CycleVersion};
 use crate::ledger::fold::{self, Effects};
-use crate::store::batch::after_locks;
 use crate::store::error::ApplyError;
-use crate::store::load::{lock_accounts, Blocks};
-use crate::store::resweep::resweep_accounts;
 use crate::store::sink::{LedgerSink, Windows};
-use crate::store::write::write_effects;
 
 /// What the cycle job knows between passes: the registry versions of every
 /// account that has (or had) a cycle, reloaded when the registry changes,
@@ -102,19 +98,18 @@ pub(crate) async fn book(
     clock: Option<&Clock>,
 ) -> Result<Effects, ApplyError> {
     let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.account.clone()).collect();
-    let mut state = windows.fold_state();
-    lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
-    let now = after_locks(now, clock);
-    let fx = fold::book_cycles(&mut state, due, now).map_err(ApplyError::Invariant)?;
-    write_effects(tx, &state, &fx, now).await?;
-    let flagged: BTreeSet<AccountRef> = state.needing_resweep().into_iter().collect();
-    resweep_accounts(tx, &flagged, now, windows).await?;
-    Ok(fx)
+    super::fire_locked(tx, accounts, now, windows, clock, |st, now| {
+        fold::book_cycles(st, due, now)
+    })
+    .await
 }
 
 /// Reload the versions of accounts with cycles when the registry changed
 /// (and each account's latest booked start).
-async fn refresh(client: &deadpool_postgres::Client, cache: &mut CycleCache) -> Result<(), ApplyError> {
+async fn refresh(
+    client: &deadpool_postgres::Client,
+    cache: &mut CycleCache,
+) -> Result<(), ApplyError> {
     let seq: Option<i64> = client
         .query_one("SELECT max(version_seq) FROM registry_versions", &[])
         .await?

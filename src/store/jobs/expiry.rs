@@ -10,12 +10,8 @@ use deadpool_postgres::Transaction;
 use crate::clock::Clock;
 use crate::event::{AccountKind, AccountRef, ExpiryCause};
 use crate::ledger::fold::{self, Effects};
-use crate::store::batch::after_locks;
 use crate::store::error::ApplyError;
-use crate::store::load::{lock_accounts, Blocks};
-use crate::store::resweep::resweep_accounts;
 use crate::store::sink::{LedgerSink, Windows};
-use crate::store::write::write_effects;
 
 impl LedgerSink {
     /// Finalize expiries that are due: blocks with credit left whose
@@ -93,14 +89,11 @@ pub(crate) async fn expire_due(
     windows: Windows,
     clock: Option<&Clock>,
 ) -> Result<Effects, ApplyError> {
+    // (A rollover onto a cycle block that ran out flags its account for
+    // the resweep.)
     let accounts: BTreeSet<AccountRef> = due.iter().map(|d| d.0.clone()).collect();
-    let mut state = windows.fold_state();
-    lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
-    let now = after_locks(now, clock);
-    let fx = fold::expire_blocks(&mut state, due, now).map_err(ApplyError::Invariant)?;
-    write_effects(tx, &state, &fx, now).await?;
-    // A rollover onto a cycle block that ran out re-attributes its usage.
-    let flagged: BTreeSet<AccountRef> = state.needing_resweep().into_iter().collect();
-    resweep_accounts(tx, &flagged, now, windows).await?;
-    Ok(fx)
+    super::fire_locked(tx, accounts, now, windows, clock, |st, now| {
+        fold::expire_blocks(st, due, now)
+    })
+    .await
 }

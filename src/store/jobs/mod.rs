@@ -13,9 +13,22 @@ pub(crate) use cycle::book;
 pub use cycle::CycleCache;
 pub(crate) use expiry::expire_due;
 
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
+
+use crate::clock::Clock;
+use crate::event::AccountRef;
+use crate::ledger::fold::{Effects, FoldState};
 use crate::limits;
+use crate::store::batch::after_locks;
 use crate::store::error::ApplyError;
+use crate::store::load::{lock_accounts, Blocks};
+use crate::store::resweep::resweep_accounts;
 use crate::store::sink::LedgerSink;
+use crate::store::sink::Windows;
+use crate::store::write::write_effects;
 
 /// Keep retrying waiting events, and finalizing due expiries, until
 /// `shutdown`.
@@ -29,7 +42,10 @@ pub async fn run_quarantine_sweeper(
         // Cycle starts before expiries: a cycle block's finalization rolls
         // over into the next cycle's block, which must be booked by then.
         loop {
-            match sink.book_due_cycles(&mut cycles, limits::CYCLE_BATCH_MAX).await {
+            match sink
+                .book_due_cycles(&mut cycles, limits::CYCLE_BATCH_MAX)
+                .await
+            {
                 Ok((0, _)) => break,
                 Ok((due, booked)) => tracing::info!(due, booked, "cycle starts booked"),
                 Err(ApplyError::Invariant(m)) => {
@@ -45,7 +61,9 @@ pub async fn run_quarantine_sweeper(
         // Expiry warnings before finalization: a block past its expiry
         // still holds its credit until it is finalized.
         match sink.notify_as_time_passes().await {
-            Ok(n) if n > 0 => tracing::info!(notifications = n, "notifications recorded as time passed"),
+            Ok(n) if n > 0 => {
+                tracing::info!(notifications = n, "notifications recorded as time passed")
+            }
             Ok(_) => {}
             Err(ApplyError::Invariant(m)) => {
                 tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
@@ -82,4 +100,26 @@ pub async fn run_quarantine_sweeper(
             _ = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// What a job fires on accounts (cycle starts, expiry finalizations), in
+/// one shape: lock `accounts` with all their blocks, take the time again
+/// once the locks are held, run the fold step `f`, write what it returns,
+/// and resweep the accounts it flagged. The caller commits.
+pub(crate) async fn fire_locked(
+    tx: &Transaction<'_>,
+    accounts: BTreeSet<AccountRef>,
+    now: DateTime<Utc>,
+    windows: Windows,
+    clock: Option<&Clock>,
+    f: impl FnOnce(&mut FoldState, DateTime<Utc>) -> Result<Effects, String>,
+) -> Result<Effects, ApplyError> {
+    let mut state = windows.fold_state();
+    lock_accounts(tx, &accounts, &mut state, Blocks::All).await?;
+    let now = after_locks(now, clock);
+    let fx = f(&mut state, now).map_err(ApplyError::Invariant)?;
+    write_effects(tx, &state, &fx, now).await?;
+    let flagged: BTreeSet<AccountRef> = state.needing_resweep().into_iter().collect();
+    resweep_accounts(tx, &flagged, now, windows).await?;
+    Ok(fx)
 }

@@ -55,7 +55,9 @@ impl LedgerSink {
             .await?;
         let mut due: Vec<Notification> = Vec::new();
         for r in &rows {
-            let Some(account) = account_of(r) else { continue };
+            let Some(account) = account_of(r) else {
+                continue;
+            };
             let watch = Watch {
                 expire_warning_secs: r.get::<_, Option<i32>>(2).map(|s| s.max(0) as u32),
                 ..Watch::default()
@@ -67,7 +69,10 @@ impl LedgerSink {
         }
         let ids: Vec<String> = due.iter().map(Notification::event_id).collect();
         let known: HashSet<String> = client
-            .query("SELECT event_id FROM notifications WHERE event_id = ANY($1)", &[&ids])
+            .query(
+                "SELECT event_id FROM notifications WHERE event_id = ANY($1)",
+                &[&ids],
+            )
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -104,12 +109,21 @@ impl LedgerSink {
         let tx = client.transaction().await?;
         let mut state = self.windows().fold_state();
         let floor = now - self.lateness;
-        lock_accounts(&tx, &accounts, &mut state, Blocks::Relevant { floor, grants: &[] }).await?;
+        lock_accounts(
+            &tx,
+            &accounts,
+            &mut state,
+            Blocks::Relevant { floor, grants: &[] },
+        )
+        .await?;
         let mut fx = Effects::default();
         for acct in state.accounts.values_mut() {
             let credit: Decimal = acct.available_at(now);
             let account = acct.account.clone();
-            if acct.watch.evaluate(&account, credit, now, &mut fx.notifications) {
+            if acct
+                .watch
+                .evaluate(&account, credit, now, &mut fx.notifications)
+            {
                 acct.dirty = true;
             }
         }
@@ -120,5 +134,8 @@ impl LedgerSink {
 }
 
 fn account_of(r: &tokio_postgres::Row) -> Option<AccountRef> {
-    Some(AccountRef::new(AccountKind::parse(r.get(0))?, r.get::<_, String>(1)))
+    Some(AccountRef::new(
+        AccountKind::parse(r.get(0))?,
+        r.get::<_, String>(1),
+    ))
 }
