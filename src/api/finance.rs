@@ -14,19 +14,29 @@ use crate::event::{AccountKind, AccountRef};
 use crate::store::finance::{self, Period};
 
 pub fn account(kind: &str, id: &str) -> Result<AccountRef, ApiError> {
-    let k = AccountKind::parse(kind).ok_or_else(|| {
+    Ok(AccountRef::new(kind_param(kind)?, id_param(id)?))
+}
+
+/// A `kind` parameter: an account kind.
+pub fn kind_param(kind: &str) -> Result<AccountKind, ApiError> {
+    AccountKind::parse(kind).ok_or_else(|| {
         ApiError::invalid(
             "kind",
             format!("`{kind}` is not one of key, app, user, group, reseller"),
         )
-    })?;
+    })
+}
+
+/// An `id` parameter: 1 to 128 characters, none of them a control
+/// character.
+pub fn id_param(id: &str) -> Result<&str, ApiError> {
     if id.is_empty() || id.chars().count() > 128 || id.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "id",
             "must be 1 to 128 characters, none of them a control character",
         ));
     }
-    Ok(AccountRef::new(k, id))
+    Ok(id)
 }
 
 pub fn time_param(

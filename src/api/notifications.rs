@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::finance::{account, limit_param, time_param};
+use super::finance::{id_param, kind_param, limit_param, time_param};
 use super::{auth, ApiError, AppState};
 use crate::event::AccountKind;
 
@@ -27,17 +27,11 @@ pub async fn list(
     q: Result<Query<NotificationsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let kind = match q.kind.as_deref() {
-        Some(k) => Some(account(k, "x")?.kind),
-        None => None,
-    };
-    if let Some(i) = q.id.as_deref() {
-        account("key", i)?;
-    }
-    let one = match (kind, &q.id) {
-        (Some(k), Some(i)) => Some(crate::event::AccountRef::new(k, i.as_str())),
-        _ => None,
-    };
+    let kind = q.kind.as_deref().map(kind_param).transpose()?;
+    let id = q.id.as_deref().map(id_param).transpose()?;
+    let one = kind
+        .zip(id)
+        .map(|(k, i)| crate::event::AccountRef::new(k, i));
     let from = time_param("from", q.from.as_deref())?;
     let to = time_param("to", q.to.as_deref())?;
     let limit = limit_param(q.limit.as_deref())?;
@@ -56,16 +50,10 @@ pub async fn list(
             return Err(auth::access_denied());
         }
     }
-    let rows = crate::store::outbox::list(
-        &st.reports,
-        kind.map(|k| k.as_str()),
-        q.id.as_deref(),
-        from,
-        to,
-        limit,
-    )
-    .await
-    .map_err(ApiError::internal)?;
+    let rows =
+        crate::store::outbox::list(&st.reports, kind.map(|k| k.as_str()), id, from, to, limit)
+            .await
+            .map_err(ApiError::internal)?;
     let list: Vec<Value> = rows
         .into_iter()
         .filter(|(k, i, _)| in_tree(k, i))

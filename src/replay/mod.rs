@@ -180,6 +180,13 @@ fn service_record(e: &Exported) -> Option<&str> {
     matches!(e.event_type.as_str(), "expiry" | "cycle").then_some(e.event_type.as_str())
 }
 
+/// The end of every replay: what it recorded as notifications is marked
+/// never to be published or delivered, and the checksum of what it built.
+async fn finished(target: &Pool) -> anyhow::Result<finance::Checksum> {
+    store::replay::mark_notifications_replayed(target).await?;
+    finance::checksum(target).await
+}
+
 /// Replay from the applied-event store of `source`.
 pub async fn from_store(
     source: &Pool,
@@ -207,10 +214,7 @@ pub async fn from_store(
         source: "store".into(),
         events,
         seconds: took.as_secs_f64(),
-        checksum: {
-            store::replay::mark_notifications_replayed(&target).await?;
-            finance::checksum(&target).await?
-        },
+        checksum: finished(&target).await?,
         not_applied: r.not_applied,
         differences: None,
     })
@@ -251,10 +255,7 @@ pub async fn from_file(
         source: format!("file:{path}"),
         events,
         seconds: took.as_secs_f64(),
-        checksum: {
-            store::replay::mark_notifications_replayed(&target).await?;
-            finance::checksum(&target).await?
-        },
+        checksum: finished(&target).await?,
         not_applied: r.not_applied,
         differences: None,
     })
@@ -350,10 +351,7 @@ pub async fn from_kafka(
         source: "kafka".into(),
         events,
         seconds: took.as_secs_f64(),
-        checksum: {
-            store::replay::mark_notifications_replayed(&target).await?;
-            finance::checksum(&target).await?
-        },
+        checksum: finished(&target).await?,
         not_applied,
         differences,
     })

@@ -141,20 +141,8 @@ pub(super) fn roll_over(
         o.dirty = true;
     }
     acct.balance -= x;
-    let (event_id, occurred_at) = origin;
-    let out = Draft {
-        entry_type: EntryType::Rollover,
-        amount: -x,
-        charge: None,
-        detail: json!({"block_id": from_id, "to_block": to_id, "category": "cycle"}).into(),
-        attributed_at: None,
-    };
-    let o = Origin {
-        event_id,
-        occurred_at,
-        source: None,
-    };
-    post(state, fx, acct_ref, o, out, now);
+    let out = json!({"block_id": from_id, "to_block": to_id, "category": "cycle"});
+    post_rollover(state, fx, acct_ref, -x, out, origin, now);
     let acct = super::account(state, acct_ref);
     {
         let n = &mut acct.blocks[j];
@@ -163,18 +151,33 @@ pub(super) fn roll_over(
         n.dirty = true;
     }
     acct.balance += x;
-    let into = Draft {
-        entry_type: EntryType::Rollover,
-        amount: x,
-        charge: None,
-        detail: json!({"block_id": to_id, "from_block": from_id, "category": "cycle"}).into(),
-        attributed_at: None,
-    };
-    let o = Origin {
+    let into = json!({"block_id": to_id, "from_block": from_id, "category": "cycle"});
+    post_rollover(state, fx, acct_ref, x, into, origin, now);
+    x
+}
+
+/// One `rollover` entry (the balance already moved), under the expiry
+/// record's id.
+fn post_rollover(
+    state: &mut FoldState,
+    fx: &mut Effects,
+    acct_ref: &AccountRef,
+    amount: Decimal,
+    detail: serde_json::Value,
+    (event_id, occurred_at): (&str, DateTime<Utc>),
+    now: DateTime<Utc>,
+) {
+    let origin = Origin {
         event_id,
         occurred_at,
         source: None,
     };
-    post(state, fx, acct_ref, o, into, now);
-    x
+    let draft = Draft {
+        entry_type: EntryType::Rollover,
+        amount,
+        charge: None,
+        detail: detail.into(),
+        attributed_at: None,
+    };
+    post(state, fx, acct_ref, origin, draft, now);
 }

@@ -46,6 +46,24 @@ fn usage(st: &mut FoldState, id: &str, at: &str, now: DateTime<Utc>) {
     assert_eq!(fx.quarantined.len(), 0, "{:?}", fx.quarantined);
 }
 
+/// A fresh state with cycle `c1` booked and 5,200 of it used at 10:00.
+fn first_cycle_used(c1: &CycleRecord) -> FoldState {
+    let mut st = FoldState::new(Duration::seconds(300));
+    book_cycles(&mut st, std::slice::from_ref(c1), c1.start).unwrap();
+    usage(
+        &mut st,
+        "u-1",
+        "2026-11-27T10:00:00Z",
+        t("2026-11-27T10:00:01Z"),
+    );
+    st
+}
+
+/// Finalize the expiry of cycle `c`'s block at `now`.
+fn finalize(st: &mut FoldState, c: &CycleRecord, now: DateTime<Utc>) -> Effects {
+    expire_blocks(st, &[(user(), c.event_id(), ExpiryCause::Block)], now).unwrap()
+}
+
 fn block<'a>(st: &'a FoldState, c: &CycleRecord) -> &'a Block {
     st.accounts[&user()]
         .blocks
@@ -94,22 +112,10 @@ fn a_cycle_start_is_booked_once_as_a_cycle_grant() {
 
 #[test]
 fn at_finalization_up_to_the_cap_rolls_into_the_next_cycle_and_the_rest_expires() {
-    let mut st = FoldState::new(Duration::seconds(300));
     let (c1, c2) = (cycle(27, "10000", "3000"), cycle(28, "10000", "3000"));
-    book_cycles(&mut st, std::slice::from_ref(&c1), c1.start).unwrap();
-    usage(
-        &mut st,
-        "u-1",
-        "2026-11-27T10:00:00Z",
-        t("2026-11-27T10:00:01Z"),
-    );
+    let mut st = first_cycle_used(&c1);
     book_cycles(&mut st, std::slice::from_ref(&c2), c2.start).unwrap();
-    let fx = expire_blocks(
-        &mut st,
-        &[(user(), c1.event_id(), ExpiryCause::Block)],
-        c2.start + Duration::minutes(10),
-    )
-    .unwrap();
+    let fx = finalize(&mut st, &c1, c2.start + Duration::minutes(10));
     let moves: Vec<(EntryType, Decimal)> = fx
         .entries
         .iter()
@@ -136,25 +142,13 @@ fn at_finalization_up_to_the_cap_rolls_into_the_next_cycle_and_the_rest_expires(
 
 #[test]
 fn a_new_cycle_repays_debt_first() {
-    let mut st = FoldState::new(Duration::seconds(300));
     let (c1, c2) = (cycle(27, "5000", "1000"), cycle(28, "10000", "0"));
-    book_cycles(&mut st, std::slice::from_ref(&c1), c1.start).unwrap();
-    usage(
-        &mut st,
-        "u-1",
-        "2026-11-27T10:00:00Z",
-        t("2026-11-27T10:00:01Z"),
-    );
+    let mut st = first_cycle_used(&c1);
     assert_eq!(st.accounts[&user()].debt, d("200"));
     book_cycles(&mut st, std::slice::from_ref(&c2), c2.start).unwrap();
     assert_eq!(st.accounts[&user()].available_at(c2.start), d("9800"));
     // Nothing left in the old block: nothing rolls over, nothing expires.
-    let fx = expire_blocks(
-        &mut st,
-        &[(user(), c1.event_id(), ExpiryCause::Block)],
-        c2.start + Duration::minutes(10),
-    )
-    .unwrap();
+    let fx = finalize(&mut st, &c1, c2.start + Duration::minutes(10));
     assert!(fx.entries.is_empty());
     let a = &st.accounts[&user()];
     assert_eq!((a.debt, block(&st, &c2).remaining), (d("0"), d("9800")));
@@ -163,15 +157,8 @@ fn a_new_cycle_repays_debt_first() {
 
 #[test]
 fn a_rollover_onto_a_cycle_block_that_ran_out_re_attributes_its_usage() {
-    let mut st = FoldState::new(Duration::seconds(300));
     let (c1, c2) = (cycle(27, "10000", "3000"), cycle(28, "1000", "0"));
-    book_cycles(&mut st, std::slice::from_ref(&c1), c1.start).unwrap();
-    usage(
-        &mut st,
-        "u-1",
-        "2026-11-27T10:00:00Z",
-        t("2026-11-27T10:00:01Z"),
-    );
+    let mut st = first_cycle_used(&c1);
     book_cycles(&mut st, std::slice::from_ref(&c2), c2.start).unwrap();
     usage(
         &mut st,
@@ -181,7 +168,7 @@ fn a_rollover_onto_a_cycle_block_that_ran_out_re_attributes_its_usage() {
     );
     assert_eq!(st.accounts[&user()].debt, d("4200"));
     let now = c2.start + Duration::minutes(10);
-    expire_blocks(&mut st, &[(user(), c1.event_id(), ExpiryCause::Block)], now).unwrap();
+    finalize(&mut st, &c1, now);
     assert!(st.accounts[&user()].needs_resweep);
     let debits = HashMap::from([(
         user(),

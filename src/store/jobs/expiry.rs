@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 
+use super::QUOTA_EXPIRES_AT;
 use crate::clock::Clock;
 use crate::event::{AccountKind, AccountRef, ExpiryCause};
 use crate::ledger::fold::{self, Effects};
@@ -40,16 +41,14 @@ impl LedgerSink {
             let account_cutoff = cutoff - after;
             rows.extend(
                 tx.query(
-                    "SELECT b.kind, b.id, b.block_id, r.qx FROM credit_blocks b JOIN (
-                         SELECT DISTINCT ON (v.kind, v.id) v.kind, v.id,
-                                least((v.payload->>'quota_expires_at')::timestamptz,
-                                      a.first_used_at + (v.payload->>'quota_expires_after_first_use_secs')::bigint * interval '1 second') AS qx
+                    &format!("SELECT b.kind, b.id, b.block_id, r.qx FROM credit_blocks b JOIN (
+                         SELECT DISTINCT ON (v.kind, v.id) v.kind, v.id, {QUOTA_EXPIRES_AT} AS qx
                          FROM registry_versions v LEFT JOIN accounts a ON a.kind = v.kind AND a.id = v.id
                          WHERE v.kind IN ('key', 'app', 'user', 'group', 'reseller') AND v.effective_from <= $1
                          ORDER BY v.kind, v.id, v.effective_from DESC, v.version_seq DESC) r ON r.kind = b.kind AND r.id = b.id
                      WHERE r.qx <= $2 AND b.remaining > 0 AND b.voided_at IS NULL AND b.expired_amount IS NULL
                        AND (b.expires_at IS NULL OR b.expires_at > r.qx + $5 * interval '1 second')
-                     ORDER BY b.kind, b.id, b.block_id LIMIT $4",
+                     ORDER BY b.kind, b.id, b.block_id LIMIT $4"),
                     &[&now, &account_cutoff, &cutoff, &limit, &(after.num_seconds() as f64)],
                 )
                 .await?,

@@ -102,6 +102,12 @@ pub async fn run_quarantine_sweeper(
     }
 }
 
+/// An account's quota expiry in SQL, the rule `admission::quota_expires_at`
+/// states in Rust: its version's `quota_expires_at`, or first use plus
+/// `quota_expires_after_first_use_secs` when earlier (`least` skips nulls).
+/// `v` is the registry version, `a` the account row.
+const QUOTA_EXPIRES_AT: &str = "least((v.payload->>'quota_expires_at')::timestamptz, a.first_used_at + (v.payload->>'quota_expires_after_first_use_secs')::bigint * interval '1 second')";
+
 /// What a job fires on accounts (cycle starts, expiry finalizations), in
 /// one shape: lock `accounts` with all their blocks, take the time again
 /// once the locks are held, run the fold step `f`, write what it returns,

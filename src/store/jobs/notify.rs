@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashSet};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
+use super::QUOTA_EXPIRES_AT;
 use crate::event::{AccountKind, AccountRef};
 use crate::ledger::fold::Effects;
 use crate::ledger::notify::{expiry_warnings, Notification, Watch};
@@ -43,8 +44,7 @@ impl LedgerSink {
                      CROSS JOIN LATERAL (
                         SELECT b.expires_at AS at FROM credit_blocks b WHERE b.kind = a.kind AND b.id = a.id AND b.remaining > 0 AND b.voided_at IS NULL AND b.expires_at IS NOT NULL
                         UNION
-                        SELECT least((v.payload->>'quota_expires_at')::timestamptz,
-                                     a.first_used_at + (v.payload->>'quota_expires_after_first_use_secs')::bigint * interval '1 second')
+                        SELECT {QUOTA_EXPIRES_AT}
                         FROM (SELECT payload FROM registry_versions r WHERE r.kind = a.kind AND r.id = a.id ORDER BY r.effective_from DESC, r.version_seq DESC LIMIT 1) v
                      ) m
                      WHERE a.expire_warning_secs IS NOT NULL AND m.at IS NOT NULL AND m.at <= $1 + a.expire_warning_secs * interval '1 second'
