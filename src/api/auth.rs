@@ -259,6 +259,9 @@ fn scope_allows(path: &str) -> bool {
                 | "/v1/balances/{kind}/{id}"
                 | "/v1/ledger/{kind}/{id}"
                 | "/v1/notifications"
+                | "/v1/reports/spend"
+                | "/v1/quarantine"
+                | "/v1/quarantine/{id}/redrive"
                 | "/openapi.json"
                 | "/v1/grants"
                 | "/v1/adjustments"
@@ -309,13 +312,7 @@ pub async fn require_token(State(st): State<AppState>, mut req: Request, next: N
             };
             let kind = params.get("kind").map(String::as_str).unwrap_or("");
             let id = params.get("id").cloned().unwrap_or_default();
-            let now = (st.clock)();
-            let ok = AccountKind::parse(kind).is_some_and(|k| {
-                st.view
-                    .read()
-                    .map(|v| reseller_of(&v, k, &id, now).as_deref() == Some(r.as_str()))
-                    .unwrap_or(false)
-            });
+            let ok = AccountKind::parse(kind).is_some_and(|k| in_tree(&st, r, k, &id));
             if !ok {
                 return access_denied().into_response();
             }
@@ -349,4 +346,14 @@ pub fn reseller_of(v: &View, kind: AccountKind, id: &str, now: DateTime<Utc>) ->
         },
         AccountKind::Group => None,
     }
+}
+
+/// Whether an account is in a reseller's tree as registered now (the
+/// check every scoped read of an account makes).
+pub fn in_tree(st: &AppState, reseller: &str, kind: AccountKind, id: &str) -> bool {
+    let now = (st.clock)();
+    st.view
+        .read()
+        .map(|v| reseller_of(&v, kind, id, now).as_deref() == Some(reseller))
+        .unwrap_or(false)
 }

@@ -8,6 +8,8 @@ mod holds;
 mod notifications;
 pub mod openapi;
 pub mod operator;
+mod quarantine;
+mod reports;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -76,6 +78,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/checksum"),
     ("GET", "/v1/errors/summary"),
     ("GET", "/v1/notifications"),
+    ("GET", "/v1/reports/spend"),
+    ("GET", "/v1/quarantine"),
+    ("POST", "/v1/quarantine/{id}/redrive"),
     ("POST", "/v1/grants"),
     ("POST", "/v1/adjustments"),
     ("POST", "/v1/reversals"),
@@ -111,6 +116,9 @@ fn method_router(method: &str, path: &str) -> axum::routing::MethodRouter<AppSta
         ("GET", "/v1/checksum") => get(finance::checksum),
         ("GET", "/v1/errors/summary") => get(finance::errors_summary),
         ("GET", "/v1/notifications") => get(notifications::list),
+        ("GET", "/v1/reports/spend") => get(reports::spend),
+        ("GET", "/v1/quarantine") => get(quarantine::list),
+        ("POST", "/v1/quarantine/{id}/redrive") => post(quarantine::redrive),
         ("POST", "/v1/grants") => post(operator::grant),
         ("POST", "/v1/adjustments") => post(operator::adjustment),
         ("POST", "/v1/reversals") => post(operator::reversal),

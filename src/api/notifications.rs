@@ -38,12 +38,7 @@ pub async fn list(
     let scope = caller.as_ref().and_then(|c| c.reseller_id.clone());
     let in_tree = |kind: &str, id: &str| match &scope {
         None => true,
-        Some(r) => AccountKind::parse(kind).is_some_and(|k| {
-            st.view
-                .read()
-                .map(|v| auth::reseller_of(&v, k, id, (st.clock)()).as_deref() == Some(r.as_str()))
-                .unwrap_or(false)
-        }),
+        Some(r) => AccountKind::parse(kind).is_some_and(|k| auth::in_tree(&st, r, k, id)),
     };
     if let Some(a) = &one {
         if !in_tree(a.kind.as_str(), &a.id) {

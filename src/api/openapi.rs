@@ -346,8 +346,8 @@ fn error_responses(codes: &[u16]) -> Value {
             400 => "invalid_parameter: a malformed request (the field is in `param`, the reason in `detail`)",
             401 => "invalid_access_token (or, for admission, the documented key and account codes)",
             403 => "access_denied: the token's role or reseller scope does not allow this",
-            404 => "account_not_found, unknown_url, or the documented not-found codes",
-            409 => "idempotency_conflict: the Idempotency-Key was used with another request; business_id_conflict: the grant, adjustment or reversal id was used by another request",
+            404 => "account_not_found, unknown_url, quarantine_not_found, or the documented not-found codes",
+            409 => "idempotency_conflict: the Idempotency-Key was used with another request; business_id_conflict: the grant, adjustment or reversal id was used by another request; not_rejected: only a rejected quarantined event is re-driven",
             413 => "the body is larger than 1 MiB",
             429 => "the documented quota codes; too_many_long_reads: the token has too many CSV streams open",
             503 => "the service is paused, the broker did not acknowledge a write, or no database connection was free in time",
@@ -542,12 +542,79 @@ pub fn document(test_clock: bool) -> Value {
             json!({"put": with_errors(op, &[400, 401, 403, 409, 413, 500, 503])});
     }
     doc["components"]["schemas"]["Notifications"] = notifications_schema();
+    reports_and_quarantine(&mut doc);
     if !test_clock {
         if let Some(paths) = doc["paths"].as_object_mut() {
             paths.remove("/v1/test/clock");
         }
     }
     doc
+}
+
+/// `GET /v1/reports/spend`, `GET /v1/quarantine` and `POST
+/// /v1/quarantine/{id}/redrive`, with their answers.
+fn reports_and_quarantine(doc: &mut Value) {
+    // Whole hours (a pattern as well as the format filters out nearly
+    // every generated value; the service says which part is wrong).
+    let whole_hour = |name: &str, what: &str| {
+        json!({"name": name, "in": "query", "required": true, "description": format!("{what}; a whole hour"),
+        "schema": {"type": "string", "format": "date-time"}})
+    };
+    let dims = super::super::ledger::spend::DIMS;
+    let int = json!({"type": "integer", "minimum": 0});
+    let mut sums = serde_json::Map::new();
+    sums.insert("charge".into(), decimal());
+    sums.insert("requests".into(), json!({"type": "integer"}));
+    for t in [
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+    ] {
+        sums.insert(
+            t.into(),
+            json!({"oneOf": [int, {"type": "string", "pattern": "^[0-9]+$"}]}),
+        );
+    }
+    let mut row = sums.clone();
+    row.insert("bucket".into(), time());
+    for d in dims {
+        row.insert(d.into(), json!({"type": "string", "nullable": true}));
+    }
+    doc["components"]["schemas"]["SpendReport"] = json!({"type": "object", "required": ["rows", "totals"], "properties": {
+        "rows": {"type": "array", "items": {"type": "object", "properties": row}},
+        "totals": {"type": "object", "properties": sums}}});
+    let tn = json!({"type": "string", "format": "date-time", "nullable": true});
+    let sn = json!({"type": "string", "nullable": true});
+    doc["components"]["schemas"]["Quarantine"] = json!({"type": "object", "required": ["events", "next"], "properties": {
+        "events": {"type": "array", "items": {"type": "object", "properties": {
+            "quarantine_id": {"type": "integer"}, "event_id": sn, "status": {"type": "string", "enum": ["waiting", "rejected"]},
+            "reason": {"type": "string", "enum": super::quarantine::REASONS}, "detail": {"type": "string"}, "waiting_on": sn,
+            "topic": {"type": "string"}, "partition": {"type": "integer"}, "offset": {"type": "integer"}, "received_at": time(),
+            "attempts": {"type": "integer"}, "resolved_at": tn, "payload": sn, "payload_truncated": {"type": "boolean"}}}},
+        "next": {"type": "integer", "nullable": true}}});
+    doc["components"]["schemas"]["Redriven"] = json!({"type": "object", "properties": {"quarantine_id": {"type": "integer"}, "status": {"type": "string", "enum": ["waiting"]}}});
+    doc["paths"]["/v1/reports/spend"] = json!({"get": with_errors(json!({
+        "summary": "Spend per bucket and dimensions, from the rollup: usage by occurred_at in [from, to), whole hours. Role finance; a scoped token sees its reseller's usage.",
+        "parameters": [whole_hour("from", "first hour (inclusive)"), whole_hour("to", "end (exclusive)"),
+            {"name": "bucket", "in": "query", "schema": {"type": "string", "enum": ["hour", "day", "month"], "default": "day"}},
+            {"name": "by", "in": "query", "description": "dimensions, comma-separated, each once", "schema": {"type": "string", "pattern": format!("^(({d})(,({d}))*)?$", d = dims.join("|"))}},
+            {"name": "tz", "in": "query", "description": "IANA zone the buckets are aligned in (a whole number of hours from UTC over the period); UTC when absent", "schema": {"type": "string"}}],
+        "responses": {"200": ok("the report", "SpendReport")}
+    }), &[400, 401, 403, 500])});
+    doc["paths"]["/v1/quarantine"] = json!({"get": with_errors(json!({
+        "summary": "Waiting and rejected events with reason, detail and source, newest first. Role finance; a scoped token sees events naming its tree.",
+        "parameters": [{"name": "state", "in": "query", "schema": {"type": "string", "enum": ["waiting", "rejected"]}},
+            {"name": "reason", "in": "query", "schema": {"type": "string", "enum": super::quarantine::REASONS}},
+            {"name": "before", "in": "query", "description": "the `next` of the previous page", "schema": {"type": "integer", "minimum": 1, "maximum": i64::MAX}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}}],
+        "responses": {"200": ok("the events", "Quarantine")}
+    }), &[400, 401, 403, 500])});
+    doc["paths"]["/v1/quarantine/{id}/redrive"] = json!({"post": with_errors(json!({
+        "summary": "Give a rejected event another try: it waits again and every serve's sweeper retries it at once. Role admin.",
+        "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1, "maximum": i64::MAX}}],
+        "responses": {"202": ok("waiting again", "Redriven")}
+    }), &[400, 401, 403, 404, 409, 500])});
 }
 
 #[cfg(test)]

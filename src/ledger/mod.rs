@@ -8,6 +8,7 @@ pub mod fold;
 pub mod notify;
 pub mod pricing;
 pub mod registry;
+pub mod spend;
 pub mod sweep;
 
 #[cfg(test)]

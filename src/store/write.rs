@@ -31,6 +31,7 @@ pub(crate) async fn write_effects(
     if !fx.entries.is_empty() {
         write_ledger(tx, &fx.entries).await?;
     }
+    super::rollup::write_rollup(tx, fx).await?;
     write_quarantined(tx, &fx.quarantined, now).await?;
     write_notifications(tx, &fx.notifications, now).await?;
     resolve_retried(tx, &fx.resolved, now).await?;

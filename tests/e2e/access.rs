@@ -344,7 +344,7 @@ async fn roles_scopes_operator_writes_and_the_openapi_document() {
             n += 1;
         }
     }
-    assert_eq!(n, 26, "20 operations, the entity write as one per type");
+    assert_eq!(n, 29, "23 operations, the entity write as one per type");
     assert_eq!(
         status(&admin, &svc, "GET", "/v1/nothing-here", None)
             .await

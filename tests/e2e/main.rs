@@ -16,5 +16,6 @@ mod hostile;
 mod ingest;
 mod notify;
 mod replay;
+mod reports;
 mod schemas;
 mod world;

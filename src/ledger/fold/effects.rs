@@ -117,4 +117,8 @@ pub struct Effects {
     pub pinned: Vec<(String, String)>,
     /// Notifications decided by the movements of this fold, in order.
     pub notifications: Vec<crate::ledger::notify::Notification>,
+    /// What each applied usage event adds to the spend rollup (reversals'
+    /// rows are made by the store from `reversals`: the usage's dimensions
+    /// are in its record, not in the fold's state).
+    pub spend: Vec<crate::ledger::spend::Spend>,
 }

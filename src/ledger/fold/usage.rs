@@ -13,6 +13,7 @@ use super::{overflow, Cx, Detail, Draft, EntryType, FoldState, Outcome, Posting,
 use crate::event::{AccountKind, AccountRef, Entity, EntityKind, Reason, UsageEvent};
 use crate::ledger::pricing::{self, PriceError, Priced};
 use crate::ledger::registry::Version;
+use crate::ledger::spend::Spend;
 
 pub(super) fn apply(cx: &mut Cx, u: &UsageEvent) -> Outcome {
     let t = cx.ev.occurred_at;
@@ -74,6 +75,9 @@ pub(super) fn apply(cx: &mut Cx, u: &UsageEvent) -> Outcome {
         });
     }
     cx.state.postings.insert(cx.ev.event_id.clone(), postings);
+    cx.fx
+        .spend
+        .push(Spend::usage(occurred_at, u, priced.charge));
     if let Some(r) = &u.reservation_id {
         cx.fx.settled.push((r.clone(), cx.ev.event_id.clone()));
     }

@@ -6,6 +6,7 @@
 mod checksum;
 mod errors;
 mod reconcile;
+pub mod spend;
 mod statement;
 
 pub use checksum::{checksum, Checksum};

@@ -39,6 +39,9 @@ pub async fn reconcile(pool: &Pool) -> anyhow::Result<Report> {
     check_usage_has_an_entry_per_scope(&c, &mut r).await?;
     check_usage_prices(&c, &mut r).await?;
     check_hold_totals(&c, &mut r).await?;
+    let (spend_problems, spend_rows) = super::spend::check_rollup(&c).await?;
+    r.problems.extend(spend_problems);
+    r.checked.insert("spend_rollup_rows", spend_rows);
     let waiting_total = check_counts(&c, &mut r).await?;
     notices(&c, &mut r, waiting_total).await?;
     r.ok = r.problems.is_empty();

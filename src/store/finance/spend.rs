@@ -1,0 +1,218 @@
+//! `GET /v1/reports/spend` from the rollup (V12__spend_rollup.sql): sums
+//! per bucket and the chosen dimensions, over whole hours of
+//! `occurred_at`. Whole UTC days grouped only by model, path, group,
+//! reseller and status read `spend_daily`; everything else reads
+//! `spend_hourly`.
+
+use chrono::{DateTime, Timelike, Utc};
+use deadpool_postgres::Pool;
+use rust_decimal::Decimal;
+
+use crate::ledger::spend::DAILY_DIMS;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bucket {
+    Hour,
+    Day,
+    Month,
+}
+
+impl Bucket {
+    pub fn parse(s: &str) -> Option<Bucket> {
+        match s {
+            "hour" => Some(Bucket::Hour),
+            "day" => Some(Bucket::Day),
+            "month" => Some(Bucket::Month),
+            _ => None,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
+            Bucket::Month => "month",
+        }
+    }
+}
+
+/// A report's question. `by` holds names from `ledger::spend::DIMS`, each
+/// once; `tz` an IANA name Postgres knows; `reseller` a token's scope.
+#[derive(Clone, Debug)]
+pub struct SpendQuery {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub bucket: Bucket,
+    pub by: Vec<&'static str>,
+    pub tz: Option<String>,
+    pub reseller: Option<String>,
+    /// At most this many rows; one more means the answer is too large.
+    pub max_rows: usize,
+}
+
+/// One row: its bucket's start, the dimensions' values in `by` order, and
+/// the sums (charge, requests, then input, output, cache read and cache
+/// write tokens).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpendRow {
+    pub bucket: DateTime<Utc>,
+    pub dims: Vec<Option<String>>,
+    pub charge: Decimal,
+    pub requests: i64,
+    pub tokens: [Decimal; 4],
+}
+
+fn column(dim: &str) -> &'static str {
+    match dim {
+        "model" => "model",
+        "path" => "path",
+        "key" => "key_id",
+        "app" => "app_id",
+        "user" => "user_id",
+        "group" => "group_id",
+        "reseller" => "reseller_id",
+        _ => "status",
+    }
+}
+
+fn whole_utc_day(t: DateTime<Utc>) -> bool {
+    t.num_seconds_from_midnight() == 0 && t.nanosecond() == 0
+}
+
+/// Which table answers: the daily one when it holds every dimension asked
+/// for and the buckets and period are whole UTC days.
+pub fn daily_answers(q: &SpendQuery) -> bool {
+    q.bucket != Bucket::Hour
+        && q.tz.as_deref().is_none_or(|z| z == "UTC" || z == "Etc/UTC")
+        && q.by.iter().all(|d| DAILY_DIMS.contains(d))
+        && whole_utc_day(q.from)
+        && whole_utc_day(q.to)
+}
+
+/// The rows, ordered by bucket then dimensions; `Ok(None)` when there are
+/// more than `max_rows`.
+pub async fn spend(pool: &Pool, q: &SpendQuery) -> anyhow::Result<Option<Vec<SpendRow>>> {
+    let (table, time) = if daily_answers(q) {
+        ("spend_daily", "day")
+    } else {
+        ("spend_hourly", "hour")
+    };
+    let cols: Vec<&str> = q.by.iter().map(|d| column(d)).collect();
+    let dim_list: String = cols.iter().map(|c| format!(", {c}")).collect();
+    let group: String = (0..cols.len()).map(|i| format!(", {}", i + 2)).collect();
+    let sql = format!(
+        "SELECT date_trunc('{bucket}', {time}, $3) AS b{dim_list}, sum(charge), sum(requests)::bigint, sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
+         FROM {table} WHERE {time} >= $1 AND {time} < $2 AND ($4::text IS NULL OR reseller_id = $4)
+         GROUP BY 1{group} ORDER BY 1{group} LIMIT $5",
+        bucket = q.bucket.as_str(),
+    );
+    let client = pool.get().await?;
+    let tz = q.tz.clone().unwrap_or_else(|| "UTC".into());
+    let rows = client
+        .query(
+            &sql,
+            &[&q.from, &q.to, &tz, &q.reseller, &((q.max_rows + 1) as i64)],
+        )
+        .await?;
+    if rows.len() > q.max_rows {
+        return Ok(None);
+    }
+    let n = cols.len();
+    Ok(Some(
+        rows.iter()
+            .map(|r| SpendRow {
+                bucket: r.get(0),
+                dims: (0..n).map(|i| r.get(i + 1)).collect(),
+                charge: r.get(n + 1),
+                requests: r.get(n + 2),
+                tokens: [r.get(n + 3), r.get(n + 4), r.get(n + 5), r.get(n + 6)],
+            })
+            .collect(),
+    ))
+}
+
+/// Whether an error is Postgres refusing the time zone name (its zone
+/// data and chrono-tz's may differ by a release).
+pub fn zone_unknown(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE)
+}
+
+/// Reconciliation of the rollup: `spend_hourly` against the applied usage
+/// and reversals (`spend_truth`), and `spend_daily` against
+/// `spend_hourly`, every sum and every row's digest. Returns the problems
+/// (at most 100 of each kind) and the number of hourly rows checked.
+pub(super) async fn check_rollup(
+    c: &deadpool_postgres::Object,
+) -> anyhow::Result<(Vec<serde_json::Value>, i64)> {
+    const SUMS: &str =
+        "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
+    let mut problems = Vec::new();
+    let hourly = c
+        .query(
+            &format!(
+                "WITH t AS (
+                    SELECT hour, spend_digest(model, path, status, key_id, app_id, user_id, group_id, reseller_id) AS dims,
+                           sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                           sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens
+                    FROM spend_truth GROUP BY 1, 2
+                 ), h AS (
+                    SELECT hour, dims, {SUMS}, dims = spend_digest(model, path, status, key_id, app_id, user_id, group_id, reseller_id) AS digest_ok FROM spend_hourly
+                 )
+                 SELECT coalesce(t.hour, h.hour), encode(coalesce(t.dims, h.dims), 'hex'), t.charge, h.charge, t.requests, h.requests, h.digest_ok
+                 FROM t FULL JOIN h ON h.hour = t.hour AND h.dims = t.dims
+                 WHERE h.dims IS NULL OR t.dims IS NULL OR NOT h.digest_ok
+                    OR (t.charge, t.requests, t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens)
+                       IS DISTINCT FROM (h.charge, h.requests, h.input_tokens, h.output_tokens, h.cache_read_tokens, h.cache_write_tokens)
+                 LIMIT 100"
+            ),
+            &[],
+        )
+        .await?;
+    for row in &hourly {
+        let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
+        problems.push(serde_json::json!({
+            "check": "spend_rollup_matches_ledger",
+            "hour": row.get::<_, DateTime<Utc>>(0),
+            "dims": row.get::<_, String>(1),
+            "ledger_charge": show(2), "rollup_charge": show(3),
+            "ledger_requests": row.get::<_, Option<i64>>(4), "rollup_requests": row.get::<_, Option<i64>>(5),
+            "digest_ok": row.get::<_, Option<bool>>(6),
+        }));
+    }
+    let daily = c
+        .query(
+            &format!(
+                "WITH h AS (
+                    SELECT date_trunc('day', hour, 'UTC') AS day, spend_digest(model, path, status, group_id, reseller_id) AS dims,
+                           sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                           sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens
+                    FROM spend_hourly GROUP BY 1, 2
+                 ), d AS (
+                    SELECT day, dims, {SUMS}, dims = spend_digest(model, path, status, group_id, reseller_id) AS digest_ok FROM spend_daily
+                 )
+                 SELECT coalesce(h.day, d.day), encode(coalesce(h.dims, d.dims), 'hex'), h.charge, d.charge
+                 FROM h FULL JOIN d ON d.day = h.day AND d.dims = h.dims
+                 WHERE d.dims IS NULL OR h.dims IS NULL OR NOT d.digest_ok
+                    OR (h.charge, h.requests, h.input_tokens, h.output_tokens, h.cache_read_tokens, h.cache_write_tokens)
+                       IS DISTINCT FROM (d.charge, d.requests, d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens)
+                 LIMIT 100"
+            ),
+            &[],
+        )
+        .await?;
+    for row in &daily {
+        let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
+        problems.push(serde_json::json!({
+            "check": "spend_daily_matches_hourly",
+            "day": row.get::<_, DateTime<Utc>>(0),
+            "dims": row.get::<_, String>(1),
+            "hourly_charge": show(2), "daily_charge": show(3),
+        }));
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM spend_hourly", &[])
+        .await?
+        .get(0);
+    Ok((problems, n))
+}
