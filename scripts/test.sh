@@ -11,6 +11,13 @@ if ! schemathesis --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "schemathesis==$SCHEMATHESIS_VERSION" \
     || { echo "cannot install schemathesis $SCHEMATHESIS_VERSION from PyPI" >&2; exit 1; }
 fi
+# The console's browser test (tests/e2e/console.rs) drives Debian's
+# Chromium through chromedriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  apt_get() { if [ "$(id -u)" = 0 ]; then apt-get "$@"; else sudo apt-get "$@"; fi; }
+  { apt_get update -qq && DEBIAN_FRONTEND=noninteractive apt_get install -y -qq chromium chromium-driver >/dev/null; } \
+    || { echo "cannot install chromium and chromium-driver from Debian's packages" >&2; exit 1; }
+fi
 # Build first, outside the stack, so a slow compile holds no servers.
 cargo build --workspace --tests --locked
 out=$(mktemp)

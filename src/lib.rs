@@ -36,6 +36,7 @@ pub mod cli;
 pub mod clock;
 pub mod codes;
 pub mod config;
+pub mod console;
 pub mod event;
 pub mod ledger;
 pub mod limits;

@@ -105,7 +105,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
     );
     let holds = store::holds::HoldBatcher::spawn(pool.clone(), clock.clone());
     spawn_outbox(&cfg, producer.clone(), shutdown.clone()).await?;
-    let router = api::app(AppState {
+    let state = AppState {
         pool,
         reports,
         long_reads: Default::default(),
@@ -125,7 +125,9 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         admission_latency: Arc::new(crate::metrics::admission_latency()),
         holds,
         hold_ttl_secs: cfg.hold_ttl_secs,
-    });
+    };
+    // The finance console beside the API, on the same address.
+    let router = api::app(state.clone()).merge(crate::console::router(state));
     serve_http(&cfg, router, shutdown, stop_rx).await?;
     let consumer_result = ingest
         .await

@@ -125,7 +125,7 @@ impl TokenTable {
 }
 
 impl TokenCache {
-    async fn lookup(&self, pool: &Pool, token: &str) -> anyhow::Result<Option<Caller>> {
+    pub(crate) async fn lookup(&self, pool: &Pool, token: &str) -> anyhow::Result<Option<Caller>> {
         use crate::limits::{TOKEN_RELOAD_MIN, TOKEN_TTL};
         let t = &self.inner;
         let h = token_hash(token);

@@ -134,7 +134,7 @@ fn wants_csv(headers: &HeaderMap, format: Option<&str>) -> Result<bool, ApiError
 }
 
 /// `s<seq>` as `next` gave it; none is the start.
-fn cursor_param(cursor: Option<&str>) -> Result<i64, ApiError> {
+pub(crate) fn cursor_param(cursor: Option<&str>) -> Result<i64, ApiError> {
     match cursor {
         None | Some("") => Ok(0),
         Some(s) => s
@@ -147,7 +147,7 @@ fn cursor_param(cursor: Option<&str>) -> Result<i64, ApiError> {
 
 /// The statement as a CSV stream. A stream holds a connection as long as
 /// its reader takes: each token may have only a few open.
-async fn csv_response(
+pub(crate) async fn csv_response(
     st: &AppState,
     token: &str,
     a: &AccountRef,

@@ -3,13 +3,13 @@
 
 mod admission;
 pub mod auth;
-mod finance;
+pub(crate) mod finance;
 mod holds;
 mod notifications;
 pub mod openapi;
 pub mod operator;
-mod quarantine;
-mod reports;
+pub(crate) mod quarantine;
+pub(crate) mod reports;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;

@@ -26,11 +26,11 @@ pub const MAX_ROWS: usize = 50_000;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpendParams {
-    from: Option<String>,
-    to: Option<String>,
-    bucket: Option<String>,
-    by: Option<String>,
-    tz: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub bucket: Option<String>,
+    pub by: Option<String>,
+    pub tz: Option<String>,
 }
 
 pub async fn spend(

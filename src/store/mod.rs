@@ -10,6 +10,7 @@
 
 pub mod access;
 mod batch;
+pub mod console;
 mod deadletter;
 pub mod error;
 pub mod finance;

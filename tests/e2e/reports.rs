@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::common::{Service, TestCtx};
 use crate::world::{control, d, register_world};
 
-fn usage_at(
+pub fn usage_at(
     id: &str,
     at: &str,
     model: &str,
