@@ -44,6 +44,10 @@ pub const OUTBOX_POOL: usize = 2;
 /// The sweeper's pause after a pass that found work, found none, or failed.
 pub const SWEEP_PAUSE_BUSY: Duration = Duration::from_millis(10);
 pub const SWEEP_PAUSE_IDLE: Duration = Duration::from_millis(200);
+/// How often a sweeper folds the spend rollup's deltas into its tables:
+/// each fold adds to each (hour, dimensions) row once for all the batches
+/// since the last (BENCHMARKS.md, "Spend reports").
+pub const ROLLUP_COMPACT_EVERY: Duration = Duration::from_secs(5);
 pub const SWEEP_PAUSE_FAILED: Duration = Duration::from_secs(1);
 /// When a newly waiting event is first retried (sooner when what it waits
 /// for arrives); later retries back off, doubling to a minute (the SQL in

@@ -1,10 +1,21 @@
 -- The spend rollup (contract, "Spend reports and the finance console"):
 -- spend per (hour, model, path, key, app, user, group, reseller, status),
--- added to in the batch transaction that applies the usage (or the
--- reversal), so a report over a month reads a few thousand rows instead of
--- millions of postings. `spend_daily` keeps the same sums per UTC day
--- without key, app and user: reports by model, path, group, reseller and
--- status over whole UTC days read it (BENCHMARKS.md, "Spend reports").
+-- so a report over a month reads a few thousand rows instead of millions
+-- of postings. `spend_daily` keeps the same sums per UTC day without key,
+-- app and user: reports by model, path, group, reseller and status over
+-- whole UTC days read it.
+--
+-- The batch transaction that applies usage (or a reversal) appends its
+-- sums, one row per (hour, dimensions), to `spend_deltas` by binary COPY:
+-- no index, no row updated, so ingest pays little (BENCHMARKS.md, "Spend
+-- reports"). Every few seconds one process folds the deltas into
+-- `spend_hourly` and `spend_daily` and deletes them, in one transaction.
+-- Rollup plus deltas is therefore exact at every moment; reports and
+-- reconcile read both.
+--
+-- Compaction adds to rows of recent hours: half of each page is left free
+-- so those updates stay on their page (heap-only tuples, no new index
+-- entries).
 --
 -- A row is found by its bucket and a digest of its dimensions
 -- (`spend_digest`, the same formula as `ledger::spend::digest`): a narrow
@@ -38,7 +49,7 @@ CREATE TABLE spend_hourly (
     cache_read_tokens  numeric     NOT NULL,
     cache_write_tokens numeric     NOT NULL,
     PRIMARY KEY (hour, dims)
-);
+) WITH (fillfactor = 50);
 
 CREATE TABLE spend_daily (
     day                timestamptz NOT NULL,
@@ -55,6 +66,26 @@ CREATE TABLE spend_daily (
     cache_read_tokens  numeric     NOT NULL,
     cache_write_tokens numeric     NOT NULL,
     PRIMARY KEY (day, dims)
+) WITH (fillfactor = 50);
+
+CREATE TABLE spend_deltas (
+    hour               timestamptz NOT NULL,
+    dims               bytea       NOT NULL,
+    daily_dims         bytea       NOT NULL,
+    model              text        NOT NULL,
+    path               text        NOT NULL,
+    status             text        NOT NULL,
+    key_id             text        NOT NULL,
+    app_id             text        NOT NULL,
+    user_id            text        NOT NULL,
+    group_id           text,
+    reseller_id        text,
+    charge             numeric     NOT NULL,
+    requests           bigint      NOT NULL,
+    input_tokens       numeric     NOT NULL,
+    output_tokens      numeric     NOT NULL,
+    cache_read_tokens  numeric     NOT NULL,
+    cache_write_tokens numeric     NOT NULL
 );
 
 -- What the rollup must hold, from the applied events and the ledger: one

@@ -23,7 +23,7 @@ pub mod quarantine;
 pub mod read;
 pub mod replay;
 mod resweep;
-mod rollup;
+pub mod rollup;
 pub mod sink;
 pub mod test_clock;
 pub mod view;

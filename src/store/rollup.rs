@@ -1,13 +1,16 @@
-//! The spend rollup, kept in step with the ledger in the batch's
-//! transaction (V12__spend_rollup.sql): each applied usage event adds to
-//! its (hour, dimensions) row of `spend_hourly` and its (UTC day, model,
-//! path, status, group, reseller) row of `spend_daily`; each applied
-//! reversal adds its negative charge, as status `reversed`, in the bucket
-//! of the usage it reverses. One statement per batch; rows are added to in
-//! key order, so concurrent batches never deadlock on them.
+//! The spend rollup (V12__spend_rollup.sql). In the batch's transaction:
+//! each applied usage event adds to its (hour, dimensions) sums, each
+//! applied reversal its negative charge as status `reversed` in the bucket
+//! of the usage it reverses; the batch's sums are appended to
+//! `spend_deltas` by binary `COPY` (no index, no update: cheap). Every few
+//! seconds [`compact`] folds the deltas into `spend_hourly` and
+//! `spend_daily` and deletes them in one transaction, so rollup plus deltas
+//! is exact at every moment.
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{Pool, Transaction};
+use postgres_types::Type;
 use rust_decimal::Decimal;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 
 use super::error::ApplyError;
 use crate::ledger::fold::Effects;
@@ -27,47 +30,57 @@ pub(crate) async fn write_rollup(tx: &Transaction<'_>, fx: &Effects) -> Result<(
     if items.is_empty() {
         return Ok(());
     }
-    let rows = combine(&items);
-    let col =
-        |f: fn(&Spend) -> &str| -> Vec<&str> { rows.iter().map(|(r, _)| f(&r.spend)).collect() };
-    let hours: Vec<_> = rows.iter().map(|(r, _)| r.hour).collect();
-    let dims: Vec<&[u8]> = rows.iter().map(|(r, _)| r.dims.as_slice()).collect();
-    let daily: Vec<&[u8]> = rows.iter().map(|(r, _)| r.daily_dims.as_slice()).collect();
-    let (model, path, status) = (col(|s| &s.model), col(|s| &s.path), col(|s| &s.status));
-    let (key, app, user) = (col(|s| &s.key_id), col(|s| &s.app_id), col(|s| &s.user_id));
-    let group: Vec<Option<&str>> = rows
-        .iter()
-        .map(|(r, _)| r.spend.group_id.as_deref())
-        .collect();
-    let reseller: Vec<Option<&str>> = rows
-        .iter()
-        .map(|(r, _)| r.spend.reseller_id.as_deref())
-        .collect();
-    let charge: Vec<Decimal> = rows.iter().map(|(r, _)| r.spend.charge).collect();
-    let requests: Vec<i64> = rows.iter().map(|(r, _)| r.spend.requests).collect();
-    let tokens: Vec<Vec<Decimal>> = (0..4)
-        .map(|i| rows.iter().map(|(_, t)| Decimal::from(t[i])).collect())
-        .collect();
-    tx.execute(
-        "WITH u AS (
-            SELECT * FROM unnest($1::timestamptz[], $2::bytea[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::numeric[], $13::bigint[], $14::numeric[], $15::numeric[], $16::numeric[], $17::numeric[])
-                AS u(hour, dims, daily, model, path, status, key_id, app_id, user_id, group_id, reseller_id, charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
-         ), h AS (
-            INSERT INTO spend_hourly AS s (hour, dims, model, path, status, key_id, app_id, user_id, group_id, reseller_id, charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
-            SELECT hour, dims, model, path, status, key_id, app_id, user_id, group_id, reseller_id, charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens FROM u ORDER BY hour, dims
-            ON CONFLICT (hour, dims) DO UPDATE SET charge = s.charge + EXCLUDED.charge, requests = s.requests + EXCLUDED.requests,
-                input_tokens = s.input_tokens + EXCLUDED.input_tokens, output_tokens = s.output_tokens + EXCLUDED.output_tokens,
-                cache_read_tokens = s.cache_read_tokens + EXCLUDED.cache_read_tokens, cache_write_tokens = s.cache_write_tokens + EXCLUDED.cache_write_tokens
-         )
-         INSERT INTO spend_daily AS s (day, dims, model, path, status, group_id, reseller_id, charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens)
-         SELECT date_trunc('day', hour, 'UTC'), daily, min(model), min(path), min(status), min(group_id), min(reseller_id), sum(charge), sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
-         FROM u GROUP BY 1, 2 ORDER BY 1, 2
-         ON CONFLICT (day, dims) DO UPDATE SET charge = s.charge + EXCLUDED.charge, requests = s.requests + EXCLUDED.requests,
-             input_tokens = s.input_tokens + EXCLUDED.input_tokens, output_tokens = s.output_tokens + EXCLUDED.output_tokens,
-             cache_read_tokens = s.cache_read_tokens + EXCLUDED.cache_read_tokens, cache_write_tokens = s.cache_write_tokens + EXCLUDED.cache_write_tokens",
-        &[&hours, &dims, &daily, &model, &path, &status, &key, &app, &user, &group, &reseller, &charge, &requests, &tokens[0], &tokens[1], &tokens[2], &tokens[3]],
-    )
-    .await?;
+    const TYPES: [Type; 17] = [
+        Type::TIMESTAMPTZ,
+        Type::BYTEA,
+        Type::BYTEA,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::NUMERIC,
+        Type::INT8,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+    ];
+    let sink = tx
+        .copy_in("COPY spend_deltas (hour, dims, daily_dims, model, path, status, key_id, app_id, user_id, group_id, reseller_id, charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens) FROM STDIN (FORMAT binary)")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &TYPES);
+    futures_util::pin_mut!(writer);
+    for (r, tokens) in combine(&items) {
+        let s = &r.spend;
+        let t: [Decimal; 4] = tokens.map(Decimal::from);
+        writer
+            .as_mut()
+            .write(&[
+                &r.hour,
+                &r.dims.as_slice(),
+                &r.daily_dims.as_slice(),
+                &s.model,
+                &s.path,
+                &s.status,
+                &s.key_id,
+                &s.app_id,
+                &s.user_id,
+                &s.group_id,
+                &s.reseller_id,
+                &s.charge,
+                &s.requests,
+                &t[0],
+                &t[1],
+                &t[2],
+                &t[3],
+            ])
+            .await?;
+    }
+    writer.finish().await?;
     Ok(())
 }
 
@@ -107,4 +120,53 @@ async fn reversed_usage(tx: &Transaction<'_>, usage: &[&str]) -> Result<Vec<Spen
             tokens: [0; 4],
         })
         .collect())
+}
+
+/// Which process compacts (a transaction-scoped advisory lock: one at a
+/// time, the others skip their turn).
+const COMPACTOR_LOCK: i64 = 0x7370_656e_6401;
+
+/// Fold every delta into `spend_hourly` and `spend_daily` and delete it,
+/// in one transaction, rows updated in key order. Returns how many delta
+/// rows were folded (0 when another process is compacting).
+pub async fn compact(pool: &Pool) -> Result<u64, ApplyError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| ApplyError::Pool(e.to_string()))?;
+    let tx = client.transaction().await?;
+    let locked: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&COMPACTOR_LOCK])
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(0);
+    }
+    const SUMS: &str = "sum(charge), sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)";
+    const ADD: &str = "charge = s.charge + EXCLUDED.charge, requests = s.requests + EXCLUDED.requests,
+        input_tokens = s.input_tokens + EXCLUDED.input_tokens, output_tokens = s.output_tokens + EXCLUDED.output_tokens,
+        cache_read_tokens = s.cache_read_tokens + EXCLUDED.cache_read_tokens, cache_write_tokens = s.cache_write_tokens + EXCLUDED.cache_write_tokens";
+    let row = tx
+        .query_one(
+            &format!(
+                "WITH moved AS (DELETE FROM spend_deltas RETURNING *),
+                 h AS (
+                    INSERT INTO spend_hourly AS s
+                    SELECT hour, dims, min(model), min(path), min(status), min(key_id), min(app_id), min(user_id), min(group_id), min(reseller_id), {SUMS}
+                    FROM moved GROUP BY hour, dims ORDER BY hour, dims
+                    ON CONFLICT (hour, dims) DO UPDATE SET {ADD}
+                 ),
+                 d AS (
+                    INSERT INTO spend_daily AS s
+                    SELECT date_trunc('day', hour, 'UTC'), daily_dims, min(model), min(path), min(status), min(group_id), min(reseller_id), {SUMS}
+                    FROM moved GROUP BY 1, 2 ORDER BY 1, 2
+                    ON CONFLICT (day, dims) DO UPDATE SET {ADD}
+                 )
+                 SELECT count(*) FROM moved"
+            ),
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }

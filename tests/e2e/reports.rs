@@ -1,5 +1,6 @@
 //! Spend reports and quarantine through a real `serve`: the report's sums
-//! equal the ledger's, by either rollup table and in a time zone; a
+//! equal the ledger's, by either rollup table and in a time zone, before
+//! and after the deltas are folded into the rollup; a
 //! reversal is a `reversed` row in its usage's bucket; a scoped token sees
 //! its reseller only; reconcile names a corrupted rollup row; quarantined
 //! events are listed with their reason and an admin re-drives a rejected
@@ -224,7 +225,29 @@ async fn spend_reports_match_the_ledger_and_quarantine_is_redriven() {
     );
     assert_eq!(mine["totals"]["requests"], json!(2));
 
-    // Reconcile checks the rollup against the ledger.
+    // Reconcile checks the rollup against the ledger, before and after
+    // the deltas are folded into it; the report is the same after.
+    let (_, rec) = get(&svc, None, "/v1/reconcile").await;
+    assert_eq!(rec["ok"], json!(true), "{rec}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctx
+        .sql_one::<i64>("SELECT count(*) FROM spend_deltas", &[])
+        .await
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sweeper never folded the spend deltas"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, folded) = get(
+        &svc,
+        None,
+        &format!("/v1/reports/spend?{period}&bucket=day&by=model,reseller,status"),
+    )
+    .await;
+    assert_eq!(folded, daily);
     let (_, rec) = get(&svc, None, "/v1/reconcile").await;
     assert_eq!(rec["ok"], json!(true), "{rec}");
     ctx.sql_one::<i64>("WITH u AS (UPDATE spend_hourly SET charge = charge + 1 WHERE key_id = 'k_2' RETURNING 1) SELECT count(*) FROM u", &[]).await;

@@ -91,17 +91,24 @@ pub fn daily_answers(q: &SpendQuery) -> bool {
 /// The rows, ordered by bucket then dimensions; `Ok(None)` when there are
 /// more than `max_rows`.
 pub async fn spend(pool: &Pool, q: &SpendQuery) -> anyhow::Result<Option<Vec<SpendRow>>> {
-    let (table, time) = if daily_answers(q) {
-        ("spend_daily", "day")
+    // The rollup plus the deltas not folded into it yet (compaction moves
+    // rows from one to the other in one transaction: the sum is exact).
+    let (table, time, delta_time) = if daily_answers(q) {
+        ("spend_daily", "day", "date_trunc('day', hour, 'UTC')")
     } else {
-        ("spend_hourly", "hour")
+        ("spend_hourly", "hour", "hour")
     };
     let cols: Vec<&str> = q.by.iter().map(|d| column(d)).collect();
     let dim_list: String = cols.iter().map(|c| format!(", {c}")).collect();
     let group: String = (0..cols.len()).map(|i| format!(", {}", i + 2)).collect();
+    const SUMS: &str =
+        "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
+    let scope = "($4::text IS NULL OR reseller_id = $4)";
     let sql = format!(
-        "SELECT date_trunc('{bucket}', {time}, $3) AS b{dim_list}, sum(charge), sum(requests)::bigint, sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
-         FROM {table} WHERE {time} >= $1 AND {time} < $2 AND ($4::text IS NULL OR reseller_id = $4)
+        "SELECT date_trunc('{bucket}', t, $3) AS b{dim_list}, sum(charge), sum(requests)::bigint, sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
+         FROM (SELECT {time} AS t{dim_list}, {SUMS} FROM {table} WHERE {time} >= $1 AND {time} < $2 AND {scope}
+               UNION ALL
+               SELECT {delta_time}{dim_list}, {SUMS} FROM spend_deltas WHERE hour >= $1 AND hour < $2 AND {scope}) x
          GROUP BY 1{group} ORDER BY 1{group} LIMIT $5",
         bucket = q.bucket.as_str(),
     );
@@ -138,81 +145,97 @@ pub fn zone_unknown(e: &anyhow::Error) -> bool {
         .is_some_and(|c| *c == tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE)
 }
 
-/// Reconciliation of the rollup: `spend_hourly` against the applied usage
-/// and reversals (`spend_truth`), and `spend_daily` against
-/// `spend_hourly`, every sum and every row's digest. Returns the problems
-/// (at most 100 of each kind) and the number of hourly rows checked.
+/// Reconciliation of the rollup, in one snapshot: `spend_hourly` plus
+/// `spend_deltas` against the applied usage and reversals
+/// (`spend_truth`), and `spend_daily` plus the deltas against the hourly
+/// sums, every sum and every row's digest. Returns the problems (at most
+/// 100 of each kind) and the number of hourly and delta rows checked.
 pub(super) async fn check_rollup(
     c: &deadpool_postgres::Object,
 ) -> anyhow::Result<(Vec<serde_json::Value>, i64)> {
-    const SUMS: &str =
+    const SUMS: &str = "sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens";
+    const COLS: &str =
         "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
-    let mut problems = Vec::new();
-    let hourly = c
-        .query(
-            &format!(
-                "WITH t AS (
-                    SELECT hour, spend_digest(model, path, status, key_id, app_id, user_id, group_id, reseller_id) AS dims,
-                           sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-                           sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens
-                    FROM spend_truth GROUP BY 1, 2
-                 ), h AS (
-                    SELECT hour, dims, {SUMS}, dims = spend_digest(model, path, status, key_id, app_id, user_id, group_id, reseller_id) AS digest_ok FROM spend_hourly
-                 )
-                 SELECT coalesce(t.hour, h.hour), encode(coalesce(t.dims, h.dims), 'hex'), t.charge, h.charge, t.requests, h.requests, h.digest_ok
-                 FROM t FULL JOIN h ON h.hour = t.hour AND h.dims = t.dims
-                 WHERE h.dims IS NULL OR t.dims IS NULL OR NOT h.digest_ok
-                    OR (t.charge, t.requests, t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens)
-                       IS DISTINCT FROM (h.charge, h.requests, h.input_tokens, h.output_tokens, h.cache_read_tokens, h.cache_write_tokens)
-                 LIMIT 100"
-            ),
-            &[],
-        )
+    const DIGEST: &str =
+        "spend_digest(model, path, status, key_id, app_id, user_id, group_id, reseller_id)";
+    const DAILY_DIGEST: &str = "spend_digest(model, path, status, group_id, reseller_id)";
+    let differ = |a: &str, b: &str| {
+        format!("({a}.charge, {a}.requests, {a}.input_tokens, {a}.output_tokens, {a}.cache_read_tokens, {a}.cache_write_tokens) IS DISTINCT FROM ({b}.charge, {b}.requests, {b}.input_tokens, {b}.output_tokens, {b}.cache_read_tokens, {b}.cache_write_tokens)")
+    };
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    for row in &hourly {
-        let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
-        problems.push(serde_json::json!({
-            "check": "spend_rollup_matches_ledger",
-            "hour": row.get::<_, DateTime<Utc>>(0),
-            "dims": row.get::<_, String>(1),
-            "ledger_charge": show(2), "rollup_charge": show(3),
-            "ledger_requests": row.get::<_, Option<i64>>(4), "rollup_requests": row.get::<_, Option<i64>>(5),
-            "digest_ok": row.get::<_, Option<bool>>(6),
-        }));
+    let result = async {
+        let mut problems = Vec::new();
+        let hourly = c
+            .query(
+                &format!(
+                    "WITH t AS (SELECT hour, {DIGEST} AS dims, {SUMS} FROM spend_truth GROUP BY 1, 2),
+                     parts AS (
+                        SELECT hour, dims, {COLS}, dims = {DIGEST} AS digest_ok FROM spend_hourly
+                        UNION ALL
+                        SELECT hour, dims, {COLS}, dims = {DIGEST} AND daily_dims = {DAILY_DIGEST} FROM spend_deltas
+                     ),
+                     h AS (SELECT hour, dims, {SUMS}, bool_and(digest_ok) AS digest_ok FROM parts GROUP BY 1, 2)
+                     SELECT coalesce(t.hour, h.hour), encode(coalesce(t.dims, h.dims), 'hex'), t.charge, h.charge, t.requests, h.requests::bigint, h.digest_ok
+                     FROM t FULL JOIN h ON h.hour = t.hour AND h.dims = t.dims
+                     WHERE h.dims IS NULL OR t.dims IS NULL OR NOT h.digest_ok OR {}
+                     LIMIT 100",
+                    differ("t", "h")
+                ),
+                &[],
+            )
+            .await?;
+        for row in &hourly {
+            let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
+            problems.push(serde_json::json!({
+                "check": "spend_rollup_matches_ledger",
+                "hour": row.get::<_, DateTime<Utc>>(0),
+                "dims": row.get::<_, String>(1),
+                "ledger_charge": show(2), "rollup_charge": show(3),
+                "ledger_requests": row.get::<_, Option<i64>>(4), "rollup_requests": row.get::<_, Option<i64>>(5),
+                "digest_ok": row.get::<_, Option<bool>>(6),
+            }));
+        }
+        let daily = c
+            .query(
+                &format!(
+                    "WITH h AS (
+                        SELECT date_trunc('day', hour, 'UTC') AS day, {DAILY_DIGEST} AS dims, {SUMS}
+                        FROM (SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_hourly
+                              UNION ALL SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_deltas) x
+                        GROUP BY 1, 2
+                     ),
+                     d AS (
+                        SELECT day, dims, {SUMS}, bool_and(digest_ok) AS digest_ok FROM (
+                            SELECT day, dims, {COLS}, dims = {DAILY_DIGEST} AS digest_ok FROM spend_daily
+                            UNION ALL SELECT date_trunc('day', hour, 'UTC'), daily_dims, {COLS}, true FROM spend_deltas) y
+                        GROUP BY 1, 2
+                     )
+                     SELECT coalesce(h.day, d.day), encode(coalesce(h.dims, d.dims), 'hex'), h.charge, d.charge
+                     FROM h FULL JOIN d ON d.day = h.day AND d.dims = h.dims
+                     WHERE d.dims IS NULL OR h.dims IS NULL OR NOT d.digest_ok OR {}
+                     LIMIT 100",
+                    differ("h", "d")
+                ),
+                &[],
+            )
+            .await?;
+        for row in &daily {
+            let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
+            problems.push(serde_json::json!({
+                "check": "spend_daily_matches_hourly",
+                "day": row.get::<_, DateTime<Utc>>(0),
+                "dims": row.get::<_, String>(1),
+                "hourly_charge": show(2), "daily_charge": show(3),
+            }));
+        }
+        let n: i64 = c
+            .query_one("SELECT (SELECT count(*) FROM spend_hourly) + (SELECT count(*) FROM spend_deltas)", &[])
+            .await?
+            .get(0);
+        anyhow::Ok((problems, n))
     }
-    let daily = c
-        .query(
-            &format!(
-                "WITH h AS (
-                    SELECT date_trunc('day', hour, 'UTC') AS day, spend_digest(model, path, status, group_id, reseller_id) AS dims,
-                           sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-                           sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens
-                    FROM spend_hourly GROUP BY 1, 2
-                 ), d AS (
-                    SELECT day, dims, {SUMS}, dims = spend_digest(model, path, status, group_id, reseller_id) AS digest_ok FROM spend_daily
-                 )
-                 SELECT coalesce(h.day, d.day), encode(coalesce(h.dims, d.dims), 'hex'), h.charge, d.charge
-                 FROM h FULL JOIN d ON d.day = h.day AND d.dims = h.dims
-                 WHERE d.dims IS NULL OR h.dims IS NULL OR NOT d.digest_ok
-                    OR (h.charge, h.requests, h.input_tokens, h.output_tokens, h.cache_read_tokens, h.cache_write_tokens)
-                       IS DISTINCT FROM (d.charge, d.requests, d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens)
-                 LIMIT 100"
-            ),
-            &[],
-        )
-        .await?;
-    for row in &daily {
-        let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
-        problems.push(serde_json::json!({
-            "check": "spend_daily_matches_hourly",
-            "day": row.get::<_, DateTime<Utc>>(0),
-            "dims": row.get::<_, String>(1),
-            "hourly_charge": show(2), "daily_charge": show(3),
-        }));
-    }
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM spend_hourly", &[])
-        .await?
-        .get(0);
-    Ok((problems, n))
+    .await;
+    c.batch_execute("COMMIT").await?;
+    result
 }

@@ -38,6 +38,7 @@ pub async fn run_quarantine_sweeper(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut cycles = CycleCache::default();
+    let mut compacted = std::time::Instant::now();
     loop {
         // Cycle starts before expiries: a cycle block's finalization rolls
         // over into the next cycle's block, which must be booked by then.
@@ -82,6 +83,14 @@ pub async fn run_quarantine_sweeper(
                 return;
             }
             Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
+        }
+        if compacted.elapsed() >= limits::ROLLUP_COMPACT_EVERY {
+            compacted = std::time::Instant::now();
+            match crate::store::rollup::compact(&sink.pool).await {
+                Ok(n) if n > 0 => tracing::debug!(deltas = n, "spend rollup compacted"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = ?e, "compacting the spend rollup failed"),
+            }
         }
         let pause = match sink.retry_waiting(limits::SWEEP_BATCH_MAX).await {
             Ok(n) if n > 0 => limits::SWEEP_PAUSE_BUSY,
