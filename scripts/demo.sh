@@ -43,7 +43,9 @@ demo() {
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/ledger/user/<id>?format=csv"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/reconcile"
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/v1/notifications   # every fifth app renews hourly and is watched"
+  echo "     curl -s -H \"Authorization: Bearer $token\" \"http://$addr/v1/reports/spend?from=$(date -u +%Y-%m-%dT00:00:00Z)&to=$(date -u -d tomorrow +%Y-%m-%dT00:00:00Z)&bucket=hour&by=model\""
   echo "     curl -s -H \"Authorization: Bearer $token\" http://$addr/openapi.json"
+  echo "The finance console: http://$addr/console/ (sign in with the token above)"
   [ "$checked" = 0 ] || exit "$checked"
   if [ "${DEMO_WAIT:-1}" = 1 ]; then
     echo "The service keeps running; Ctrl-C stops it and the stack."

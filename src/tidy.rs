@@ -22,6 +22,7 @@ const MODULES: &[&str] = &[
     "clock",
     "codes",
     "config",
+    "console",
     "event",
     "ledger",
     "limits",
@@ -65,6 +66,21 @@ const MAY_NAME: &[(&str, &[&str])] = &[
             "limits",
             "metrics",
             "store",
+        ],
+    ),
+    // The console sits beside the API and asks it every question.
+    (
+        "console",
+        &[
+            "event",
+            "ledger",
+            "admission",
+            "codes",
+            "clock",
+            "limits",
+            "metrics",
+            "store",
+            "api",
         ],
     ),
 ];

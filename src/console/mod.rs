@@ -277,18 +277,24 @@ struct CsrfForm {
     csrf: String,
 }
 
+/// The session of a form's request, when the form carries its CSRF token.
+async fn signed_form(st: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Signed, Response> {
+    let s = signed(st, headers).await?;
+    if !csrf_ok(&s.csrf, csrf) {
+        return Err(error_page(Some(&s), forbidden_form()));
+    }
+    Ok(s)
+}
+
 async fn sign_out(
     State(st): State<AppState>,
     headers: HeaderMap,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let s = match signed(&st, &headers).await {
+    let s = match signed_form(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if !csrf_ok(&s.csrf, &f.csrf) {
-        return error_page(Some(&s), forbidden_form());
-    }
     if let Some(v) = cookie(&headers, COOKIE) {
         if let Err(e) = sessions::end_session(&st.pool, &token_hash(&v)).await {
             return error_page(Some(&s), ApiError::internal(e));

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::html;
 use serde::Deserialize;
 
-use super::{csrf_ok, error_page, forbidden_form, layout, signed, CsrfForm};
+use super::{error_page, layout, signed, signed_form, CsrfForm};
 use crate::api::auth::{access_denied, Role};
 use crate::api::quarantine::{read, redrive_one, QuarantineQuery, REASONS};
 use crate::api::AppState;
@@ -96,13 +96,10 @@ pub async fn redrive(
     Path(id): Path<i64>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    let s = match signed(&st, &headers).await {
+    let s = match signed_form(&st, &headers, &f.csrf).await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    if !csrf_ok(&s.csrf, &f.csrf) {
-        return error_page(Some(&s), forbidden_form());
-    }
     if s.caller.role != Role::Admin {
         return error_page(Some(&s), access_denied());
     }
