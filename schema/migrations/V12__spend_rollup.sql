@@ -3,7 +3,10 @@
 -- so a report over a month reads a few thousand rows instead of millions
 -- of postings. `spend_daily` keeps the same sums per UTC day without key,
 -- app and user: reports by model, path, group, reseller and status over
--- whole UTC days read it.
+-- whole UTC days read it. `spend_hourly_dim` keeps the sums per hour and
+-- one dimension's value (model, path, status, group or reseller): a report
+-- by at most one of those, in any zone, reads a few thousand rows for a
+-- month (BENCHMARKS.md, "Spend reports").
 --
 -- The batch transaction that applies usage (or a reversal) appends its
 -- sums, one row per (hour, dimensions), to `spend_deltas` by binary COPY:
@@ -68,6 +71,19 @@ CREATE TABLE spend_daily (
     PRIMARY KEY (day, dims)
 ) WITH (fillfactor = 50);
 
+CREATE TABLE spend_hourly_dim (
+    hour               timestamptz NOT NULL,
+    dim                text        NOT NULL CHECK (dim IN ('model', 'path', 'status', 'group', 'reseller')),
+    value              text,
+    charge             numeric     NOT NULL,
+    requests           bigint      NOT NULL,
+    input_tokens       numeric     NOT NULL,
+    output_tokens      numeric     NOT NULL,
+    cache_read_tokens  numeric     NOT NULL,
+    cache_write_tokens numeric     NOT NULL,
+    UNIQUE NULLS NOT DISTINCT (hour, dim, value)
+) WITH (fillfactor = 50);
+
 CREATE TABLE spend_deltas (
     hour               timestamptz NOT NULL,
     dims               bytea       NOT NULL,
@@ -126,3 +142,8 @@ SELECT date_trunc('day', hour, 'UTC'), spend_digest(model, path, status, group_i
        min(model), min(path), min(status), min(group_id), min(reseller_id),
        sum(charge), sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
 FROM spend_hourly GROUP BY 1, 2;
+
+INSERT INTO spend_hourly_dim
+SELECT hour, v.dim, v.value, sum(charge), sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
+FROM spend_hourly CROSS JOIN LATERAL (VALUES ('model', model), ('path', path), ('status', status), ('group', group_id), ('reseller', reseller_id)) AS v(dim, value)
+GROUP BY 1, 2, 3;

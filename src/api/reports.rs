@@ -284,15 +284,21 @@ mod tests {
     }
 
     #[test]
-    fn whole_utc_days_by_tenant_dimensions_read_the_daily_table() {
-        let q = |by: &str, tz: Option<&str>, from: &str| {
-            spend::daily_answers(
-                &parse(&params(from, "2026-12-01T00:00:00Z", Some(by), tz), None).unwrap(),
-            )
+    fn each_report_reads_the_cheapest_table_that_holds_it() {
+        use spend::Source::*;
+        let q = |by: &str, tz: Option<&str>, from: &str, scope: Option<&str>| {
+            let p = params(from, "2026-12-01T00:00:00Z", Some(by), tz);
+            spend::source(&parse(&p, scope.map(String::from)).unwrap())
         };
-        assert!(q("model,reseller", None, "2026-11-01T00:00:00Z"));
-        assert!(!q("model,key", None, "2026-11-01T00:00:00Z"));
-        assert!(!q("model", Some("Europe/Berlin"), "2026-11-01T00:00:00Z"));
-        assert!(!q("model", None, "2026-11-01T05:00:00Z"));
+        let day = "2026-11-01T00:00:00Z";
+        let five = "2026-11-01T05:00:00Z";
+        assert_eq!(q("model", Some("Europe/Berlin"), five, None), OneDim);
+        assert_eq!(q("", None, day, None), OneDim);
+        assert_eq!(q("reseller", None, day, Some("r1")), OneDim);
+        assert_eq!(q("model", None, day, Some("r1")), Daily);
+        assert_eq!(q("model,reseller", None, day, None), Daily);
+        assert_eq!(q("model,reseller", Some("Europe/Berlin"), day, None), Hourly);
+        assert_eq!(q("model,reseller", None, five, None), Hourly);
+        assert_eq!(q("model,key", None, day, None), Hourly);
     }
 }

@@ -181,9 +181,14 @@ fn service_record(e: &Exported) -> Option<&str> {
 }
 
 /// The end of every replay: what it recorded as notifications is marked
-/// never to be published or delivered, and the checksum of what it built.
+/// never to be published or delivered, the spend deltas are folded into
+/// the rollup, and the checksum of what it built.
 async fn finished(target: &Pool) -> anyhow::Result<finance::Checksum> {
     store::replay::mark_notifications_replayed(target).await?;
+    // No sweeper ran: fold the spend rollup's deltas now.
+    store::rollup::compact(target)
+        .await
+        .map_err(|e| anyhow::anyhow!("folding the spend rollup: {e}"))?;
     finance::checksum(target).await
 }
 

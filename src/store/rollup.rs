@@ -126,7 +126,8 @@ async fn reversed_usage(tx: &Transaction<'_>, usage: &[&str]) -> Result<Vec<Spen
 /// time, the others skip their turn).
 const COMPACTOR_LOCK: i64 = 0x7370_656e_6401;
 
-/// Fold every delta into `spend_hourly` and `spend_daily` and delete it,
+/// Fold every delta into `spend_hourly`, `spend_daily` and
+/// `spend_hourly_dim` and delete it,
 /// in one transaction, rows updated in key order. Returns how many delta
 /// rows were folded (0 when another process is compacting).
 pub async fn compact(pool: &Pool) -> Result<u64, ApplyError> {
@@ -161,6 +162,13 @@ pub async fn compact(pool: &Pool) -> Result<u64, ApplyError> {
                     SELECT date_trunc('day', hour, 'UTC'), daily_dims, min(model), min(path), min(status), min(group_id), min(reseller_id), {SUMS}
                     FROM moved GROUP BY 1, 2 ORDER BY 1, 2
                     ON CONFLICT (day, dims) DO UPDATE SET {ADD}
+                 ),
+                 o AS (
+                    INSERT INTO spend_hourly_dim AS s
+                    SELECT hour, v.dim, v.value, {SUMS}
+                    FROM moved CROSS JOIN LATERAL (VALUES ('model', model), ('path', path), ('status', status), ('group', group_id), ('reseller', reseller_id)) AS v(dim, value)
+                    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                    ON CONFLICT (hour, dim, value) DO UPDATE SET {ADD}
                  )
                  SELECT count(*) FROM moved"
             ),

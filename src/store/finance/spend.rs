@@ -1,8 +1,7 @@
 //! `GET /v1/reports/spend` from the rollup (V12__spend_rollup.sql): sums
 //! per bucket and the chosen dimensions, over whole hours of
-//! `occurred_at`. Whole UTC days grouped only by model, path, group,
-//! reseller and status read `spend_daily`; everything else reads
-//! `spend_hourly`.
+//! `occurred_at`, from the cheapest table that holds the question
+//! ([`source`]), plus the deltas not folded into it yet.
 
 use chrono::{DateTime, Timelike, Utc};
 use deadpool_postgres::Pool;
@@ -78,38 +77,71 @@ fn whole_utc_day(t: DateTime<Utc>) -> bool {
     t.num_seconds_from_midnight() == 0 && t.nanosecond() == 0
 }
 
-/// Which table answers: the daily one when it holds every dimension asked
-/// for and the buckets and period are whole UTC days.
-pub fn daily_answers(q: &SpendQuery) -> bool {
-    q.bucket != Bucket::Hour
+/// The table that answers a report, the cheapest that holds what it asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `spend_hourly_dim`: at most one of model, path, group, reseller and
+    /// status, any zone and bucket (a scoped token: by reseller only, the
+    /// other dimensions' rows do not say whose usage they hold).
+    OneDim,
+    /// `spend_daily`: model, path, group, reseller and status over whole
+    /// UTC days.
+    Daily,
+    /// `spend_hourly`: everything else.
+    Hourly,
+}
+
+pub fn source(q: &SpendQuery) -> Source {
+    let tenant = q.by.iter().all(|d| DAILY_DIMS.contains(d));
+    let one = q.by.len() <= 1 && tenant;
+    if one && (q.reseller.is_none() || q.by == ["reseller"]) {
+        Source::OneDim
+    } else if tenant
+        && q.bucket != Bucket::Hour
         && q.tz.as_deref().is_none_or(|z| z == "UTC" || z == "Etc/UTC")
-        && q.by.iter().all(|d| DAILY_DIMS.contains(d))
         && whole_utc_day(q.from)
         && whole_utc_day(q.to)
+    {
+        Source::Daily
+    } else {
+        Source::Hourly
+    }
 }
 
 /// The rows, ordered by bucket then dimensions; `Ok(None)` when there are
 /// more than `max_rows`.
 pub async fn spend(pool: &Pool, q: &SpendQuery) -> anyhow::Result<Option<Vec<SpendRow>>> {
-    // The rollup plus the deltas not folded into it yet (compaction moves
-    // rows from one to the other in one transaction: the sum is exact).
-    let (table, time, delta_time) = if daily_answers(q) {
-        ("spend_daily", "day", "date_trunc('day', hour, 'UTC')")
-    } else {
-        ("spend_hourly", "hour", "hour")
-    };
-    let cols: Vec<&str> = q.by.iter().map(|d| column(d)).collect();
-    let dim_list: String = cols.iter().map(|c| format!(", {c}")).collect();
-    let group: String = (0..cols.len()).map(|i| format!(", {}", i + 2)).collect();
     const SUMS: &str =
         "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
     let scope = "($4::text IS NULL OR reseller_id = $4)";
+    let cols: Vec<&str> = q.by.iter().map(|d| column(d)).collect();
+    let dim_list: String = cols.iter().map(|c| format!(", {c}")).collect();
+    let group: String = (0..cols.len()).map(|i| format!(", {}", i + 2)).collect();
+    // The rollup plus the deltas not folded into it yet (compaction moves
+    // rows from one to the other in one transaction: the sum is exact).
+    let deltas = |time: &str| {
+        format!("SELECT {time}{dim_list}, {SUMS} FROM spend_deltas WHERE hour >= $1 AND hour < $2 AND {scope}")
+    };
+    let rollup = match source(q) {
+        Source::OneDim => {
+            let dim = q.by.first().copied().unwrap_or("status");
+            let value = if q.by.is_empty() { String::new() } else { format!(", value AS {}", cols[0]) };
+            let scope = if q.by.is_empty() { "true" } else { "($4::text IS NULL OR value = $4)" };
+            format!("SELECT hour AS t{value}, {SUMS} FROM spend_hourly_dim WHERE dim = '{dim}' AND hour >= $1 AND hour < $2 AND {scope}
+                     UNION ALL {}", deltas("hour"))
+        }
+        Source::Daily => format!(
+            "SELECT day AS t{dim_list}, {SUMS} FROM spend_daily WHERE day >= $1 AND day < $2 AND {scope} UNION ALL {}",
+            deltas("date_trunc('day', hour, 'UTC')")
+        ),
+        Source::Hourly => format!(
+            "SELECT hour AS t{dim_list}, {SUMS} FROM spend_hourly WHERE hour >= $1 AND hour < $2 AND {scope} UNION ALL {}",
+            deltas("hour")
+        ),
+    };
     let sql = format!(
         "SELECT date_trunc('{bucket}', t, $3) AS b{dim_list}, sum(charge), sum(requests)::bigint, sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
-         FROM (SELECT {time} AS t{dim_list}, {SUMS} FROM {table} WHERE {time} >= $1 AND {time} < $2 AND {scope}
-               UNION ALL
-               SELECT {delta_time}{dim_list}, {SUMS} FROM spend_deltas WHERE hour >= $1 AND hour < $2 AND {scope}) x
-         GROUP BY 1{group} ORDER BY 1{group} LIMIT $5",
+         FROM ({rollup}) x GROUP BY 1{group} ORDER BY 1{group} LIMIT $5",
         bucket = q.bucket.as_str(),
     );
     let client = pool.get().await?;
@@ -147,8 +179,8 @@ pub fn zone_unknown(e: &anyhow::Error) -> bool {
 
 /// Reconciliation of the rollup, in one snapshot: `spend_hourly` plus
 /// `spend_deltas` against the applied usage and reversals
-/// (`spend_truth`), and `spend_daily` plus the deltas against the hourly
-/// sums, every sum and every row's digest. Returns the problems (at most
+/// (`spend_truth`), and `spend_daily` and `spend_hourly_dim` (each plus
+/// the deltas) against the hourly sums, every sum and every row's digest. Returns the problems (at most
 /// 100 of each kind) and the number of hourly and delta rows checked.
 pub(super) async fn check_rollup(
     c: &deadpool_postgres::Object,
@@ -227,6 +259,41 @@ pub(super) async fn check_rollup(
                 "day": row.get::<_, DateTime<Utc>>(0),
                 "dims": row.get::<_, String>(1),
                 "hourly_charge": show(2), "daily_charge": show(3),
+            }));
+        }
+        const ONE_DIM: &str = "CROSS JOIN LATERAL (VALUES ('model', model), ('path', path), ('status', status), ('group', group_id), ('reseller', reseller_id)) AS v(dim, value)";
+        let one_dim = c
+            .query(
+                &format!(
+                    "WITH h AS (
+                        SELECT hour, v.dim, v.value, {SUMS}
+                        FROM (SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_hourly
+                              UNION ALL SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_deltas) x {ONE_DIM}
+                        GROUP BY 1, 2, 3
+                     ),
+                     o AS (
+                        SELECT hour, dim, value, {SUMS} FROM (
+                            SELECT hour, dim, value, {COLS} FROM spend_hourly_dim
+                            UNION ALL SELECT hour, v.dim, v.value, {COLS} FROM spend_deltas {ONE_DIM}) y
+                        GROUP BY 1, 2, 3
+                     )
+                     SELECT coalesce(h.hour, o.hour), coalesce(h.dim, o.dim), coalesce(h.value, o.value), h.charge, o.charge
+                     FROM h FULL JOIN o ON o.hour = h.hour AND o.dim = h.dim AND o.value IS NOT DISTINCT FROM h.value
+                     WHERE o.dim IS NULL OR h.dim IS NULL OR {}
+                     LIMIT 100",
+                    differ("h", "o")
+                ),
+                &[],
+            )
+            .await?;
+        for row in &one_dim {
+            let show = |i: usize| row.get::<_, Option<Decimal>>(i).map(super::dec);
+            problems.push(serde_json::json!({
+                "check": "spend_by_dimension_matches_hourly",
+                "hour": row.get::<_, DateTime<Utc>>(0),
+                "dimension": row.get::<_, String>(1),
+                "value": row.get::<_, Option<String>>(2),
+                "hourly_charge": show(3), "by_dimension_charge": show(4),
             }));
         }
         let n: i64 = c
