@@ -55,9 +55,11 @@ statement() {
   local source=$1 delta_time=$2 col=$3 zone=$4 bucket=$5 from=$6 to=$7
   local sums="charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
   local scope="(NULL::text IS NULL OR reseller_id = NULL)"
+  local groups
+  groups=$(seq -s, 1 $(($(echo "$col" | tr -cd ',' | wc -c) + 2)))
   echo "SELECT date_trunc('$bucket', t, '$zone') AS b, $col, sum(charge), sum(requests)::bigint, sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)
  FROM ($source UNION ALL SELECT $delta_time, $col, $sums FROM spend_deltas WHERE hour >= '$from' AND hour < '$to' AND $scope) x
- GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 50001;" | tr '\n' ' '
+ GROUP BY $groups ORDER BY $groups LIMIT 50001;" | tr '\n' ' '
 }
 
 pct() { awk -v p="$1" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; if (i > NR) i = NR; printf "%.1f", a[i] * 1000 }'; }
