@@ -59,7 +59,12 @@ pub async fn report(st: &AppState, q: &SpendQuery) -> Result<Value, ApiError> {
         }
         Err(e) => return Err(ApiError::internal(e)),
     };
-    Ok(shape(q, &rows))
+    shape(q, &rows).ok_or_else(|| {
+        ApiError::invalid(
+            "by",
+            "the totals do not fit exact decimal arithmetic (28 digits): ask for a shorter period or more dimensions",
+        )
+    })
 }
 
 pub fn parse(p: &SpendParams, reseller: Option<String>) -> Result<SpendQuery, ApiError> {
@@ -146,7 +151,8 @@ fn zone_param(z: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<String,
     }
 }
 
-fn shape(q: &SpendQuery, rows: &[SpendRow]) -> Value {
+/// The answer; `None` when a total does not fit exact decimal arithmetic.
+fn shape(q: &SpendQuery, rows: &[SpendRow]) -> Option<Value> {
     let tz: chrono_tz::Tz =
         q.tz.as_deref()
             .and_then(|z| z.parse().ok())
@@ -161,10 +167,10 @@ fn shape(q: &SpendQuery, rows: &[SpendRow]) -> Value {
     let list: Vec<Value> = rows
         .iter()
         .map(|r| {
-            total.charge += r.charge;
-            total.requests += r.requests;
+            total.charge = total.charge.checked_add(r.charge)?;
+            total.requests = total.requests.checked_add(r.requests)?;
             for (s, t) in total.tokens.iter_mut().zip(r.tokens) {
-                *s += t;
+                *s = s.checked_add(t)?;
             }
             let mut o = Map::new();
             o.insert(
@@ -175,12 +181,12 @@ fn shape(q: &SpendQuery, rows: &[SpendRow]) -> Value {
                 o.insert((*d).into(), json!(v));
             }
             sums(&mut o, r);
-            Value::Object(o)
+            Some(Value::Object(o))
         })
-        .collect();
+        .collect::<Option<_>>()?;
     let mut totals = Map::new();
     sums(&mut totals, &total);
-    json!({"rows": list, "totals": totals})
+    Some(json!({"rows": list, "totals": totals}))
 }
 
 fn sums(o: &mut Map<String, Value>, r: &SpendRow) {
@@ -297,7 +303,10 @@ mod tests {
         assert_eq!(q("reseller", None, day, Some("r1")), OneDim);
         assert_eq!(q("model", None, day, Some("r1")), Daily);
         assert_eq!(q("model,reseller", None, day, None), Daily);
-        assert_eq!(q("model,reseller", Some("Europe/Berlin"), day, None), Hourly);
+        assert_eq!(
+            q("model,reseller", Some("Europe/Berlin"), day, None),
+            Hourly
+        );
         assert_eq!(q("model,reseller", None, five, None), Hourly);
         assert_eq!(q("model,key", None, day, None), Hourly);
     }

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
@@ -118,9 +118,11 @@ pub fn status_name(s: UsageStatus) -> &'static str {
     }
 }
 
+/// The start of `t`'s UTC hour, for every representable `t` (chrono's
+/// rounding works in nanoseconds, which end in 2262).
 pub fn hour_of(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(TimeDelta::hours(1))
-        .expect("an hour divides every timestamp")
+    DateTime::from_timestamp(t.timestamp().div_euclid(3600) * 3600, 0)
+        .expect("an hour's start is within the range of its timestamp")
 }
 
 /// Each part as `<byte length>:<text>`, or `-` when absent; SHA-256 of the
@@ -156,11 +158,25 @@ pub struct RollupRow {
 /// charge, requests and tokens, sorted by key (every writer locks rows in
 /// that order). Token sums are exact in `u128`.
 pub fn combine(items: &[Spend]) -> Vec<(RollupRow, [u128; 4])> {
-    let mut m: BTreeMap<(DateTime<Utc>, [u8; 16]), (RollupRow, [u128; 4])> = BTreeMap::new();
+    // (hour, digest, n): the n-th row of a key, when adding to the one
+    // before would leave exact decimal arithmetic (the deltas table holds
+    // any number of rows per key; Postgres sums them in `numeric`).
+    let mut m: BTreeMap<(DateTime<Utc>, [u8; 16], u32), (RollupRow, [u128; 4])> = BTreeMap::new();
+    let mut current: BTreeMap<(DateTime<Utc>, [u8; 16]), u32> = BTreeMap::new();
     for s in items {
         let hour = s.hour();
         let dims = s.dims();
-        let e = m.entry((hour, dims)).or_insert_with(|| {
+        let n = *current.entry((hour, dims)).or_insert(0);
+        let fits = m.get(&(hour, dims, n)).is_none_or(|(r, t)| {
+            r.spend.charge.checked_add(s.charge).is_some()
+                && r.spend.requests.checked_add(s.requests).is_some()
+                && t.iter()
+                    .zip(s.tokens)
+                    .all(|(a, b)| a.checked_add(u128::from(b)).is_some())
+        });
+        let n = if fits { n } else { n + 1 };
+        current.insert((hour, dims), n);
+        let e = m.entry((hour, dims, n)).or_insert_with(|| {
             let mut base = s.clone();
             base.charge = Decimal::ZERO;
             base.requests = 0;
@@ -235,6 +251,32 @@ mod tests {
         assert!(rows
             .windows(2)
             .all(|w| (w[0].0.hour, w[0].0.dims) < (w[1].0.hour, w[1].0.dims)));
+    }
+
+    #[test]
+    fn rows_that_would_overflow_split_and_any_year_has_an_hour() {
+        let mut big = spend("2026-11-01T10:05:00Z", "k1", "/p", "1");
+        big.charge = Decimal::MAX;
+        let rows = combine(&[
+            big.clone(),
+            big.clone(),
+            spend("2026-11-01T10:06:00Z", "k1", "/p", "1"),
+        ]);
+        // MAX + MAX does not fit, nor MAX + 1: three rows, nothing lost.
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.iter().map(|(r, _)| r.spend.requests).sum::<i64>(), 3);
+        for t in [
+            "0001-01-01T00:59:59Z",
+            "9999-12-31T23:59:59.999999Z",
+            "1969-12-31T23:30:00Z",
+        ] {
+            let t: DateTime<Utc> = t.parse().unwrap();
+            let h = hour_of(t);
+            assert!(
+                h <= t && t - h < chrono::TimeDelta::hours(1) && h.timestamp() % 3600 == 0,
+                "{t}"
+            );
+        }
     }
 
     #[test]

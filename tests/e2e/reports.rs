@@ -170,7 +170,12 @@ async fn spend_reports_match_the_ledger_and_quarantine_is_redriven() {
     .await;
     assert_eq!(hourly["totals"], daily["totals"]);
     // By one dimension: the per-dimension table, the same totals.
-    let (_, by_model) = get(&svc, None, &format!("/v1/reports/spend?{period}&bucket=month&by=model")).await;
+    let (_, by_model) = get(
+        &svc,
+        None,
+        &format!("/v1/reports/spend?{period}&bucket=month&by=model"),
+    )
+    .await;
     assert_eq!(by_model["totals"], daily["totals"]);
     let h09: Decimal = rows_sum(&hourly, |r| r["bucket"] == "2026-11-01T09:00:00+00:00");
     let want09: Decimal = ctx.sql_one("SELECT sum(charge) FROM ledger_entries WHERE kind = 'key' AND entry_type = 'usage' AND event_id IN ('rp-0', 'rp-1')", &[]).await;
@@ -262,7 +267,11 @@ async fn spend_reports_match_the_ledger_and_quarantine_is_redriven() {
         .iter()
         .filter_map(|p| p["check"].as_str())
         .collect();
-    for check in ["spend_rollup_matches_ledger", "spend_daily_matches_hourly", "spend_by_dimension_matches_hourly"] {
+    for check in [
+        "spend_rollup_matches_ledger",
+        "spend_daily_matches_hourly",
+        "spend_by_dimension_matches_hourly",
+    ] {
         assert!(checks.contains(&check), "{check}: {rec}");
     }
 

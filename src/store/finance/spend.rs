@@ -156,17 +156,26 @@ pub async fn spend(pool: &Pool, q: &SpendQuery) -> anyhow::Result<Option<Vec<Spe
         return Ok(None);
     }
     let n = cols.len();
-    Ok(Some(
-        rows.iter()
-            .map(|r| SpendRow {
-                bucket: r.get(0),
-                dims: (0..n).map(|i| r.get(i + 1)).collect(),
-                charge: r.get(n + 1),
-                requests: r.get(n + 2),
-                tokens: [r.get(n + 3), r.get(n + 4), r.get(n + 5), r.get(n + 6)],
+    // try_get: a sum beyond exact decimal arithmetic (28 digits) is an
+    // error, not a panic.
+    let rows: Result<Vec<SpendRow>, tokio_postgres::Error> = rows
+        .iter()
+        .map(|r| {
+            Ok(SpendRow {
+                bucket: r.try_get(0)?,
+                dims: (0..n).map(|i| r.try_get(i + 1)).collect::<Result<_, _>>()?,
+                charge: r.try_get(n + 1)?,
+                requests: r.try_get(n + 2)?,
+                tokens: [
+                    r.try_get(n + 3)?,
+                    r.try_get(n + 4)?,
+                    r.try_get(n + 5)?,
+                    r.try_get(n + 6)?,
+                ],
             })
-            .collect(),
-    ))
+        })
+        .collect();
+    Ok(Some(rows?))
 }
 
 /// Whether an error is Postgres refusing the time zone name (its zone
