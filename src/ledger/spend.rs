@@ -157,7 +157,7 @@ pub struct RollupRow {
 /// Combine a batch's additions: one row per (hour, dimensions), sums of
 /// charge, requests and tokens, sorted by key (every writer locks rows in
 /// that order). Token sums are exact in `u128`.
-pub fn combine(items: &[Spend]) -> Vec<(RollupRow, [u128; 4])> {
+pub fn combine<'a>(items: impl IntoIterator<Item = &'a Spend>) -> Vec<(RollupRow, [u128; 4])> {
     // (hour, digest, n): the n-th row of a key, when adding to the one
     // before would leave exact decimal arithmetic (the deltas table holds
     // any number of rows per key; Postgres sums them in `numeric`).

@@ -17,17 +17,12 @@ use crate::ledger::fold::Effects;
 use crate::ledger::spend::{combine, Spend};
 
 pub(crate) async fn write_rollup(tx: &Transaction<'_>, fx: &Effects) -> Result<(), ApplyError> {
-    let mut items = fx.spend.clone();
+    let mut reversed = Vec::new();
     if !fx.reversals.is_empty() {
         let usage: Vec<&str> = fx.reversals.iter().map(|(u, _)| u.as_str()).collect();
-        items.extend(
-            reversed_usage(tx, &usage)
-                .await?
-                .iter()
-                .map(Spend::reversal),
-        );
+        reversed = reversed_usage(tx, &usage).await?.iter().map(Spend::reversal).collect();
     }
-    if items.is_empty() {
+    if fx.spend.is_empty() && reversed.is_empty() {
         return Ok(());
     }
     const TYPES: [Type; 17] = [
@@ -54,7 +49,7 @@ pub(crate) async fn write_rollup(tx: &Transaction<'_>, fx: &Effects) -> Result<(
         .await?;
     let writer = BinaryCopyInWriter::new(sink, &TYPES);
     futures_util::pin_mut!(writer);
-    for (r, tokens) in combine(&items) {
+    for (r, tokens) in combine(fx.spend.iter().chain(&reversed)) {
         let s = &r.spend;
         let t: [Decimal; 4] = tokens.map(Decimal::from);
         writer
