@@ -55,6 +55,8 @@ fn input(offset: i64, json: &str) -> Input {
         decoded: event::decode(Some(&bytes)),
         payload: Some(bytes),
         retry_of: None,
+        produced_at: None,
+        placed_from: None,
     }
 }
 

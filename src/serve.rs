@@ -199,12 +199,14 @@ fn spawn_ingest(
         .map(|s| chrono::Duration::seconds(s.min(i64::MAX as u64 / 1000) as i64));
     let (url, lateness, sink_limits) =
         (cfg.database_url.clone(), cfg.lateness(), cfg.sink_limits());
+    let usage_topic = cfg.topics.usage.clone();
     let ingest = async move {
         let pool = store::connect(&url, limits::INGEST_POOL)
             .await
             .map_err(|e| format!("{e:#}"))?;
-        let sink =
-            LedgerSink::new(pool, Some(dead_letters), clock, lateness).with_limits(sink_limits);
+        let sink = LedgerSink::new(pool, Some(dead_letters), clock, lateness)
+            .with_limits(sink_limits)
+            .with_usage_topic(usage_topic);
         let sweeper = tokio::spawn(store::run_quarantine_sweeper(
             sink.clone(),
             expire_balance_after,

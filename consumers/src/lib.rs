@@ -25,7 +25,7 @@ mod topics;
 mod watchdog;
 
 pub use consume::run;
-pub use read::read_all;
+pub use read::{partition_ends, read_all};
 pub use topics::ensure_topics;
 
 use std::future::Future;

@@ -26,15 +26,15 @@ pub fn read_all(
         .create()
         .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
     let timeout = Duration::from_secs(30);
-    let ends = partition_ends(&consumer, topics, timeout)?;
+    let ends = partition_ends(consumer.client(), topics, timeout)?;
     let remaining = assign_from(&consumer, &ends, since_ms, timeout)?;
     read_to_ends(&consumer, remaining, progress)
 }
 
 /// (topic, partition, low watermark, high watermark) of every partition of
-/// `topics`, sorted.
-fn partition_ends(
-    consumer: &BaseConsumer,
+/// `topics`, sorted. Blocking: asks the broker.
+pub fn partition_ends<C: ClientContext>(
+    consumer: &rdkafka::client::Client<C>,
     topics: &[String],
     timeout: Duration,
 ) -> Result<Vec<(String, i32, i64, i64)>, String> {

@@ -42,6 +42,10 @@ pub struct ExpiryRecord<'a> {
     /// When the credit stopped: the block's `expires_at`, or `closes_at`.
     pub expires_at: DateTime<Utc>,
     pub fired_at: DateTime<Utc>,
+    /// The finalization horizon it fired at: the accounts were swept up to
+    /// it (the lateness window, or earlier when the watermark held it
+    /// back), so a replay sweeps to the same point.
+    pub horizon: DateTime<Utc>,
 }
 
 impl ExpiryRecord<'_> {
@@ -52,7 +56,7 @@ impl ExpiryRecord<'_> {
 
     /// The record as stored (its content hash covers this object).
     pub fn to_json(&self) -> Value {
-        json!({"event_id": Self::event_id(self.account, self.block_id, self.cause), "type": "expiry", "cause": self.cause.as_str(), "block_id": self.block_id, "account": {"kind": self.account.kind.as_str(), "id": self.account.id}, "amount": self.amount.max(Decimal::ZERO).normalize().to_string(), "expires_at": self.expires_at, "fired_at": self.fired_at})
+        json!({"event_id": Self::event_id(self.account, self.block_id, self.cause), "type": "expiry", "cause": self.cause.as_str(), "block_id": self.block_id, "account": {"kind": self.account.kind.as_str(), "id": self.account.id}, "amount": self.amount.max(Decimal::ZERO).normalize().to_string(), "expires_at": self.expires_at, "fired_at": self.fired_at, "horizon": self.horizon})
     }
 
     /// What a stored record asks a replay to fire again: the account, the
@@ -77,6 +81,12 @@ impl ExpiryRecord<'_> {
         };
         Ok((AccountRef::new(kind, id), block.to_string(), cause))
     }
+
+    /// The horizon a stored record fired at (None for records made before
+    /// the watermark: they fired at the lateness window's start).
+    pub fn horizon_from_json(p: &Value) -> Option<DateTime<Utc>> {
+        p["horizon"].as_str().and_then(parse_time)
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +106,7 @@ mod tests {
                 amount: Decimal::new(125, 1),
                 expires_at: at,
                 fired_at: at + chrono::Duration::minutes(6),
+                horizon: at + chrono::Duration::minutes(1),
             };
             let v = rec.to_json();
             assert_eq!(
@@ -105,6 +116,10 @@ mod tests {
             assert_eq!(
                 ExpiryRecord::due_from_json(&v),
                 Ok((account.clone(), "g-1".to_string(), cause))
+            );
+            assert_eq!(
+                ExpiryRecord::horizon_from_json(&v),
+                Some(at + chrono::Duration::minutes(1))
             );
         }
     }

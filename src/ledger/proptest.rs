@@ -132,6 +132,8 @@ impl Harness {
             decoded: decode(Some(&bytes)),
             payload: Some(bytes),
             retry_of,
+            produced_at: None,
+            placed_from: None,
         }
     }
 

@@ -58,7 +58,7 @@ async fn export_events(
     if format == ExportFormat::Csv {
         writeln!(
             out,
-            "apply_seq,event_id,event_type,applied_at,occurred_at,topic,partition,offset,payload"
+            "apply_seq,event_id,event_type,applied_at,occurred_at,topic,partition,offset,payload,placed_from"
         )?;
     }
     let mut n = 0u64;
@@ -81,7 +81,7 @@ async fn export_events(
 
 fn event_csv(e: &Exported) -> String {
     format!(
-        "{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{}",
         e.apply_seq,
         q(&e.event_id),
         e.event_type,
@@ -90,7 +90,8 @@ fn event_csv(e: &Exported) -> String {
         e.topic.as_deref().map(q).unwrap_or_default(),
         e.partition.map(|p| p.to_string()).unwrap_or_default(),
         e.offset.map(|p| p.to_string()).unwrap_or_default(),
-        q(&e.payload.to_string())
+        q(&e.payload.to_string()),
+        e.placed_from.map(|t| t.to_rfc3339()).unwrap_or_default()
     )
 }
 

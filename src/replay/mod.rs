@@ -101,9 +101,11 @@ impl OrderedReplay {
                 .map(expiry_due)
                 .collect::<Result<_, _>>()
                 .map_err(anyhow::Error::msg)?;
+            // One pass fired them, at one horizon.
+            let horizon = ExpiryRecord::horizon_from_json(&first.payload);
             let fx = self
                 .sink
-                .fire_expiries(&due, now)
+                .fire_expiries(&due, now, horizon)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             let fired: HashSet<&str> = fx.applied.iter().map(|a| a.event_id.as_str()).collect();
@@ -132,6 +134,8 @@ impl OrderedReplay {
                     decoded: event::decode(Some(&bytes)),
                     payload: Some(bytes),
                     retry_of: None,
+                    produced_at: None,
+                    placed_from: e.placed_from,
                 }
             })
             .collect();

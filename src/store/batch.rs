@@ -56,7 +56,8 @@ impl LedgerSink {
         if fresh.is_empty() {
             return Ok(());
         }
-        let inputs = self.inputs(&fresh, refused.as_ref());
+        let inputs = self.inputs(&fresh, refused.as_ref(), now);
+        let produced: Vec<Option<DateTime<Utc>>> = inputs.iter().map(|i| i.produced_at).collect();
         let decoded = started.elapsed();
         let (fx, phases) = fold_and_write(
             &tx,
@@ -68,7 +69,7 @@ impl LedgerSink {
         )
         .await?;
         notify_oldest_record(&tx, &fresh).await?;
-        move_offsets(&tx, &fresh).await?;
+        move_offsets(&tx, &fresh, &produced).await?;
         self.dead_letter(&fx).await?;
         let before_commit = started.elapsed();
         tx.commit().await?;
@@ -87,8 +88,15 @@ impl LedgerSink {
         Ok(())
     }
 
-    /// The fold's inputs: each record decoded, or rejected with `refused`.
-    fn inputs(&self, records: &[&Record], refused: Option<&event::Rejection>) -> Vec<Input> {
+    /// The fold's inputs: each record decoded, or rejected with `refused`,
+    /// with its produce time on the service clock.
+    fn inputs(
+        &self,
+        records: &[&Record],
+        refused: Option<&event::Rejection>,
+        now: DateTime<Utc>,
+    ) -> Vec<Input> {
+        let shift = now - Utc::now();
         records
             .iter()
             .map(|r| Input {
@@ -104,9 +112,20 @@ impl LedgerSink {
                     None => self.decode(r.payload.as_deref()),
                 },
                 retry_of: None,
+                produced_at: produced_at(r, shift, now),
+                placed_from: None,
             })
             .collect()
     }
+}
+
+/// When the record was produced, on the service clock: the broker's
+/// timestamp moved by the test clock's offset (`shift`; zero on the
+/// system clock), never after `now` (a producer's clock may be wrong, and a
+/// partition's watermark must not jump ahead on one bad timestamp).
+fn produced_at(r: &Record, shift: chrono::Duration, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let t = DateTime::<Utc>::from_timestamp_millis(r.timestamp_ms.filter(|t| *t >= 0)?)?;
+    Some(t.checked_add_signed(shift)?.min(now))
 }
 
 /// Lock the offset rows of `parts` (made on first sight), in one order;
@@ -161,19 +180,26 @@ async fn notify_oldest_record(tx: &Transaction<'_>, records: &[&Record]) -> Resu
     Ok(())
 }
 
-/// Move each partition's next offset past the batch's records.
-async fn move_offsets(tx: &Transaction<'_>, records: &[&Record]) -> Result<(), ApplyError> {
-    let mut new_next: BTreeMap<Partition, i64> = BTreeMap::new();
-    for r in records {
+/// Move each partition's next offset past the batch's records, and its
+/// latest produce time (`produced`, per record: the watermark's input)
+/// forward.
+async fn move_offsets(
+    tx: &Transaction<'_>,
+    records: &[&Record],
+    produced: &[Option<DateTime<Utc>>],
+) -> Result<(), ApplyError> {
+    let mut new_next: BTreeMap<Partition, (i64, Option<DateTime<Utc>>)> = BTreeMap::new();
+    for (r, p) in records.iter().zip(produced) {
         let e = new_next
             .entry((r.topic.clone(), r.partition))
-            .or_insert(r.offset + 1);
-        *e = (*e).max(r.offset + 1);
+            .or_insert((r.offset + 1, *p));
+        e.0 = e.0.max(r.offset + 1);
+        e.1 = e.1.max(*p);
     }
-    for ((topic, partition), next_offset) in &new_next {
+    for ((topic, partition), (next_offset, produced)) in &new_next {
         tx.execute(
-            "UPDATE consumer_partitions SET next_offset = $3 WHERE topic = $1 AND partition = $2",
-            &[topic, partition, next_offset],
+            "UPDATE consumer_partitions SET next_offset = $3, last_produced_at = greatest(last_produced_at, $4) WHERE topic = $1 AND partition = $2",
+            &[topic, partition, next_offset, produced],
         )
         .await?;
     }
@@ -199,6 +225,14 @@ pub(crate) fn after_locks(now: DateTime<Utc>, clock: Option<&Clock>) -> DateTime
     clock.map_or(now, |c| now.max(c().trunc_subsecs(6)))
 }
 
+/// Whether an input is dated before the lateness window (so its placement
+/// may depend on the finalization horizon).
+fn any_before_window(inputs: &[Input], window: DateTime<Utc>) -> bool {
+    inputs
+        .iter()
+        .any(|i| super::load::earliest_time(i).is_some_and(|t| t < window))
+}
+
 /// Load what the inputs need, fold, write the effects. The caller holds the
 /// offset-row locks and commits.
 pub(crate) async fn fold_and_write(
@@ -213,6 +247,9 @@ pub(crate) async fn fold_and_write(
     let t = std::time::Instant::now();
     let mut state = load_state(tx, cache, &inputs, now, windows).await?;
     let now = after_locks(now, clock);
+    if any_before_window(&inputs, state.window(now)) {
+        state.finalized = super::horizon::read(tx).await?;
+    }
     phases.load = t.elapsed();
     let t = std::time::Instant::now();
     let fx = fold::fold(&mut state, inputs, now).map_err(ApplyError::Invariant)?;

@@ -12,6 +12,9 @@ pub enum ApplyError {
     Db(tokio_postgres::Error),
     Pool(String),
     Dlq(String),
+    /// The broker could not say where the usage topic ends (the lateness
+    /// watermark).
+    Broker(String),
     Invariant(String),
 }
 
@@ -71,6 +74,7 @@ impl std::fmt::Display for ApplyError {
             },
             ApplyError::Pool(m) => write!(f, "database pool: {m}"),
             ApplyError::Dlq(m) => write!(f, "dead-letter topic: {m}"),
+            ApplyError::Broker(m) => write!(f, "broker: {m}"),
             ApplyError::Invariant(m) => write!(f, "broken ledger invariant: {m}"),
         }
     }

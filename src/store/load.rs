@@ -108,17 +108,62 @@ pub(crate) async fn load_state(
     load_void_targets(tx, &mut reads, &mut st).await?;
     // Grants in the batch may be voided in the same batch: their accounts
     // are already in the set.
+    let floor = lowest_floor(tx, inputs, &st, now).await?;
     lock_accounts(
         tx,
         &reads.accounts,
         &mut st,
         Blocks::Relevant {
-            floor: now - windows.lateness,
+            floor,
             grants: &reads.void_targets,
         },
     )
     .await?;
     Ok(st)
+}
+
+/// The earliest time an input is dated at (its `occurred_at`, or a
+/// grant's `effective_at` when earlier): what the fold places.
+pub(crate) fn earliest_time(i: &Input) -> Option<DateTime<Utc>> {
+    let e = i.decoded.as_ref().ok()?;
+    Some(match &e.body {
+        EventBody::Granted(g) => e.occurred_at.min(g.effective_at),
+        _ => e.occurred_at,
+    })
+}
+
+/// The earliest time any input may be placed at on time, never later than
+/// `FoldState::floor` will say once the horizon is read under the locks.
+/// Normally the lateness window's start; inputs dated before it (late, or
+/// applied late after an outage) may reach back to their production,
+/// though not before what was finalized already (the horizon only moves
+/// forward).
+async fn lowest_floor(
+    tx: &Transaction<'_>,
+    inputs: &[Input],
+    st: &FoldState,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, ApplyError> {
+    let window = st.window(now);
+    let lowest = inputs
+        .iter()
+        .filter(|i| earliest_time(i).is_some_and(|t| t < window))
+        .filter_map(|i| {
+            i.placed_from.or_else(|| {
+                i.produced_at.map(|p| {
+                    p.checked_sub_signed(st.lateness)
+                        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+                })
+            })
+        })
+        .fold(window, DateTime::min);
+    if lowest >= window {
+        return Ok(window);
+    }
+    Ok(match super::horizon::read(tx).await? {
+        Some(f) => lowest.max(f.min(window)),
+        None => lowest,
+    })
 }
 
 /// Which of the batch's event ids were applied or are waiting, and which of

@@ -15,6 +15,7 @@ mod deadletter;
 pub mod error;
 pub mod finance;
 pub mod holds;
+mod horizon;
 pub mod jobs;
 mod load;
 pub mod outbox;

@@ -24,12 +24,19 @@ pub struct Exported {
     pub partition: Option<i32>,
     pub offset: Option<i64>,
     pub payload: Value,
+    /// The floor the watermark placed it on time with, although it was
+    /// older than the lateness window (None for nearly every event).
+    pub placed_from: Option<DateTime<Utc>>,
 }
 
 impl Exported {
     pub fn to_json(&self) -> Value {
-        json!({"apply_seq": self.apply_seq, "event_id": self.event_id, "event_type": self.event_type, "applied_at": self.applied_at, "occurred_at": self.occurred_at,
-            "topic": self.topic, "partition": self.partition, "offset": self.offset, "payload": self.payload})
+        let mut v = json!({"apply_seq": self.apply_seq, "event_id": self.event_id, "event_type": self.event_type, "applied_at": self.applied_at, "occurred_at": self.occurred_at,
+            "topic": self.topic, "partition": self.partition, "offset": self.offset, "payload": self.payload});
+        if let Some(f) = self.placed_from {
+            v["placed_from"] = json!(f);
+        }
+        v
     }
 
     pub fn from_json(v: &Value) -> Result<Exported, String> {
@@ -56,6 +63,10 @@ impl Exported {
             partition: v["partition"].as_i64().map(|p| p as i32),
             offset: v["offset"].as_i64(),
             payload: v.get("payload").cloned().ok_or("`payload` is missing")?,
+            placed_from: match v.get("placed_from") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(time("placed_from")?),
+            },
         })
     }
 }
@@ -72,7 +83,7 @@ pub async fn read_applied(
     let c = pool.get().await?;
     let rows = c
         .query(
-            "SELECT apply_seq, event_id, event_type, applied_at, occurred_at, topic, partition, kafka_offset, payload FROM applied_events
+            "SELECT apply_seq, event_id, event_type, applied_at, occurred_at, topic, partition, kafka_offset, payload, placed_from FROM applied_events
              WHERE apply_seq > $1 AND ($3::timestamptz IS NULL OR applied_at >= $3) AND ($4::timestamptz IS NULL OR applied_at < $4) ORDER BY apply_seq LIMIT $2",
             &[&after, &limit, &from, &to],
         )
@@ -89,6 +100,7 @@ pub async fn read_applied(
             partition: r.get(6),
             offset: r.get(7),
             payload: r.get(8),
+            placed_from: r.get(9),
         })
         .collect())
 }

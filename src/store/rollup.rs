@@ -20,7 +20,11 @@ pub(crate) async fn write_rollup(tx: &Transaction<'_>, fx: &Effects) -> Result<(
     let mut reversed = Vec::new();
     if !fx.reversals.is_empty() {
         let usage: Vec<&str> = fx.reversals.iter().map(|(u, _)| u.as_str()).collect();
-        reversed = reversed_usage(tx, &usage).await?.iter().map(Spend::reversal).collect();
+        reversed = reversed_usage(tx, &usage)
+            .await?
+            .iter()
+            .map(Spend::reversal)
+            .collect();
     }
     if fx.spend.is_empty() && reversed.is_empty() {
         return Ok(());

@@ -32,6 +32,10 @@ pub struct LedgerSink {
     /// Decoded registry versions by `version_seq`.
     pub registry_cache: RegistryCache,
     pub limits: SinkLimits,
+    /// The usage topic, whose partitions hold expiry finalization back
+    /// while they have records waiting (the lateness watermark). None
+    /// (replays): the clock alone decides.
+    pub usage_topic: Option<String>,
 }
 
 /// What the sink refuses or places elsewhere because of its size or date.
@@ -70,7 +74,15 @@ impl LedgerSink {
             lateness,
             registry_cache: Default::default(),
             limits: SinkLimits::default(),
+            usage_topic: None,
         }
+    }
+
+    /// Expiry finalization waits for this usage topic's partitions (the
+    /// lateness watermark).
+    pub fn with_usage_topic(mut self, topic: String) -> LedgerSink {
+        self.usage_topic = Some(topic);
+        self
     }
 
     pub fn with_limits(mut self, limits: SinkLimits) -> LedgerSink {
@@ -239,15 +251,20 @@ impl LedgerSink {
         Ok(fx)
     }
 
-    /// Fire recorded expiry finalizations again, as of `now` (a replay).
+    /// Fire recorded expiry finalizations again, as of `now`, at the
+    /// horizon they fired at (a replay; None for records from before the
+    /// watermark: the lateness window's start).
     pub async fn fire_expiries(
         &self,
         due: &[(AccountRef, String, ExpiryCause)],
         now: DateTime<Utc>,
+        horizon: Option<DateTime<Utc>>,
     ) -> Result<Effects, ApplyError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let fx = expire_due(&tx, due, now, self.windows(), None).await?;
+        let horizon = horizon.unwrap_or(now - self.lateness);
+        super::horizon::advance(&tx, horizon).await?;
+        let fx = expire_due(&tx, due, now, horizon, self.windows(), None).await?;
         tx.commit().await?;
         Ok(fx)
     }

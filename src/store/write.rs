@@ -84,10 +84,11 @@ async fn write_applied(
     let payloads: Vec<&str> = a.iter().map(|x| x.canonical.as_str()).collect();
     let occurred: Vec<DateTime<Utc>> = a.iter().map(|x| x.occurred_at).collect();
     let (topics, parts, offsets) = source_columns(a.iter().map(|x| x.source.as_ref()));
+    let placed: Vec<Option<DateTime<Utc>>> = a.iter().map(|x| x.placed_from).collect();
     tx.execute(
-        "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset)
-         SELECT e, t, h, k, kh, p::json, o, $11, tp, pa, of FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, n) ORDER BY n",
-        &[&eids, &types, &hashes, &idem, &idem_h, &payloads, &occurred, &topics, &parts, &offsets, &now],
+        "INSERT INTO applied_events (event_id, event_type, content_hash, idem_key, idem_hash, payload, occurred_at, applied_at, topic, partition, kafka_offset, placed_from)
+         SELECT e, t, h, k, kh, p::json, o, $11, tp, pa, of, pf FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bytea[], $6::text[], $7::timestamptz[], $8::text[], $9::int[], $10::bigint[], $12::timestamptz[]) WITH ORDINALITY AS u(e, t, h, k, kh, p, o, tp, pa, of, pf, n) ORDER BY n",
+        &[&eids, &types, &hashes, &idem, &idem_h, &payloads, &occurred, &topics, &parts, &offsets, &now, &placed],
     )
     .await?;
     Ok(())

@@ -306,3 +306,119 @@ async fn the_test_clock_is_shared_kept_across_restarts_and_only_moves_forward() 
     c.set_clock(&at(30)).await;
     assert!(clock_of(&c).await >= t(30));
 }
+
+/// The lateness watermark, on the real clock (lateness 2 s): usage
+/// produced in time while no `serve` ran is attributed to the block it
+/// belongs to, although the clock is past the block's expiry plus the
+/// lateness window when the service comes back. Finalization waits until
+/// the usage partition has caught up; the usage is placed at its own
+/// time, not flagged late; a replay of the store places it the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_after_an_outage_waits_for_usage_produced_in_time() {
+    use crate::cycles::{ev, usage, world};
+    let rfc =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let ctx = TestCtx::new("watermark").await;
+    let env = [("ALLOWED_LATENESS_SECS", "2")];
+    let mut svc = Service::start_with(&ctx, &env);
+    svc.ready().await;
+    let t0 = chrono::Utc::now();
+    let expires = t0 + chrono::Duration::seconds(6);
+    let mut events = world(
+        "u_w",
+        &rfc(t0 - chrono::Duration::seconds(60)),
+        json!({}),
+        json!({}),
+    );
+    events.push(ev("c-gw", "quota.granted", &rfc(t0 - chrono::Duration::seconds(30)), json!({"grant_id": "gw", "account": {"kind": "user", "id": "u_w"}, "amount": "100", "expires_at": rfc(expires)})));
+    let n = ctx.produce_control(events).await;
+    ctx.wait_consumed(&ctx.topics.control, n, Duration::from_secs(60))
+        .await;
+    // One usage applied before the outage: the partition's watermark.
+    ctx.produce(
+        &ctx.topics.usage,
+        "u_w",
+        &usage("u-w0", "u_w", &rfc(t0), 10),
+    )
+    .await;
+    ctx.wait_consumed(&ctx.topics.usage, 1, Duration::from_secs(60))
+        .await;
+    assert!(svc.terminate().success());
+
+    // The outage: 30 used a second before the expiry, produced then.
+    let sleep_until = |t: chrono::DateTime<chrono::Utc>| {
+        let left = (t - chrono::Utc::now()).to_std().unwrap_or_default();
+        tokio::time::sleep(left)
+    };
+    sleep_until(expires - chrono::Duration::milliseconds(800)).await;
+    ctx.produce(
+        &ctx.topics.usage,
+        "u_w",
+        &usage(
+            "u-w1",
+            "u_w",
+            &rfc(expires - chrono::Duration::seconds(1)),
+            30,
+        ),
+    )
+    .await;
+    // Long past the expiry plus the lateness window before anything runs.
+    sleep_until(expires + chrono::Duration::seconds(5)).await;
+    let mut svc = Service::start_with(&ctx, &env);
+    svc.ready().await;
+    let c = ctx.pool.get().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let expired = loop {
+        let rows = c
+            .query("SELECT amount FROM ledger_entries WHERE kind = 'user' AND id = 'u_w' AND entry_type = 'expiry'", &[])
+            .await
+            .unwrap();
+        if let Some(r) = rows.first() {
+            break r.get::<_, rust_decimal::Decimal>(0);
+        }
+        assert!(Instant::now() < deadline, "the block never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(expired, d("-60"), "both usages counted against the block");
+    let late: Vec<Option<bool>> = c
+        .query("SELECT (detail->>'late')::boolean FROM ledger_entries WHERE kind = 'user' AND id = 'u_w' AND entry_type = 'usage' ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        late,
+        vec![None, None],
+        "placed at their own time, not flagged late"
+    );
+    let placed: Option<chrono::DateTime<chrono::Utc>> = ctx
+        .sql_one(
+            "SELECT placed_from FROM applied_events WHERE event_id = 'u-w1'",
+            &[],
+        )
+        .await;
+    assert!(
+        placed.is_some(),
+        "the applied-event row records the floor it was placed with"
+    );
+    assert_eq!(balance(&svc, "user", "u_w").await, d("0"));
+    assert!(svc.terminate().success());
+
+    // A replay of the store reproduces it (the floor and the horizon are
+    // recorded), and reconcile agrees.
+    let (code, out, err) = ctx.cli(&["reconcile"], &env);
+    assert_eq!(code, 0, "reconcile: {out}\n{err}");
+    let checksum = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("checksum "))
+            .unwrap_or_else(|| panic!("no checksum in {out}"))
+            .to_string()
+    };
+    let (_, out, _) = ctx.cli(&["checksum"], &env);
+    let live = checksum(&out);
+    let into = ctx.sibling_db("watermark_replay");
+    let (code, out, err) = ctx.cli(&["replay", "--source", "store", "--into", &into], &env);
+    assert_eq!(code, 0, "replay: {out}\n{err}");
+    assert_eq!(checksum(&out), live, "replay from the store: {out}");
+}

@@ -509,12 +509,17 @@ async fn a_hostile_stream_stops_nothing_and_loses_nothing() {
             want(Expect::Waiting),
         );
         let mut c = ctx
-            .wait_consumed(&topic(t), mine.len() as i64 + extra, Duration::from_secs(90))
+            .wait_consumed(
+                &topic(t),
+                mine.len() as i64 + extra,
+                Duration::from_secs(90),
+            )
             .await;
         // Topics are consumed in no fixed order: usage consumed before the
         // registry waits, and is applied once its price arrives.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while (c.applied, c.duplicates, c.rejected, c.waiting) != want && Instant::now() < deadline {
+        while (c.applied, c.duplicates, c.rejected, c.waiting) != want && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(200)).await;
             c = ctx.topic_counts(&topic(t)).await;
         }

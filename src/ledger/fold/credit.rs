@@ -15,7 +15,7 @@ pub(super) fn grant(cx: &mut Cx, g: &Grant) -> Outcome {
     if cx.state.would_overflow(&g.account, g.amount) {
         return overflow(&g.account);
     }
-    let (active_from, late) = cx.state.sweep_time(g.effective_at, cx.now);
+    let (active_from, late) = cx.sweep_time(g.effective_at);
     let block = Block {
         block_id: g.grant_id.clone(),
         account: g.account.clone(),
@@ -60,7 +60,7 @@ pub(super) fn adjust(cx: &mut Cx, a: &Adjustment) -> Outcome {
     if cx.state.would_overflow(&a.account, a.amount) {
         return overflow(&a.account);
     }
-    let (t, flag) = cx.state.place(cx.ev.occurred_at, cx.now);
+    let (t, flag) = cx.place(cx.ev.occurred_at);
     let occurred_at = cx.ev.occurred_at;
     let acct = cx.account(&a.account);
     if a.amount > Decimal::ZERO {
@@ -116,7 +116,7 @@ pub(super) fn reverse(cx: &mut Cx, r: &Reversal) -> Outcome {
     {
         return overflow(&p.account);
     }
-    let (t, flag) = cx.state.place(cx.ev.occurred_at, cx.now);
+    let (t, flag) = cx.place(cx.ev.occurred_at);
     for p in &postings {
         let credit = -p.amount;
         if credit > Decimal::ZERO {
@@ -162,7 +162,7 @@ pub(super) fn void(cx: &mut Cx, v: &GrantVoid) -> Outcome {
             WaitingOn::Grant(v.grant_id.clone()),
         );
     };
-    let (t, flag) = cx.state.place(cx.ev.occurred_at, cx.now);
+    let (t, flag) = cx.place(cx.ev.occurred_at);
     let acct = cx.account(&acct_ref);
     let Some(i) = acct
         .blocks

@@ -48,7 +48,7 @@ fn book_one(state: &mut FoldState, fx: &mut Effects, c: &CycleRecord, now: DateT
     // A start booked later than the lateness window (caught up after an
     // outage) opens at its booking, like a late grant: usage already
     // attributed stays where it is.
-    let (active_from, late) = state.sweep_time(c.start, now);
+    let (active_from, late) = state.sweep_time(c.start, now, state.window(now));
     let block = Block {
         block_id: id.clone(),
         account: c.account.clone(),
@@ -97,6 +97,7 @@ fn book_one(state: &mut FoldState, fx: &mut Effects, c: &CycleRecord, now: DateT
         canonical,
         occurred_at: c.start,
         source: None,
+        placed_from: None,
     });
 }
 

@@ -48,6 +48,9 @@ pub struct AppliedEvent {
     pub occurred_at: DateTime<Utc>,
     /// None for facts the service itself fires (expiry finalizations).
     pub source: Option<Source>,
+    /// The floor that placed this event on time although it was older
+    /// than the lateness window (the watermark); None otherwise.
+    pub placed_from: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

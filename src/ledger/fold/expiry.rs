@@ -21,10 +21,11 @@ pub fn expire_blocks(
     now: DateTime<Utc>,
 ) -> Result<Effects, String> {
     let mut fx = Effects::default();
-    // Everything before the lateness window is in: sweep every account up
-    // to it first, so blocks that opened meanwhile repay debt before any
-    // credit is called breakage.
-    let cutoff = now - state.lateness;
+    // Everything before the finalization horizon is in (the lateness
+    // window, held back by the watermark: `finalized`, set by the store):
+    // sweep every account up to it first, so blocks that opened meanwhile
+    // repay debt before any credit is called breakage.
+    let cutoff = state.finalized.unwrap_or_else(|| state.window(now));
     for (acct_ref, _, _) in due {
         if let Some(acct) = state.accounts.get_mut(acct_ref) {
             acct.advance(cutoff);
@@ -42,7 +43,7 @@ pub fn expire_blocks(
         {
             continue;
         }
-        expire_one(state, &mut fx, acct_ref, block_id, *cause, now);
+        expire_one(state, &mut fx, acct_ref, block_id, *cause, (now, cutoff));
     }
     // An account-level expiry may have moved a block's expires_at (part of
     // the burn order).
@@ -66,7 +67,7 @@ fn expire_one(
     acct_ref: &AccountRef,
     block_id: &str,
     cause: ExpiryCause,
-    now: DateTime<Utc>,
+    (now, horizon): (DateTime<Utc>, DateTime<Utc>),
 ) {
     let Some(acct) = state.accounts.get_mut(acct_ref) else {
         return;
@@ -109,6 +110,7 @@ fn expire_one(
         amount: left,
         expires_at: at,
         fired_at: now,
+        horizon,
     });
     let acct = state
         .accounts
@@ -164,5 +166,6 @@ fn recorded(record: ExpiryRecord) -> AppliedEvent {
         canonical,
         occurred_at: record.expires_at,
         source: None,
+        placed_from: None,
     }
 }

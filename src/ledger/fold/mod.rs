@@ -58,6 +58,14 @@ pub struct Input {
     pub decoded: Result<Event, Rejection>,
     /// Set when this is a quarantined event being retried (its row id).
     pub retry_of: Option<i64>,
+    /// When the broker says the record was produced, on the service clock
+    /// (live ingestion only): an event produced in time but applied after
+    /// the lateness window (an outage) is still placed at its own time,
+    /// back to what was finalized ([`FoldState::floor`]).
+    pub produced_at: Option<DateTime<Utc>>,
+    /// The floor a live batch placed this event with, as recorded (replays
+    /// only): the same event is placed the same way again.
+    pub placed_from: Option<DateTime<Utc>>,
 }
 
 /// What one usage event moved on one ledger (for reversals).
@@ -82,6 +90,11 @@ pub struct FoldState {
     pub applied: HashMap<String, [u8; 32]>,
     /// Waiting (quarantined) events among the batch's ids.
     pub waiting: HashMap<String, [u8; 32]>,
+    /// The finalization horizon: blocks expiring up to it may have been
+    /// finalized, so no event is placed before it. Read by the store after
+    /// the batch's accounts are locked (None: not known, the lateness
+    /// window alone decides).
+    pub finalized: Option<DateTime<Utc>>,
     /// Idempotency keys (grant/adjustment/reversal/void) already used.
     pub idem_keys: HashMap<String, [u8; 32]>,
     /// Postings of usage events that reversals in the batch name.
@@ -105,6 +118,7 @@ impl FoldState {
             max_future: chrono::Duration::seconds(300),
             registry: Registry::default(),
             accounts: BTreeMap::new(),
+            finalized: None,
             applied: HashMap::new(),
             waiting: HashMap::new(),
             idem_keys: HashMap::new(),
@@ -114,11 +128,43 @@ impl FoldState {
         }
     }
 
+    /// The lateness window's start for a batch at `now`.
+    pub fn window(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now.checked_sub_signed(self.lateness)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    /// The earliest time an event of a batch at `now` is placed at on
+    /// time (before it, it is late). Normally the lateness window's start.
+    /// An event produced in time but applied after the window (the
+    /// consumer was down) is measured against its production instead,
+    /// but never before what was finalized: the contract's lateness
+    /// watermark. A replay passes the floor the live batch used.
+    pub fn floor(&self, input: &Input, now: DateTime<Utc>) -> DateTime<Utc> {
+        let window = self.window(now);
+        if let Some(f) = input.placed_from {
+            return f;
+        }
+        match (input.produced_at, self.finalized) {
+            (Some(p), Some(finalized)) => {
+                let by_production = p
+                    .checked_sub_signed(self.lateness)
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC);
+                by_production.min(window).max(finalized)
+            }
+            _ => window,
+        }
+    }
+
     /// Where the sweep places something that happened at `t`, arriving at
-    /// `now`: at `t`, or at `now` (late) when `t` is before the lateness
-    /// window.
-    pub fn sweep_time(&self, t: DateTime<Utc>, now: DateTime<Utc>) -> (DateTime<Utc>, bool) {
-        if t < now - self.lateness {
+    /// `now`: at `t`, or at `now` (late) when `t` is before `floor`.
+    pub fn sweep_time(
+        &self,
+        t: DateTime<Utc>,
+        now: DateTime<Utc>,
+        floor: DateTime<Utc>,
+    ) -> (DateTime<Utc>, bool) {
+        if t < floor {
             (now, true)
         } else {
             (t, false)
@@ -127,16 +173,17 @@ impl FoldState {
 
     /// Where the sweep places an event that happened at `t` (its
     /// `occurred_at`), arriving at `now`: at `t`; or at `now`, flagged
-    /// `late` when `t` is before the lateness window, and flagged `future`
-    /// when `t` is more than `max_future` ahead (a producer's clock far
-    /// ahead must neither burn blocks that are not open yet nor move the
-    /// sweep into the future, where every later event would be behind it).
+    /// `late` when `t` is before `floor`, and flagged `future` when `t` is
+    /// more than `max_future` ahead (a producer's clock far ahead must
+    /// neither burn blocks that are not open yet nor move the sweep into
+    /// the future, where every later event would be behind it).
     pub fn place(
         &self,
         t: DateTime<Utc>,
         now: DateTime<Utc>,
+        floor: DateTime<Utc>,
     ) -> (DateTime<Utc>, Option<&'static str>) {
-        if t < now - self.lateness {
+        if t < floor {
             (now, Some("late"))
         } else if t > now + self.max_future {
             (now, Some("future"))
@@ -198,10 +245,13 @@ pub fn fold(
             Ok(ev) => match earlier_copy(state, &input, ev, &seen_in_batch) {
                 Some(outcome) => outcome,
                 None => {
+                    let floor = state.floor(&input, now);
                     let mut cx = Cx {
                         state,
                         fx: &mut fx,
                         now,
+                        floor,
+                        placed_by_floor: false,
                         ev,
                         src: &input.source,
                         next_seq: &mut next_seq,
@@ -373,6 +423,11 @@ pub(crate) struct Cx<'a> {
     pub fx: &'a mut Effects,
     /// The batch's recorded time.
     pub now: DateTime<Utc>,
+    /// Before this, the event is late ([`FoldState::floor`]).
+    pub floor: DateTime<Utc>,
+    /// Whether the floor placed something on time that the lateness window
+    /// alone would have called late (the applied-event row records it).
+    pub placed_by_floor: bool,
     pub ev: &'a Event,
     pub src: &'a Source,
     /// The applied order given to registry versions of this batch.
@@ -380,6 +435,24 @@ pub(crate) struct Cx<'a> {
 }
 
 impl Cx<'_> {
+    /// [`FoldState::place`] with this event's floor.
+    pub fn place(&mut self, t: DateTime<Utc>) -> (DateTime<Utc>, Option<&'static str>) {
+        self.note_floor(t);
+        self.state.place(t, self.now, self.floor)
+    }
+
+    /// [`FoldState::sweep_time`] with this event's floor.
+    pub fn sweep_time(&mut self, t: DateTime<Utc>) -> (DateTime<Utc>, bool) {
+        self.note_floor(t);
+        self.state.sweep_time(t, self.now, self.floor)
+    }
+
+    fn note_floor(&mut self, t: DateTime<Utc>) {
+        if t >= self.floor && t < self.state.window(self.now) {
+            self.placed_by_floor = true;
+        }
+    }
+
     pub fn account(&mut self, r: &AccountRef) -> &mut AccountState {
         account(self.state, r)
     }
@@ -455,6 +528,7 @@ fn record_applied(cx: &mut Cx, idem: Option<(String, [u8; 32])>) {
         canonical: ev.canonical.clone(),
         occurred_at: ev.occurred_at,
         source: Some(cx.src.clone()),
+        placed_from: cx.placed_by_floor.then_some(cx.floor),
     });
 }
 

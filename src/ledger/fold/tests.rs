@@ -62,6 +62,8 @@ pub(super) fn input(offset: i64, json: &str) -> Input {
         decoded: decode(Some(&bytes)),
         payload: Some(bytes),
         retry_of: None,
+        produced_at: None,
+        placed_from: None,
     }
 }
 
@@ -259,6 +261,67 @@ fn usage_is_priced_by_the_version_in_force_at_its_occurred_at() {
     );
     assert_eq!(user[0].detail["price"]["model_version"], "c-m");
     assert_eq!(user[1].detail["price"]["model_version"], "c-m2");
+}
+
+/// The lateness watermark: after an outage, events produced in time are
+/// placed at their own time, back to what was finalized; anything else
+/// older than the window is late.
+#[test]
+fn usage_produced_in_time_but_applied_after_an_outage_is_placed_at_its_time() {
+    let at = |h: u32, m: u32| Utc.with_ymd_and_hms(2026, 11, 27, h, m, 0).unwrap();
+    let grant = GRANT.replace(
+        "\"expires_at\":null",
+        "\"expires_at\":\"2026-11-27T11:00:00Z\"",
+    );
+    // (finalized, usage produced at) -> (late, block left, placed_from)
+    let cases = [
+        (
+            Some(at(8, 30)),
+            at(10, 2),
+            (None, d("4800"), Some(at(9, 57))),
+        ),
+        // What was finalized already is never reopened.
+        (Some(at(10, 30)), at(10, 2), (Some(true), d("10000"), None)),
+        // No horizon known: the lateness window alone.
+        (None, at(10, 2), (Some(true), d("10000"), None)),
+        // Produced more than the lateness after it happened: late.
+        (Some(at(8, 30)), at(10, 6), (Some(true), d("10000"), None)),
+    ];
+    for (finalized, produced, want) in cases {
+        let mut st = FoldState::new(chrono::Duration::minutes(5));
+        st.finalized = finalized;
+        let in_time = |mut i: Input, p: DateTime<Utc>| {
+            i.produced_at = Some(p);
+            i
+        };
+        let fx = fold(
+            &mut st,
+            vec![
+                input(0, MODEL),
+                input(1, GROUP),
+                in_time(input(2, &grant), at(9, 1)),
+                in_time(input(3, USAGE), produced),
+            ],
+            now(),
+        )
+        .unwrap();
+        let e = fx
+            .entries
+            .iter()
+            .find(|e| e.account.kind == AccountKind::User && e.entry_type == EntryType::Usage)
+            .unwrap();
+        let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
+        let usage = fx.applied.iter().find(|a| a.event_id == "u-1").unwrap();
+        assert_eq!(
+            (
+                e.detail["late"].as_bool(),
+                user.blocks[0].remaining,
+                usage.placed_from
+            ),
+            want,
+            "finalized {finalized:?}, produced {produced}"
+        );
+    }
 }
 
 #[test]

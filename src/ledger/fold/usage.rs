@@ -21,7 +21,7 @@ pub(super) fn apply(cx: &mut Cx, u: &UsageEvent) -> Outcome {
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
-    let (sweep_t, flag) = cx.state.place(t, cx.now);
+    let (sweep_t, flag) = cx.place(t);
     // What the charge was computed with (the token counts and status are
     // the event's own, in the applied-event store); each leg adds whether
     // its account is limited.

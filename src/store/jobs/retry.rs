@@ -83,6 +83,8 @@ impl LedgerSink {
                         None => self.decode(payload.as_deref()),
                     },
                     payload,
+                    produced_at: None,
+                    placed_from: None,
                     retry_of: Some(r.get(0)),
                 }
             })
