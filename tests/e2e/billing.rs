@@ -407,18 +407,5 @@ async fn expiry_after_an_outage_waits_for_usage_produced_in_time() {
 
     // A replay of the store reproduces it (the floor and the horizon are
     // recorded), and reconcile agrees.
-    let (code, out, err) = ctx.cli(&["reconcile"], &env);
-    assert_eq!(code, 0, "reconcile: {out}\n{err}");
-    let checksum = |out: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix("checksum "))
-            .unwrap_or_else(|| panic!("no checksum in {out}"))
-            .to_string()
-    };
-    let (_, out, _) = ctx.cli(&["checksum"], &env);
-    let live = checksum(&out);
-    let into = ctx.sibling_db("watermark_replay");
-    let (code, out, err) = ctx.cli(&["replay", "--source", "store", "--into", &into], &env);
-    assert_eq!(code, 0, "replay: {out}\n{err}");
-    assert_eq!(checksum(&out), live, "replay from the store: {out}");
+    ctx.replay_reproduces("watermark_replay", &env);
 }

@@ -248,6 +248,27 @@ impl TestCtx {
         }
     }
 
+    /// What `quota-engine checksum` prints for this test's database.
+    pub fn checksum(&self, env: &[(&str, &str)]) -> String {
+        let (code, out, err) = self.cli(&["checksum"], env);
+        assert_eq!(code, 0, "checksum: {out}\n{err}");
+        checksum_in(&out)
+    }
+
+    /// Reconcile this test's database, replay its applied-event store into
+    /// a fresh sibling database (`suffix`), and require the replay's
+    /// checksum to equal the live one. Returns the replay's URL.
+    pub fn replay_reproduces(&self, suffix: &str, env: &[(&str, &str)]) -> String {
+        let (code, out, err) = self.cli(&["reconcile"], env);
+        assert_eq!(code, 0, "live reconcile: {out}\n{err}");
+        let live = self.checksum(env);
+        let into = self.sibling_db(suffix);
+        let (code, out, err) = self.cli(&["replay", "--source", "store", "--into", &into], env);
+        assert_eq!(code, 0, "replay from the store: {out}\n{err}");
+        assert_eq!(checksum_in(&out), live, "replay from the store: {out}");
+        into
+    }
+
     pub async fn sql_one<T: for<'a> tokio_postgres::types::FromSql<'a>>(
         &self,
         sql: &str,
@@ -259,6 +280,14 @@ impl TestCtx {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
             .get(0)
     }
+}
+
+/// The checksum a `quota-engine` command printed (`checksum <hex>`).
+pub fn checksum_in(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("checksum "))
+        .unwrap_or_else(|| panic!("no checksum in {out}"))
+        .to_string()
 }
 
 /// A real `quota-engine serve` process.

@@ -337,20 +337,7 @@ async fn a_daily_cycle_is_booked_once_rolls_over_repays_debt_and_catches_up() {
     assert!(a.terminate().success());
 
     // Reconciled, and a replay of the store reproduces the cycles.
-    let (code, out, err) = ctx.cli(&["reconcile"], &env);
-    assert_eq!(code, 0, "reconcile: {out}\n{err}");
-    let checksum = |out: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix("checksum "))
-            .unwrap_or_else(|| panic!("no checksum in {out}"))
-            .to_string()
-    };
-    let (_, out, _) = ctx.cli(&["checksum"], &env);
-    let live = checksum(&out);
-    let into = ctx.sibling_db("cycles_replay");
-    let (code, out, err) = ctx.cli(&["replay", "--source", "store", "--into", &into], &env);
-    assert_eq!(code, 0, "replay: {out}\n{err}");
-    assert_eq!(checksum(&out), live, "replay from the store: {out}");
+    ctx.replay_reproduces("cycles_replay", &env);
 }
 
 /// A reseller's monthly relative cycle anchored on 31 January: 28

@@ -342,12 +342,7 @@ async fn replay_from_kafka_reproduces_the_live_checksum() {
     ctx.wait_consumed(&ctx.topics.control, 14, Duration::from_secs(60))
         .await;
     assert!(svc.terminate().success());
-    let (_, live, _) = ctx.cli(&["checksum"], &[]);
-    let live = live
-        .lines()
-        .find_map(|l| l.strip_prefix("checksum "))
-        .unwrap()
-        .to_string();
+    let live = ctx.checksum(&[]);
     let into = ctx.sibling_db("kafka");
     let (code, out, err) = ctx.cli(
         &["replay", "--source", "kafka", "--into", &into, "--compare"],

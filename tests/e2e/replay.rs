@@ -17,7 +17,7 @@ use quota_engine::sim::Rng;
 use quota_engine::store::LedgerSink;
 use serde_json::{json, Value};
 
-use crate::common::TestCtx;
+use crate::common::{checksum_in, TestCtx};
 
 fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2030, 6, 1, 0, 0, 0).unwrap()
@@ -243,21 +243,8 @@ async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
     assert!(voids >= 100, "{voids}");
 
     let env = [("ALLOWED_LATENESS_SECS", "3600")];
-    let (code, out, err) = ctx.cli(&["reconcile"], &env);
-    assert_eq!(code, 0, "live reconcile: {out}\n{err}");
-    let (_, out, _) = ctx.cli(&["checksum"], &env);
-    let checksum = |out: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix("checksum "))
-            .unwrap_or_else(|| panic!("no checksum in {out}"))
-            .to_string()
-    };
-    let live = checksum(&out);
-
-    let into = ctx.sibling_db("from_store");
-    let (code, out, err) = ctx.cli(&["replay", "--source", "store", "--into", &into], &env);
-    assert_eq!(code, 0, "replay from store: {out}\n{err}");
-    assert_eq!(checksum(&out), live, "replay from the store");
+    let live = ctx.checksum(&env);
+    let into = ctx.replay_reproduces("from_store", &env);
     let (code, out, err) = ctx.cli(&["reconcile"], &[("DATABASE_URL", into.as_str())]);
     assert_eq!(code, 0, "reconcile of the replay: {out}\n{err}");
 
@@ -276,7 +263,7 @@ async fn replay_from_store_and_export_reproduce_the_checksum_of_100k_events() {
         &env,
     );
     assert_eq!(code, 0, "replay from export: {out}\n{err}");
-    assert_eq!(checksum(&out), live, "replay from the export");
+    assert_eq!(checksum_in(&out), live, "replay from the export");
     let _ = std::fs::remove_file(&file);
 
     // The ledger export: every entry once, in entry_id order (it pages by

@@ -263,6 +263,14 @@ fn usage_is_priced_by_the_version_in_force_at_its_occurred_at() {
     assert_eq!(user[1].detail["price"]["model_version"], "c-m2");
 }
 
+/// The user's usage entry among a fold's effects.
+fn user_usage_entry(fx: &Effects) -> &Entry {
+    fx.entries
+        .iter()
+        .find(|e| e.account.kind == AccountKind::User && e.entry_type == EntryType::Usage)
+        .expect("a usage entry on the user")
+}
+
 /// The lateness watermark: after an outage, events produced in time are
 /// placed at their own time, back to what was finalized; anything else
 /// older than the window is late.
@@ -294,22 +302,14 @@ fn usage_produced_in_time_but_applied_after_an_outage_is_placed_at_its_time() {
             i.produced_at = Some(p);
             i
         };
-        let fx = fold(
-            &mut st,
-            vec![
-                input(0, MODEL),
-                input(1, GROUP),
-                in_time(input(2, &grant), at(9, 1)),
-                in_time(input(3, USAGE), produced),
-            ],
-            now(),
-        )
-        .unwrap();
-        let e = fx
-            .entries
-            .iter()
-            .find(|e| e.account.kind == AccountKind::User && e.entry_type == EntryType::Usage)
-            .unwrap();
+        let inputs = vec![
+            input(0, MODEL),
+            input(1, GROUP),
+            in_time(input(2, &grant), at(9, 1)),
+            in_time(input(3, USAGE), produced),
+        ];
+        let fx = fold(&mut st, inputs, now()).unwrap();
+        let e = user_usage_entry(&fx);
         let user = &st.accounts[&AccountRef::new(AccountKind::User, "u_1")];
         let usage = fx.applied.iter().find(|a| a.event_id == "u-1").unwrap();
         assert_eq!(
@@ -333,22 +333,14 @@ fn usage_older_than_the_lateness_window_is_placed_at_arrival_and_flagged() {
         "\"expires_at\":null",
         "\"expires_at\":\"2026-11-27T11:00:00Z\"",
     );
-    let fx = fold(
-        &mut st,
-        vec![
-            input(0, MODEL),
-            input(1, GROUP),
-            input(2, &grant),
-            input(3, USAGE),
-        ],
-        now(),
-    )
-    .unwrap();
-    let e = fx
-        .entries
-        .iter()
-        .find(|e| e.account.kind == AccountKind::User && e.entry_type == EntryType::Usage)
-        .unwrap();
+    let inputs = vec![
+        input(0, MODEL),
+        input(1, GROUP),
+        input(2, &grant),
+        input(3, USAGE),
+    ];
+    let fx = fold(&mut st, inputs, now()).unwrap();
+    let e = user_usage_entry(&fx);
     assert_eq!(
         (e.detail["late"].as_bool(), e.attributed_at),
         (Some(true), Some(now()))
