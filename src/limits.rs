@@ -48,6 +48,11 @@ pub const SWEEP_PAUSE_IDLE: Duration = Duration::from_millis(200);
 /// each fold adds to each (hour, dimensions) row once for all the batches
 /// since the last (BENCHMARKS.md, "Spend reports").
 pub const ROLLUP_COMPACT_EVERY: Duration = Duration::from_secs(5);
+/// How often a sweeper moves the finalization horizon when nothing is due
+/// (`store::horizon`): it stays this close behind the lateness window, so
+/// a record's produce time (a producer's clock) can place an event on time
+/// no further back than that, unless the watermark holds it.
+pub const HORIZON_EVERY: Duration = Duration::from_secs(1);
 pub const SWEEP_PAUSE_FAILED: Duration = Duration::from_secs(1);
 /// When a newly waiting event is first retried (sooner when what it waits
 /// for arrives); later retries back off, doubling to a minute (the SQL in

@@ -83,6 +83,22 @@ impl Watermark {
 }
 
 impl LedgerSink {
+    /// Move the horizon as far as the clock and the watermark allow, with
+    /// nothing to finalize (the sweeper, every `limits::HORIZON_EVERY`): it
+    /// then trails the lateness window by about that much, except while
+    /// the watermark holds it.
+    pub async fn advance_horizon(&self) -> Result<(), ApplyError> {
+        let now = self.now();
+        let Some(reach) = self.usage_watermark().await?.horizon(now, self.lateness) else {
+            return Ok(());
+        };
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        advance(&tx, reach).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Where the usage topic's partitions hold finalization: compare each
     /// partition's high watermark on the broker with the next offset the
     /// consumers stored. No usage topic (replays): `Free`.

@@ -323,7 +323,7 @@ async fn expiry_after_an_outage_waits_for_usage_produced_in_time() {
     let mut svc = Service::start_with(&ctx, &env);
     svc.ready().await;
     let t0 = chrono::Utc::now();
-    let expires = t0 + chrono::Duration::seconds(6);
+    let expires = t0 + chrono::Duration::seconds(10);
     let mut events = world(
         "u_w",
         &rfc(t0 - chrono::Duration::seconds(60)),

@@ -41,7 +41,7 @@ impl LedgerSink {
             return Ok(0);
         };
         let tx = client.transaction().await?;
-        let horizon = super::super::horizon::advance(&tx, reach.min(window)).await?;
+        let horizon = super::super::horizon::advance(&tx, reach).await?;
         let due: Vec<_> = due
             .into_iter()
             .filter(|(_, at)| *at <= horizon)

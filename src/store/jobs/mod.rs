@@ -39,6 +39,7 @@ pub async fn run_quarantine_sweeper(
 ) {
     let mut cycles = CycleCache::default();
     let mut compacted = std::time::Instant::now();
+    let mut horizon_moved = std::time::Instant::now();
     loop {
         // Cycle starts before expiries: a cycle block's finalization rolls
         // over into the next cycle's block, which must be booked by then.
@@ -83,6 +84,12 @@ pub async fn run_quarantine_sweeper(
                 return;
             }
             Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
+        }
+        if horizon_moved.elapsed() >= limits::HORIZON_EVERY {
+            horizon_moved = std::time::Instant::now();
+            if let Err(e) = sink.advance_horizon().await {
+                tracing::warn!(error = ?e, "moving the finalization horizon failed");
+            }
         }
         if compacted.elapsed() >= limits::ROLLUP_COMPACT_EVERY {
             compacted = std::time::Instant::now();
