@@ -148,14 +148,7 @@ async fn lowest_floor(
     let lowest = inputs
         .iter()
         .filter(|i| earliest_time(i).is_some_and(|t| t < window))
-        .filter_map(|i| {
-            i.placed_from.or_else(|| {
-                i.produced_at.map(|p| {
-                    p.checked_sub_signed(st.lateness)
-                        .unwrap_or(DateTime::<Utc>::MIN_UTC)
-                })
-            })
-        })
+        .filter_map(|i| st.own_floor(i))
         .fold(window, DateTime::min);
     if lowest >= window {
         return Ok(window);

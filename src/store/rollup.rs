@@ -16,6 +16,15 @@ use super::error::ApplyError;
 use crate::ledger::fold::Effects;
 use crate::ledger::spend::{combine, Spend};
 
+/// The rollup's measures, in every rollup table's column order.
+pub(crate) const MEASURES: &str =
+    "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
+/// The measures summed, named as the columns.
+pub(crate) const SUMS: &str = "sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens";
+/// One row per dimension `spend_hourly_dim` keeps, as (dim, value), from a
+/// row with the rollup's dimension columns.
+pub(crate) const ONE_DIM: &str = "CROSS JOIN LATERAL (VALUES ('model', model), ('path', path), ('status', status), ('group', group_id), ('reseller', reseller_id)) AS v(dim, value)";
+
 pub(crate) async fn write_rollup(tx: &Transaction<'_>, fx: &Effects) -> Result<(), ApplyError> {
     let mut reversed = Vec::new();
     if !fx.reversals.is_empty() {
@@ -142,7 +151,6 @@ pub async fn compact(pool: &Pool) -> Result<u64, ApplyError> {
     if !locked {
         return Ok(0);
     }
-    const SUMS: &str = "sum(charge), sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)";
     const ADD: &str = "charge = s.charge + EXCLUDED.charge, requests = s.requests + EXCLUDED.requests,
         input_tokens = s.input_tokens + EXCLUDED.input_tokens, output_tokens = s.output_tokens + EXCLUDED.output_tokens,
         cache_read_tokens = s.cache_read_tokens + EXCLUDED.cache_read_tokens, cache_write_tokens = s.cache_write_tokens + EXCLUDED.cache_write_tokens";
@@ -165,7 +173,7 @@ pub async fn compact(pool: &Pool) -> Result<u64, ApplyError> {
                  o AS (
                     INSERT INTO spend_hourly_dim AS s
                     SELECT hour, v.dim, v.value, {SUMS}
-                    FROM moved CROSS JOIN LATERAL (VALUES ('model', model), ('path', path), ('status', status), ('group', group_id), ('reseller', reseller_id)) AS v(dim, value)
+                    FROM moved {ONE_DIM}
                     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
                     ON CONFLICT (hour, dim, value) DO UPDATE SET {ADD}
                  )

@@ -141,19 +141,27 @@ impl FoldState {
     /// but never before what was finalized: the contract's lateness
     /// watermark. A replay passes the floor the live batch used.
     pub fn floor(&self, input: &Input, now: DateTime<Utc>) -> DateTime<Utc> {
-        let window = self.window(now);
         if let Some(f) = input.placed_from {
             return f;
         }
-        match (input.produced_at, self.finalized) {
-            (Some(p), Some(finalized)) => {
-                let by_production = p
-                    .checked_sub_signed(self.lateness)
-                    .unwrap_or(DateTime::<Utc>::MIN_UTC);
-                by_production.min(window).max(finalized)
-            }
+        let window = self.window(now);
+        match (self.own_floor(input), self.finalized) {
+            (Some(own), Some(finalized)) => own.min(window).max(finalized),
             _ => window,
         }
+    }
+
+    /// How far back an input's own record lets it be placed on time: the
+    /// floor a replay passes, or its production minus the lateness (None:
+    /// the record does not say).
+    pub fn own_floor(&self, input: &Input) -> Option<DateTime<Utc>> {
+        input.placed_from.or_else(|| {
+            let p = input.produced_at?;
+            Some(
+                p.checked_sub_signed(self.lateness)
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC),
+            )
+        })
     }
 
     /// Where the sweep places something that happened at `t`, arriving at

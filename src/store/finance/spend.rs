@@ -8,6 +8,7 @@ use deadpool_postgres::Pool;
 use rust_decimal::Decimal;
 
 use crate::ledger::spend::DAILY_DIMS;
+use crate::store::rollup::MEASURES;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bucket {
@@ -111,8 +112,6 @@ pub fn source(q: &SpendQuery) -> Source {
 /// The rows, ordered by bucket then dimensions; `Ok(None)` when there are
 /// more than `max_rows`.
 pub async fn spend(pool: &Pool, q: &SpendQuery) -> anyhow::Result<Option<Vec<SpendRow>>> {
-    const SUMS: &str =
-        "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
     let scope = "($4::text IS NULL OR reseller_id = $4)";
     let cols: Vec<&str> = q.by.iter().map(|d| column(d)).collect();
     let dim_list: String = cols.iter().map(|c| format!(", {c}")).collect();
@@ -120,22 +119,22 @@ pub async fn spend(pool: &Pool, q: &SpendQuery) -> anyhow::Result<Option<Vec<Spe
     // The rollup plus the deltas not folded into it yet (compaction moves
     // rows from one to the other in one transaction: the sum is exact).
     let deltas = |time: &str| {
-        format!("SELECT {time}{dim_list}, {SUMS} FROM spend_deltas WHERE hour >= $1 AND hour < $2 AND {scope}")
+        format!("SELECT {time}{dim_list}, {MEASURES} FROM spend_deltas WHERE hour >= $1 AND hour < $2 AND {scope}")
     };
     let rollup = match source(q) {
         Source::OneDim => {
             let dim = q.by.first().copied().unwrap_or("status");
             let value = if q.by.is_empty() { String::new() } else { format!(", value AS {}", cols[0]) };
             let scope = if q.by.is_empty() { "true" } else { "($4::text IS NULL OR value = $4)" };
-            format!("SELECT hour AS t{value}, {SUMS} FROM spend_hourly_dim WHERE dim = '{dim}' AND hour >= $1 AND hour < $2 AND {scope}
+            format!("SELECT hour AS t{value}, {MEASURES} FROM spend_hourly_dim WHERE dim = '{dim}' AND hour >= $1 AND hour < $2 AND {scope}
                      UNION ALL {}", deltas("hour"))
         }
         Source::Daily => format!(
-            "SELECT day AS t{dim_list}, {SUMS} FROM spend_daily WHERE day >= $1 AND day < $2 AND {scope} UNION ALL {}",
+            "SELECT day AS t{dim_list}, {MEASURES} FROM spend_daily WHERE day >= $1 AND day < $2 AND {scope} UNION ALL {}",
             deltas("date_trunc('day', hour, 'UTC')")
         ),
         Source::Hourly => format!(
-            "SELECT hour AS t{dim_list}, {SUMS} FROM spend_hourly WHERE hour >= $1 AND hour < $2 AND {scope} UNION ALL {}",
+            "SELECT hour AS t{dim_list}, {MEASURES} FROM spend_hourly WHERE hour >= $1 AND hour < $2 AND {scope} UNION ALL {}",
             deltas("hour")
         ),
     };
@@ -194,9 +193,7 @@ pub fn zone_unknown(e: &anyhow::Error) -> bool {
 pub(super) async fn check_rollup(
     c: &deadpool_postgres::Object,
 ) -> anyhow::Result<(Vec<serde_json::Value>, i64)> {
-    const SUMS: &str = "sum(charge) AS charge, sum(requests) AS requests, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens";
-    const COLS: &str =
-        "charge, requests, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens";
+    use crate::store::rollup::{ONE_DIM, SUMS};
     const DIGEST: &str =
         "spend_digest(model, path, status, key_id, app_id, user_id, group_id, reseller_id)";
     const DAILY_DIGEST: &str = "spend_digest(model, path, status, group_id, reseller_id)";
@@ -212,9 +209,9 @@ pub(super) async fn check_rollup(
                 &format!(
                     "WITH t AS (SELECT hour, {DIGEST} AS dims, {SUMS} FROM spend_truth GROUP BY 1, 2),
                      parts AS (
-                        SELECT hour, dims, {COLS}, dims = {DIGEST} AS digest_ok FROM spend_hourly
+                        SELECT hour, dims, {MEASURES}, dims = {DIGEST} AS digest_ok FROM spend_hourly
                         UNION ALL
-                        SELECT hour, dims, {COLS}, dims = {DIGEST} AND daily_dims = {DAILY_DIGEST} FROM spend_deltas
+                        SELECT hour, dims, {MEASURES}, dims = {DIGEST} AND daily_dims = {DAILY_DIGEST} FROM spend_deltas
                      ),
                      h AS (SELECT hour, dims, {SUMS}, bool_and(digest_ok) AS digest_ok FROM parts GROUP BY 1, 2)
                      SELECT coalesce(t.hour, h.hour), encode(coalesce(t.dims, h.dims), 'hex'), t.charge, h.charge, t.requests, h.requests::bigint, h.digest_ok
@@ -242,14 +239,14 @@ pub(super) async fn check_rollup(
                 &format!(
                     "WITH h AS (
                         SELECT date_trunc('day', hour, 'UTC') AS day, {DAILY_DIGEST} AS dims, {SUMS}
-                        FROM (SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_hourly
-                              UNION ALL SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_deltas) x
+                        FROM (SELECT hour, model, path, status, group_id, reseller_id, {MEASURES} FROM spend_hourly
+                              UNION ALL SELECT hour, model, path, status, group_id, reseller_id, {MEASURES} FROM spend_deltas) x
                         GROUP BY 1, 2
                      ),
                      d AS (
                         SELECT day, dims, {SUMS}, bool_and(digest_ok) AS digest_ok FROM (
-                            SELECT day, dims, {COLS}, dims = {DAILY_DIGEST} AS digest_ok FROM spend_daily
-                            UNION ALL SELECT date_trunc('day', hour, 'UTC'), daily_dims, {COLS}, true FROM spend_deltas) y
+                            SELECT day, dims, {MEASURES}, dims = {DAILY_DIGEST} AS digest_ok FROM spend_daily
+                            UNION ALL SELECT date_trunc('day', hour, 'UTC'), daily_dims, {MEASURES}, true FROM spend_deltas) y
                         GROUP BY 1, 2
                      )
                      SELECT coalesce(h.day, d.day), encode(coalesce(h.dims, d.dims), 'hex'), h.charge, d.charge
@@ -270,20 +267,19 @@ pub(super) async fn check_rollup(
                 "hourly_charge": show(2), "daily_charge": show(3),
             }));
         }
-        const ONE_DIM: &str = "CROSS JOIN LATERAL (VALUES ('model', model), ('path', path), ('status', status), ('group', group_id), ('reseller', reseller_id)) AS v(dim, value)";
         let one_dim = c
             .query(
                 &format!(
                     "WITH h AS (
                         SELECT hour, v.dim, v.value, {SUMS}
-                        FROM (SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_hourly
-                              UNION ALL SELECT hour, model, path, status, group_id, reseller_id, {COLS} FROM spend_deltas) x {ONE_DIM}
+                        FROM (SELECT hour, model, path, status, group_id, reseller_id, {MEASURES} FROM spend_hourly
+                              UNION ALL SELECT hour, model, path, status, group_id, reseller_id, {MEASURES} FROM spend_deltas) x {ONE_DIM}
                         GROUP BY 1, 2, 3
                      ),
                      o AS (
                         SELECT hour, dim, value, {SUMS} FROM (
-                            SELECT hour, dim, value, {COLS} FROM spend_hourly_dim
-                            UNION ALL SELECT hour, v.dim, v.value, {COLS} FROM spend_deltas {ONE_DIM}) y
+                            SELECT hour, dim, value, {MEASURES} FROM spend_hourly_dim
+                            UNION ALL SELECT hour, v.dim, v.value, {MEASURES} FROM spend_deltas {ONE_DIM}) y
                         GROUP BY 1, 2, 3
                      )
                      SELECT coalesce(h.hour, o.hour), coalesce(h.dim, o.dim), coalesce(h.value, o.value), h.charge, o.charge
