@@ -62,7 +62,7 @@ pub async fn report(st: &AppState, q: &SpendQuery) -> Result<Value, ApiError> {
     shape(q, &rows).ok_or_else(|| {
         ApiError::invalid(
             "by",
-            "the totals do not fit exact decimal arithmetic (28 digits): ask for a shorter period or more dimensions",
+            "the totals do not fit exact decimal arithmetic (28 digits): ask for a shorter period",
         )
     })
 }
