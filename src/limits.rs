@@ -102,3 +102,18 @@ pub const HOLD_EXPIRY_BATCH: i64 = 500;
 pub const HOLD_EXPIRY_TICK: Duration = Duration::from_millis(250);
 /// How often ended holds past their retention are purged.
 pub const HOLD_PURGE_TICK: Duration = Duration::from_secs(60);
+/// A hold lease on a hot account takes this share of what is available
+/// (1/8): small enough that a few processes' slices leave most of the
+/// credit free, large enough to serve hundreds of holds per lease.
+pub const LEASE_SHARE: u32 = 8;
+/// No lease smaller than this many holds of the batch's largest amount:
+/// an account running low is served hold by hold on its own row, where
+/// the last holds are decided exactly.
+pub const LEASE_MIN_HOLDS: u32 = 16;
+/// How long a lease lives: its owner stops drawing then, and any
+/// process's sweeper returns it (also when its owner is gone), so credit
+/// leased to a dead process comes back within this and a sweeper tick.
+pub const LEASE_SECS: i64 = 2;
+/// An owner stops drawing on a lease this long before it ends, so that its
+/// last batch commits before a sweeper returns it.
+pub const LEASE_MARGIN_MS: i64 = 200;

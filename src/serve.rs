@@ -278,6 +278,18 @@ fn spawn_hold_sweeper(
     tokio::spawn(async move {
         let mut last_purge = std::time::Instant::now() - limits::HOLD_PURGE_TICK;
         loop {
+            // Leases past their end, whoever took them (the owner may be
+            // gone): what they have left comes back to their accounts.
+            loop {
+                match store::holds::return_ended_leases(&pool, clock()).await {
+                    Ok(n) if n >= 100 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot return ended hold leases");
+                        break;
+                    }
+                }
+            }
             loop {
                 match store::holds::expire_due(&pool, clock()).await {
                     Ok(n) => {

@@ -3,6 +3,7 @@
 //! docs/error-codes.md. Pure: no IO, no clock (`now` is passed in); the view
 //! is kept current by `store::view`.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
@@ -77,6 +78,25 @@ pub struct View {
     pub models: Map<Record>,
     /// hex SHA-256 of a secret -> key id (every hash any version named).
     pub key_hashes: Map<String>,
+    /// Hot accounts with hold leases (docs/contract.md, "Holds on hot
+    /// accounts"): their rows' held amount and each lease's unused part,
+    /// from which `Ledger::held` (the exact amount) is kept.
+    pub leased: HashMap<(AccountKind, String), Leased>,
+}
+
+/// A hot account's held amount as its row keeps it (each active lease's
+/// whole amount included) and what each lease has not used.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Leased {
+    pub row_held: Decimal,
+    pub unused: std::collections::BTreeMap<String, Decimal>,
+}
+
+impl Leased {
+    /// The exact held amount: the row's, less what leases have not used.
+    pub fn held(&self) -> Decimal {
+        self.row_held - self.unused.values().copied().sum::<Decimal>()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

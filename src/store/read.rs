@@ -101,7 +101,12 @@ pub async fn balance(
             let open = blocks.iter().map(|r| (r.get(0), r.get(1), r.get(2)));
             let (held, in_flight): (Decimal, i32) = client
                 .query_opt(
-                    "SELECT held, in_flight FROM hold_totals WHERE kind = $1 AND id = $2",
+                    // Exact: less what hold leases on the account have not
+                    // used; plus the holds drawn on them.
+                    "SELECT t.held - coalesce(l.unused, 0), t.in_flight + coalesce(l.holds, 0)::int \
+                     FROM hold_totals t LEFT JOIN LATERAL (SELECT sum(amount - used) AS unused, sum(holds) AS holds \
+                       FROM hold_leases WHERE kind = t.kind AND id = t.id AND state = 'active') l ON true \
+                     WHERE t.kind = $1 AND t.id = $2",
                     &[&account.kind.as_str(), &account.id],
                 )
                 .await?

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::admission::{Ledger, Record, View};
+use crate::admission::{Leased, Ledger, Record, View};
 use crate::event::{AccountKind, Entity, EntityKind};
 
 pub const CHANNEL: &str = "quota_changes";
@@ -36,6 +36,10 @@ pub struct Changes {
     /// thousands of times a second on a hot account).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub h: Vec<(String, String, String)>,
+    /// Hold leases on hot accounts whose unused part moved, with that part
+    /// after the commit: (kind, id, lease, unused; "0" once returned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub l: Vec<(String, String, String, String)>,
     /// Kafka timestamp (ms) of the oldest record of the batch, sent once
     /// per batch: the listener measures produce → visible to admission.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,28 +58,29 @@ impl Changes {
         let items = self
             .a
             .iter()
-            .map(|(k, i)| (0, k, i, None))
-            .chain(self.e.iter().map(|(k, i)| (1, k, i, None)))
-            .chain(self.h.iter().map(|(k, i, h)| (2, k, i, Some(h))));
-        for (list, k, i, h) in items {
+            .map(|(k, i)| (0, k, i, None, None))
+            .chain(self.e.iter().map(|(k, i)| (1, k, i, None, None)))
+            .chain(self.h.iter().map(|(k, i, h)| (2, k, i, Some(h), None)))
+            .chain(self.l.iter().map(|(k, i, l, u)| (3, k, i, Some(u), Some(l))));
+        for (list, k, i, h, lease) in items {
             // The item as it will be written (ids may hold characters JSON
             // escapes), and its comma.
-            let item = serde_json::to_string(&(k, i, h)).map_or(0, |s| s.len()) + 1;
+            let item = serde_json::to_string(&(k, i, h, lease)).map_or(0, |s| s.len()) + 1;
             if size + item > 7000 {
                 out.push(serde_json::to_string(&cur).unwrap_or_default());
                 cur = Changes::default();
                 size = 0;
             }
             size += item;
-            match (list, h) {
-                (0, _) => cur.a.push((k.clone(), i.clone())),
-                (1, _) => cur.e.push((k.clone(), i.clone())),
-                (_, h) => cur
-                    .h
-                    .push((k.clone(), i.clone(), h.cloned().unwrap_or_default())),
+            let h = h.cloned().unwrap_or_default();
+            match list {
+                0 => cur.a.push((k.clone(), i.clone())),
+                1 => cur.e.push((k.clone(), i.clone())),
+                2 => cur.h.push((k.clone(), i.clone(), h)),
+                _ => cur.l.push((k.clone(), i.clone(), lease.cloned().unwrap_or_default(), h)),
             }
         }
-        if !cur.a.is_empty() || !cur.e.is_empty() || !cur.h.is_empty() || cur.t.is_some() {
+        if !cur.a.is_empty() || !cur.e.is_empty() || !cur.h.is_empty() || !cur.l.is_empty() || cur.t.is_some() {
             out.push(serde_json::to_string(&cur).unwrap_or_default());
         }
         out
@@ -97,6 +102,8 @@ fn record_mut<'a>(view: &'a mut View, kind: EntityKind, id: &str) -> &'a mut Rec
 
 type VersionRow = (EntityKind, String, DateTime<Utc>, i64, Entity);
 type LedgerRows = HashMap<(AccountKind, String), Ledger>;
+/// Active hold leases' unused parts, per account.
+type LeaseRows = HashMap<(AccountKind, String), std::collections::BTreeMap<String, Decimal>>;
 
 async fn versions(
     pool: &Pool,
@@ -122,7 +129,7 @@ async fn versions(
 async fn ledgers(
     pool: &Pool,
     only: Option<&BTreeSet<(String, String)>>,
-) -> anyhow::Result<LedgerRows> {
+) -> anyhow::Result<(LedgerRows, LeaseRows)> {
     let client = pool.get().await?;
     let (kinds, ids): (Vec<&str>, Vec<&str>) = only
         .map(|s| s.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip())
@@ -193,7 +200,16 @@ async fn ledgers(
             .blocks
             .push((r.get(2), r.get(3), remaining));
     }
-    Ok(out)
+    let mut leases = LeaseRows::new();
+    let rows = client
+        .query(&format!("SELECT x.kind, x.id, x.lease_id, x.amount - x.used FROM {} WHERE x.state = 'active'", from("hold_leases")), &[&kinds, &ids])
+        .await?;
+    for r in rows {
+        if let Some(kind) = AccountKind::parse(r.get(0)) {
+            leases.entry((kind, r.get(1))).or_default().insert(r.get(2), r.get(3));
+        }
+    }
+    Ok((out, leases))
 }
 
 fn apply_versions(view: &mut View, rows: Vec<VersionRow>, replace: bool) {
@@ -243,9 +259,44 @@ fn trim_heap() {
     }
 }
 
-fn apply_ledgers(view: &mut View, rows: LedgerRows) {
-    for ((kind, id), ledger) in rows {
-        record_mut(view, EntityKind::Account(kind), &id).ledger = ledger;
+/// Re-read ledgers; a hot account's held amount less its leases' unused
+/// parts (the row's kept beside them).
+fn apply_ledgers(view: &mut View, (rows, mut leases): (LedgerRows, LeaseRows)) {
+    for ((kind, id), mut ledger) in rows {
+        let key = (kind, id);
+        match leases.remove(&key).filter(|u| !u.is_empty()) {
+            Some(unused) => {
+                let l = Leased { row_held: ledger.held, unused };
+                ledger.held = l.held();
+                view.leased.insert(key.clone(), l);
+            }
+            None => {
+                view.leased.remove(&key);
+            }
+        }
+        record_mut(view, EntityKind::Account(key.0), &key.1).ledger = ledger;
+    }
+}
+
+/// A held amount (`row`: the account's row's, leases included) or a
+/// lease's unused part (`lease`) moved: keep the exact held amount.
+fn apply_held(view: &mut View, kind: AccountKind, id: &str, row: Option<Decimal>, lease: Option<(&str, Decimal)>) {
+    let key = (kind, id.to_string());
+    let ledger_held = record_mut(view, EntityKind::Account(kind), id).ledger.held;
+    let mut l = view.leased.remove(&key).unwrap_or(Leased { row_held: ledger_held, unused: Default::default() });
+    if let Some(h) = row {
+        l.row_held = h;
+    }
+    if let Some((lease, unused)) = lease {
+        if unused.is_zero() {
+            l.unused.remove(lease);
+        } else {
+            l.unused.insert(lease.to_string(), unused);
+        }
+    }
+    record_mut(view, EntityKind::Account(kind), id).ledger.held = l.held();
+    if !l.unused.is_empty() {
+        view.leased.insert(key, l);
     }
 }
 
@@ -291,7 +342,7 @@ pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyho
         versions(pool, Some(&entities)).await?
     };
     let l = if accounts.is_empty() {
-        HashMap::new()
+        Default::default()
     } else {
         ledgers(pool, Some(&accounts)).await?
     };
@@ -300,16 +351,23 @@ pub async fn refresh(pool: &Pool, view: &SharedView, changes: &Changes) -> anyho
         .map_err(|_| anyhow::anyhow!("admission view lock poisoned"))?;
     apply_versions(&mut guard, v, true);
     apply_ledgers(&mut guard, l);
-    // Held amounts in commit order, the last one winning; an account just
-    // re-read is already as new as any of them.
+    // Held amounts and leases' unused parts in commit order, the last one
+    // winning (both are absolute); an account just re-read is already as
+    // new as any of them.
     for (k, i, h) in &changes.h {
         if accounts.contains(&(k.clone(), i.clone())) {
             continue;
         }
         if let (Some(kind), Ok(held)) = (AccountKind::parse(k), h.parse::<Decimal>()) {
-            record_mut(&mut guard, EntityKind::Account(kind), i)
-                .ledger
-                .held = held;
+            apply_held(&mut guard, kind, i, Some(held), None);
+        }
+    }
+    for (k, i, lease, u) in &changes.l {
+        if accounts.contains(&(k.clone(), i.clone())) {
+            continue;
+        }
+        if let (Some(kind), Ok(unused)) = (AccountKind::parse(k), u.parse::<Decimal>()) {
+            apply_held(&mut guard, kind, i, None, Some((lease, unused)));
         }
     }
     Ok(())
@@ -438,6 +496,7 @@ fn drain(first: String, rx: &mut mpsc::UnboundedReceiver<String>) -> (Changes, V
                 changes.a.extend(c.a);
                 changes.e.extend(c.e);
                 changes.h.extend(c.h);
+                changes.l.extend(c.l);
                 produced.extend(c.t);
             }
             Err(e) => tracing::error!(error = %e, "bad change notification"),
@@ -464,6 +523,9 @@ mod tests {
             h: (0..200)
                 .map(|n| ("group".to_string(), format!("{n}{ugly}"), format!("{n}.5")))
                 .collect(),
+            l: (0..200)
+                .map(|n| ("reseller".to_string(), format!("{n}{ugly}"), format!("lease_{n}{ugly}"), format!("{n}.25")))
+                .collect(),
             t: Some(1),
         };
         let payloads = changes.payloads();
@@ -475,9 +537,11 @@ mod tests {
             back.a.extend(c.a);
             back.e.extend(c.e);
             back.h.extend(c.h);
+            back.l.extend(c.l);
         }
         assert_eq!(back.a, changes.a);
         assert_eq!(back.e, changes.e);
         assert_eq!(back.h, changes.h);
+        assert_eq!(back.l, changes.l);
     }
 }

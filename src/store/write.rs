@@ -364,8 +364,8 @@ async fn notify_changes(
             .iter()
             .map(|v| (v.kind.as_str().to_string(), v.id.clone()))
             .collect(),
-        h: Vec::new(),
         t: None,
+        ..Default::default()
     };
     for payload in changes.payloads() {
         tx.execute(

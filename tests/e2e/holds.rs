@@ -4,7 +4,8 @@
 //! a hold priced from estimated usage with the group's discount, settled by
 //! a usage event above it; release; expiry on the service clock; a hold
 //! kept active while its usage event waits in quarantine; holds surviving
-//! a `kill -9` of the process that made them.
+//! a `kill -9` of the process that made them; hold leases on hot
+//! accounts keeping exactly N and coming back from a killed process.
 
 use std::time::{Duration, Instant};
 
@@ -281,6 +282,72 @@ async fn a_hold_is_priced_settled_released_expired_kept_while_its_usage_waits_an
     };
     assert!(metrics.contains("quota_holds_in_flight{kind=\"key\"} 0"), "{metrics}");
     assert!(metrics.contains("quota_holds_total{event=\"expired\"}"), "{metrics}");
+}
+
+/// Hold leases on hot accounts (docs/contract.md, "Holds on hot
+/// accounts"): most holds draw on a process's slice of the group's and the
+/// reseller's credit, and still exactly N of M are allowed across two
+/// processes; a killed process's lease neither holds credit it never used
+/// nor loses the holds it granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_process() {
+    let ctx = TestCtx::new("holdlease").await;
+    let mut events = vec![model()];
+    events.extend(chain("hot", &["group", "reseller"], "300", None));
+    events.extend(chain("dead", &["group"], "400", None));
+    let (mut a, b) = two_processes(&ctx, events, &["hot", "dead"]).await;
+    // Credit for exactly 300 holds of 1 on the group and the reseller.
+    let answers = race(&[&a, &b], "hot", 450, "1").await;
+    let allowed = answers.iter().filter(|(st, _)| *st == 200).count();
+    assert_eq!(allowed, 300, "{answers:?}");
+    assert!(
+        answers.iter().all(|(st, c)| *st == 200
+            || (*st == 429 && (c == "reseller_insufficient_quota" || c == "group_insufficient_quota"))),
+        "{answers:?}"
+    );
+    let drawn: i64 = ctx
+        .sql_one("SELECT count(*) FROM holds WHERE scopes @> '[{\"kind\": \"group\", \"id\": \"g_hot\"}]' AND scopes::text LIKE '%\"lease\"%'", &[])
+        .await;
+    assert!(drawn > 0, "no hold drew on a lease");
+    for (kind, id) in [("group", "g_hot"), ("reseller", "r_hot")] {
+        let bal = balance_json(&b, kind, id).await;
+        assert_eq!(d(bal["held"].as_str().unwrap()), d("300"), "{bal}");
+        assert_eq!(d(bal["available"].as_str().unwrap()), d("0"), "{bal}");
+        assert_eq!(bal["in_flight"], 300, "{bal}");
+    }
+    let (_, rec) = b.get_json("/v1/reconcile").await;
+    assert_eq!(rec["ok"], true, "{rec}");
+
+    // Process A takes a lease on g_dead with its first holds, and dies.
+    for _ in 0..5 {
+        let (status, body) = post(&a, &ask_body("dead", json!({"amount": "1"}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let leases: i64 = ctx
+        .sql_one("SELECT count(*) FROM hold_leases WHERE kind = 'group' AND id = 'g_dead' AND state = 'active'", &[])
+        .await;
+    assert_eq!(leases, 1, "a lease after the first batch");
+    a.kill9();
+    // Its holds stay held; what its lease had left is available.
+    let bal = balance_json(&b, "group", "g_dead").await;
+    assert_eq!((d(bal["held"].as_str().unwrap()), d(bal["available"].as_str().unwrap())), (d("5"), d("395")), "{bal}");
+    // The other process gets exactly the rest.
+    let answers = race(&[&b], "dead", 500, "1").await;
+    assert_eq!(answers.iter().filter(|(st, _)| *st == 200).count(), 395, "{answers:?}");
+    // Every lease ends and is returned, whoever took it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let active: i64 = ctx.sql_one("SELECT count(*) FROM hold_leases WHERE state = 'active'", &[]).await;
+        if active == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{active} leases never returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bal = balance_json(&b, "group", "g_dead").await;
+    assert_eq!((d(bal["held"].as_str().unwrap()), bal["in_flight"].clone()), (d("400"), json!(400)), "{bal}");
+    let (_, rec) = b.get_json("/v1/reconcile").await;
+    assert_eq!(rec["ok"], true, "{rec}");
 }
 
 async fn wait_until_code(svc: &Service, body: &Value, code: &str) {

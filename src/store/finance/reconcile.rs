@@ -93,33 +93,53 @@ async fn check_balances(c: &Object, r: &mut Report) -> anyhow::Result<()> {
 }
 
 /// Every account's held amount and holds in flight are what its active
-/// holds say (one statement: one snapshot, and holds move with their
-/// totals in one transaction).
+/// holds and hold leases say, and every active lease's `used`/`holds` are
+/// what the holds drawn on it say (one statement: one snapshot, and holds
+/// move with their totals in one transaction). A hold drawn on a lease
+/// since returned (or purged) counts on the account's row.
 async fn check_hold_totals(c: &Object, r: &mut Report) -> anyhow::Result<()> {
     let rows = c
         .query(
-            "WITH active AS (
-               SELECT s->>'kind' AS kind, s->>'id' AS id, count(*)::int AS n,
-                      sum(CASE WHEN (s->>'reserved')::boolean THEN h.amount ELSE 0 END) AS held
-               FROM holds h, jsonb_array_elements(h.scopes) s
-               WHERE h.state = 'active' AND (s->>'counted')::boolean GROUP BY 1, 2)
-             SELECT coalesce(t.kind, a.kind), coalesce(t.id, a.id), coalesce(t.held, 0), coalesce(a.held, 0),
-                    coalesce(t.in_flight, 0), coalesce(a.n, 0), (SELECT count(*) FROM holds WHERE state = 'active')
+            "WITH s AS (
+               SELECT s->>'kind' AS kind, s->>'id' AS id, h.amount, (s->>'reserved')::boolean AS reserved,
+                      (s->>'counted')::boolean AS counted, s->>'lease' AS lease, l.state AS lease_state
+               FROM holds h CROSS JOIN jsonb_array_elements(h.scopes) s
+               LEFT JOIN hold_leases l ON l.lease_id = s->>'lease'
+               WHERE h.state = 'active'),
+             on_rows AS (
+               SELECT kind, id, count(*)::int AS n, sum(CASE WHEN reserved THEN amount ELSE 0 END) AS held
+               FROM s WHERE (counted OR lease IS NOT NULL) AND lease_state IS DISTINCT FROM 'active' GROUP BY 1, 2),
+             leased AS (SELECT kind, id, sum(amount) AS held FROM hold_leases WHERE state = 'active' GROUP BY 1, 2),
+             active AS (
+               SELECT coalesce(o.kind, l.kind) AS kind, coalesce(o.id, l.id) AS id, coalesce(o.n, 0) AS n,
+                      coalesce(o.held, 0) + coalesce(l.held, 0) AS held
+               FROM on_rows o FULL JOIN leased l ON l.kind = o.kind AND l.id = o.id),
+             drawn AS (SELECT lease, sum(amount) AS used, count(*)::int AS n FROM s WHERE lease_state = 'active' GROUP BY 1)
+             SELECT 'held_is_sum_of_active_holds', coalesce(t.kind, a.kind) || '/' || coalesce(t.id, a.id),
+                    coalesce(t.held, 0), coalesce(a.held, 0), coalesce(t.in_flight, 0), coalesce(a.n, 0), 0::bigint
              FROM hold_totals t FULL JOIN active a ON a.kind = t.kind AND a.id = t.id
              WHERE coalesce(t.held, 0) <> coalesce(a.held, 0) OR coalesce(t.in_flight, 0) <> coalesce(a.n, 0)
+             UNION ALL
+             SELECT 'lease_is_sum_of_its_holds', l.lease_id, l.used, coalesce(d.used, 0), l.holds, coalesce(d.n, 0), 0
+             FROM hold_leases l LEFT JOIN drawn d ON d.lease = l.lease_id
+             WHERE l.state = 'active' AND (l.used <> coalesce(d.used, 0) OR l.holds <> coalesce(d.n, 0))
              UNION ALL SELECT NULL, NULL, 0, 0, 0, 0, (SELECT count(*) FROM holds WHERE state = 'active')",
             &[],
         )
         .await?;
     for row in &rows {
-        let Some(kind) = row.get::<_, Option<String>>(0) else {
+        let Some(check) = row.get::<_, Option<String>>(0) else {
             r.checked.insert("active_holds", row.get(6));
             continue;
         };
-        let id: String = row.get(1);
+        let what: String = row.get(1);
         let (held, want, n, want_n): (Decimal, Decimal, i32, i32) =
             (row.get(2), row.get(3), row.get(4), row.get(5));
-        r.problems.push(json!({"check": "held_is_sum_of_active_holds", "account": format!("{kind}/{id}"), "held": dec(held), "active_holds_amount": dec(want), "in_flight": n, "active_holds": want_n}));
+        r.problems.push(if check == "held_is_sum_of_active_holds" {
+            json!({"check": check, "account": what, "held": dec(held), "active_holds_amount": dec(want), "in_flight": n, "active_holds": want_n})
+        } else {
+            json!({"check": check, "lease": what, "used": dec(held), "active_holds_amount": dec(want), "holds": n, "active_holds": want_n})
+        });
     }
     Ok(())
 }

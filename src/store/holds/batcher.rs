@@ -1,0 +1,99 @@
+//! One batcher per process: hold requests that arrive while a batch's
+//! transaction runs wait for the next one, and the process's leases on hot
+//! accounts live here, owned by the one task that places batches.
+
+use deadpool_postgres::Pool;
+
+use super::lease::Leases;
+use super::{place_batch, NewHold, Placed};
+use crate::codes::ErrorCode;
+
+/// What a hold request comes back with: the placed hold or the check that
+/// failed; Err when the batch's transaction failed.
+pub type PlaceResult = Result<Result<Placed, ErrorCode>, String>;
+
+type Job = (NewHold, tokio::sync::oneshot::Sender<PlaceResult>);
+
+/// One per process: hold requests that arrive while a batch's transaction
+/// runs wait for the next one (group commit), and a process has one hold
+/// transaction in flight; holds on hot accounts draw on the process's
+/// leases, so most batches lock no row another process's batches lock.
+#[derive(Clone)]
+pub struct HoldBatcher {
+    tx: tokio::sync::mpsc::Sender<Job>,
+}
+
+impl HoldBatcher {
+    pub fn spawn(pool: Pool, clock: crate::clock::Clock) -> HoldBatcher {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<Job>(crate::limits::HOLD_QUEUE);
+        tokio::spawn(async move {
+            let mut leases = Leases::new();
+            while let Some(first) = rx.recv().await {
+                let mut jobs = vec![first];
+                while jobs.len() < crate::limits::HOLD_BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let (holds, replies): (Vec<NewHold>, Vec<_>) = jobs.into_iter().unzip();
+                let started = std::time::Instant::now();
+                let result = place_with_retry(&pool, &holds, &clock, &mut leases).await;
+                tracing::debug!(holds = holds.len(), ms = started.elapsed().as_secs_f64() * 1e3, "hold batch");
+                match result {
+                    Ok(answers) => {
+                        for (reply, a) in replies.into_iter().zip(answers) {
+                            let _ = reply.send(Ok(a));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), holds = holds.len(), "hold batch failed");
+                        for reply in replies {
+                            let _ = reply.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+        });
+        HoldBatcher { tx }
+    }
+
+    /// Place one hold with whatever else is waiting.
+    pub async fn place(&self, h: NewHold) -> PlaceResult {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((h, reply))
+            .await
+            .map_err(|_| "the hold batcher has stopped".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the hold batcher dropped the request".to_string())?
+    }
+}
+
+/// A batch, retried once when Postgres breaks a deadlock or a connection
+/// (nothing of a failed transaction stays).
+///
+/// A failed batch forgets the process's leases: whether its commit landed
+/// is unknown, so what they have left is too. The sweepers return them when
+/// they end.
+async fn place_with_retry(
+    pool: &Pool,
+    holds: &[NewHold],
+    clock: &crate::clock::Clock,
+    leases: &mut Leases,
+) -> anyhow::Result<Vec<Result<Placed, ErrorCode>>> {
+    match place_batch(pool, holds, clock(), leases).await {
+        Ok(a) => Ok(a),
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "hold batch failed; retrying once");
+            leases.forget();
+            let again = place_batch(pool, holds, clock(), leases).await;
+            if again.is_err() {
+                leases.forget();
+            }
+            again
+        }
+    }
+}
