@@ -117,3 +117,6 @@ pub const LEASE_SECS: i64 = 2;
 /// An owner stops drawing on a lease this long before it ends, so that its
 /// last batch commits before a sweeper returns it.
 pub const LEASE_MARGIN_MS: i64 = 200;
+/// How long returned leases are kept (for whoever looks; nothing depends on
+/// them): a process takes a few a second.
+pub const LEASE_RETENTION: chrono::Duration = chrono::Duration::hours(1);

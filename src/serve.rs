@@ -306,8 +306,9 @@ fn spawn_hold_sweeper(
             }
             if last_purge.elapsed() >= limits::HOLD_PURGE_TICK {
                 last_purge = std::time::Instant::now();
-                let before = clock() - chrono::Duration::days(i64::from(retention_days));
-                if let Err(e) = store::holds::purge_ended(&pool, before).await {
+                let now = clock();
+                let before = now - chrono::Duration::days(i64::from(retention_days));
+                if let Err(e) = store::holds::purge_ended(&pool, before, now).await {
                     tracing::warn!(error = %e, "cannot purge ended holds");
                 }
             }

@@ -200,10 +200,11 @@ pub async fn expire_due(pool: &Pool, now: DateTime<Utc>) -> anyhow::Result<usize
     Ok(n)
 }
 
-/// Forget holds ended more than `retention` ago (a batch per call).
-pub async fn purge_ended(pool: &Pool, before: DateTime<Utc>) -> anyhow::Result<u64> {
+/// Forget holds ended before `before` (a batch per call), and leases
+/// returned more than `LEASE_RETENTION` before `now`.
+pub async fn purge_ended(pool: &Pool, before: DateTime<Utc>, now: DateTime<Utc>) -> anyhow::Result<u64> {
     let client = pool.get().await?;
-    lease::purge_returned(&client, before).await?;
+    lease::purge_returned(&client, now - crate::limits::LEASE_RETENTION).await?;
     Ok(client
         .execute(
             "DELETE FROM holds WHERE hold_id IN (SELECT hold_id FROM holds WHERE state <> 'active' AND ended_at < $1 LIMIT $2)",

@@ -182,8 +182,11 @@ pub type Locked = HashMap<String, (Decimal, Decimal, i32)>;
 
 const LOCK: &str = "SELECT lease_id, amount, used, holds FROM hold_leases \
      WHERE lease_id = ANY($1::text[]) AND state = 'active' ORDER BY lease_id FOR UPDATE";
+/// Found through the primary key, as `ADD_TOTALS` (see there).
 const DRAW: &str = "UPDATE hold_leases l SET used = l.used + d.u, holds = l.holds + d.n \
-     FROM unnest($1::text[], $2::numeric[], $3::int[]) d(i, u, n) WHERE l.lease_id = d.i";
+     FROM (SELECT x.ctid AS c, u.u, u.n FROM unnest($1::text[], $2::numeric[], $3::int[]) u(i, u, n) \
+       CROSS JOIN LATERAL (SELECT ctid FROM hold_leases WHERE lease_id = u.i OFFSET 0) x) d \
+     WHERE l.ctid = d.c";
 const RETURN_OWN: &str = "UPDATE hold_leases SET state = 'returned', amount = used, returned_at = $2 \
      WHERE lease_id = ANY($1::text[]) AND state = 'active'";
 const GRANT: &str = "INSERT INTO hold_leases (lease_id, kind, id, owner, amount, created_at, expires_at) \
@@ -359,7 +362,9 @@ pub async fn end_on(
 }
 
 /// Forget leases returned before `before` (a returned lease's holds count
-/// on the rows; a lease that is not found is treated as returned).
+/// on the rows, and a lease that is not found is treated as returned, so
+/// nothing depends on keeping them: they are kept `LEASE_RETENTION` for
+/// whoever looks).
 pub async fn purge_returned(
     tx: &impl GenericClient,
     before: DateTime<Utc>,

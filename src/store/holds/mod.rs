@@ -112,9 +112,14 @@ const DEBTS: &str = "SELECT a.kind, a.id, a.debt FROM unnest($1::text[], $2::tex
 const OPEN_BLOCKS: &str = "SELECT b.kind, b.id, b.active_from, b.expires_at, b.remaining \
      FROM unnest($1::text[], $2::text[]) u(k, i) CROSS JOIN LATERAL (SELECT * FROM credit_blocks \
      WHERE kind = u.k AND id = u.i AND remaining > 0 AND voided_at IS NULL OFFSET 0) b";
+/// Each row found through the primary key, then updated by its `ctid`
+/// (the row is locked by this transaction, so it stays put): the plain join
+/// of the deltas with the table was planned, once the statement's plan was
+/// cached, as a scan of the whole table (0.56 ms a batch on 1,000 rows).
 const ADD_TOTALS: &str = "UPDATE hold_totals t SET held = t.held + d.h, in_flight = t.in_flight + d.n \
-     FROM unnest($1::text[], $2::text[], $3::numeric[], $4::int[]) d(k, i, h, n) \
-     WHERE t.kind = d.k AND t.id = d.i";
+     FROM (SELECT x.ctid AS c, u.h, u.n FROM unnest($1::text[], $2::text[], $3::numeric[], $4::int[]) u(k, i, h, n) \
+       CROSS JOIN LATERAL (SELECT ctid FROM hold_totals WHERE kind = u.k AND id = u.i OFFSET 0) x) d \
+     WHERE t.ctid = d.c";
 /// Every payload in one statement, so that none is sent after a COMMIT
 /// pipelined behind it.
 const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p";

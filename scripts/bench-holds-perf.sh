@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Hold admissions (contract, "Holds") through two `serve` processes on one
+# database, every user under one hot reseller and one limited group, so
+# every hold locks the same two totals rows. Open-loop HTTP load at RPS for
+# SECS, spread over both processes; then plain admissions at the same rate
+# for comparison; then the floor: the same Postgres, pgbench running one
+# transaction per hold (lock the two hot rows, insert the hold, commit) at
+# the same rate from two clients, i.e. the naive design without our code.
+#   RPS (2000), SECS (20), USERS (1000)
+# Uses the local stack (scripts/stack.sh), a database and topics of its own,
+# and a release build.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+RPS=${RPS:-2000}; SECS=${SECS:-20}; USERS=${USERS:-1000}
+cargo build --release --locked --bin quota-engine
+cargo bench --locked --bench bench --no-run
+bench_bin=$(ls -t target/release/deps/bench-* | grep -v '\.d$' | head -1)
+
+run() {
+  local run_id="h$(date +%s)"
+  export QUOTA_TOPIC_USAGE=$run_id.usage QUOTA_TOPIC_ERRORS=$run_id.errors QUOTA_TOPIC_CONTROL=$run_id.control QUOTA_TOPIC_DLQ=$run_id.dlq
+  export DATABASE_URL="${DATABASE_URL%/*}/bench_$run_id" KAFKA_GROUP_ID=$run_id
+  local a=127.0.0.1:8093 b=127.0.0.1:8094
+  HTTP_ADDR=$a RUST_LOG=info,quota_engine::store::holds=debug target/release/quota-engine serve >"$repo/.stack/bench-holds-a.log" 2>&1 &
+  pid_a=$!
+  trap 'kill $pid_a $pid_b 2>/dev/null; wait $pid_a $pid_b 2>/dev/null' EXIT
+  for _ in $(seq 1 150); do curl -sf "http://$a/healthz" >/dev/null && break; sleep 0.2; done
+  HTTP_ADDR=$b target/release/quota-engine serve >"$repo/.stack/bench-holds-b.log" 2>&1 &
+  pid_b=$!
+  for _ in $(seq 1 150); do curl -sf "http://$b/healthz" >/dev/null && break; sleep 0.2; done
+  target/release/quota-engine simulate --users "$USERS" --events 0 --one-tenant --run-id "$run_id" >/dev/null
+  local token prefix="sk-$run_id-"
+  token=$(target/release/quota-engine token create --role admin --name bench | tail -1)
+  for addr in $a $b; do
+    for _ in $(seq 1 300); do
+      code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://$addr/v1/admission" -H "Authorization: Bearer $token" \
+        -d "{\"api_key\":\"$prefix$((USERS - 1))\",\"client_ip\":\"203.0.113.7\",\"model\":\"gpt-4o\",\"path\":\"/v1/chat/completions\"}" || true)
+      [ "$code" = 200 ] && break
+      sleep 0.2
+    done
+    [ "$code" = 200 ] || { echo "registry never visible to admission on $addr"; exit 1; }
+  done
+  echo "== hold admissions at $RPS/s for $SECS s through two processes (one hot reseller and group)"
+  ps -eo comm,times >"$repo/.stack/cpu-before"
+  (sleep 3; perf record -F 499 -a -g -o /tmp/perf.data -- sleep 4 >/dev/null 2>&1) &
+  "$bench_bin" http --addr "$a,$b" --token "$token" --key-prefix "$prefix" --keys "$USERS" --rps "$RPS" --secs "$SECS" --hold 1
+  wait
+  ps -eo comm,times >"$repo/.stack/cpu-after"
+  echo "CPU seconds during the hold load, by program:"
+  awk 'NR==FNR { if (FNR > 1) before[$1] += $2; next } FNR > 1 { after[$1] += $2 }
+       END { for (c in after) { d = after[c] - before[c]; if (d >= 0.5) printf "  %-20s %6.1f s\n", c, d } }' \
+    "$repo/.stack/cpu-before" "$repo/.stack/cpu-after" | sort -k2 -rn
+  grep -h "hold batch" "$repo/.stack/bench-holds-a.log" | tail -3 || true
+  psql -qAt "$DATABASE_URL" -c "SELECT 'holds placed: ' || count(*) || ', active: ' || count(*) FILTER (WHERE state = 'active') FROM holds"
+  psql -qAt "$DATABASE_URL" -c "SELECT 'hot rows: ' || string_agg(kind || ' ' || id || ' in flight ' || in_flight || ' held ' || held, '; ') FROM hold_totals WHERE kind IN ('group', 'reseller') AND in_flight > 0"
+  echo "== plain admissions at $RPS/s for $SECS s through the same two processes"
+  "$bench_bin" http --addr "$a,$b" --token "$token" --key-prefix "$prefix" --keys "$USERS" --rps "$RPS" --secs "$SECS"
+  echo "== floor: one transaction per hold (lock both hot rows, insert the hold, commit), pgbench at $RPS/s from 2 clients"
+  psql -q "$DATABASE_URL" -c "CREATE TABLE floor_totals (kind text, id text, held numeric, in_flight int, PRIMARY KEY (kind, id)); INSERT INTO floor_totals VALUES ('group', 'g', 0, 0), ('reseller', 'r', 0, 0); CREATE TABLE floor_holds (hold_id bigserial PRIMARY KEY, amount numeric, scopes jsonb, created_at timestamptz, expires_at timestamptz)"
+  cat >"$repo/.stack/floor.sql" <<'SQL'
+BEGIN;
+SELECT held, in_flight FROM floor_totals WHERE (kind, id) IN (('group', 'g'), ('reseller', 'r')) ORDER BY kind, id FOR UPDATE;
+INSERT INTO floor_holds (amount, scopes, created_at, expires_at) VALUES (1, '[{"kind":"group","id":"g"},{"kind":"reseller","id":"r"}]', now(), now() + interval '60 seconds');
+UPDATE floor_totals SET held = held + 1, in_flight = in_flight + 1 WHERE (kind, id) IN (('group', 'g'), ('reseller', 'r'));
+COMMIT;
+SQL
+  rm -f "$repo"/.stack/floor_log*
+  (cd "$repo/.stack" && pgbench -n -f floor.sql -c 2 -j 2 -R "$RPS" -T "$SECS" -l --log-prefix=floor_log "$DATABASE_URL" | grep -E "tps|latency average|lag")
+  cat "$repo"/.stack/floor_log* | awk '{ print $3 }' | sort -n | awk '{ v[NR] = $1 } END { printf "floor latency ms: p50 %.3f p99 %.3f p99.9 %.3f max %.3f (%d transactions)\n", v[int(NR*0.5)]/1000, v[int(NR*0.99)]/1000, v[int(NR*0.999)]/1000, v[NR]/1000, NR }'
+  echo "== the service's own time per admission request, process A (both loads)"
+  bash scripts/metric-quantiles.sh "$a" "$token" quota_admission_seconds
+}
+export -f run
+export bench_bin repo RPS SECS USERS
+exec bash scripts/stack.sh run -- bash -c run
