@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{add_totals, get_on, held_moved, lease, lock_totals, notify, Hold, Key};
+use crate::admission::hold::TotalsMap;
 use crate::event::AccountKind;
 
 /// What ending holds gives back: on the accounts' rows (held, in flight)
@@ -51,6 +52,17 @@ impl Ending {
     }
 }
 
+/// The rows `before` with `delta` (held, in flight) added.
+fn moved(before: &TotalsMap, delta: &BTreeMap<Key, (Decimal, i32)>) -> TotalsMap {
+    let mut after = before.clone();
+    for (k, (h, n)) in delta {
+        let t = after.entry(k.clone()).or_default();
+        t.held += *h;
+        t.in_flight = (i64::from(t.in_flight) + i64::from(*n)).max(0) as u32;
+    }
+    after
+}
+
 /// Give back what the holds just ended (rows of `amount, scopes`) held:
 /// lock the accounts' rows in order (also those of the leases drawn on),
 /// then the leases; take the holds off the leases still active and off the
@@ -75,12 +87,7 @@ async fn give_back(
         d.0 -= amount;
         d.1 -= n;
     }
-    let mut after = before.clone();
-    for (k, (h, n)) in &delta {
-        let t = after.entry(k.clone()).or_default();
-        t.held += *h;
-        t.in_flight = (i64::from(t.in_flight) + i64::from(*n)).max(0) as u32;
-    }
+    let after = moved(&before, &delta);
     futures_util::future::try_join(
         add_totals(tx, &delta),
         notify(tx, held_moved(&before, &after), lease_moves),
@@ -109,12 +116,7 @@ pub async fn return_ended_leases(pool: &Pool, now: DateTime<Utc>) -> anyhow::Res
         d.0 -= *unused;
         d.1 += *holds;
     }
-    let mut after = before.clone();
-    for (k, (h, n)) in &delta {
-        let t = after.entry(k.clone()).or_default();
-        t.held += *h;
-        t.in_flight = (i64::from(t.in_flight) + i64::from(*n)).max(0) as u32;
-    }
+    let after = moved(&before, &delta);
     let moves = returned.iter().map(|(id, k, _, _)| (k.clone(), id.clone(), Decimal::ZERO));
     add_totals(&tx, &delta).await?;
     notify(&tx, held_moved(&before, &after), moves).await?;
