@@ -12,6 +12,9 @@ pub const API_POOL: usize = 16;
 /// `API_POOL`, so that slow readers never take the connections token
 /// lookups and balances need. Admission needs none (it answers from memory).
 pub const REPORTS_POOL: usize = 4;
+/// Connections of the hold batcher's pool: it has one batch in flight,
+/// and a batch that failed retries on another connection.
+pub const HOLD_POOL: usize = 2;
 /// Connections of the ingest pool (consumers, quarantine and expiry sweeper).
 pub const INGEST_POOL: usize = 8;
 /// Longest wait for a pooled connection; then the HTTP API answers 503 and
@@ -120,3 +123,7 @@ pub const LEASE_MARGIN_MS: i64 = 200;
 /// How long returned leases are kept (for whoever looks; nothing depends on
 /// them): a process takes a few a second.
 pub const LEASE_RETENTION: chrono::Duration = chrono::Duration::hours(1);
+/// After a hold batch sent in one statement was refused (its rows had
+/// moved, or an account ran short), the process's batches go to locked
+/// rows for this long (`store::holds::fast`).
+pub const FAST_PAUSE_MS: i64 = 100;

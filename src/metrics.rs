@@ -123,6 +123,11 @@ pub struct HoldCounters {
     pub settled: AtomicU64,
     pub released: AtomicU64,
     pub expired: AtomicU64,
+    /// Hold batches by how they went: in one statement; one statement
+    /// refused, then decided on locked rows; decided on locked rows.
+    pub batches_one_statement: AtomicU64,
+    pub batches_fell_back: AtomicU64,
+    pub batches_locked: AtomicU64,
 }
 
 pub static HOLDS: HoldCounters = HoldCounters {
@@ -130,6 +135,9 @@ pub static HOLDS: HoldCounters = HoldCounters {
     settled: AtomicU64::new(0),
     released: AtomicU64::new(0),
     expired: AtomicU64::new(0),
+    batches_one_statement: AtomicU64::new(0),
+    batches_fell_back: AtomicU64::new(0),
+    batches_locked: AtomicU64::new(0),
 };
 
 impl HoldCounters {
@@ -147,6 +155,19 @@ impl HoldCounters {
         ] {
             out.push_str(&format!(
                 "quota_holds_total{{event=\"{event}\"}} {}\n",
+                c.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# HELP quota_hold_batches_total Hold batches of this process: placed in one statement; one statement refused (rows moved, or an account short), then decided on locked rows; decided on locked rows (taking, giving back or taking back leases, and the refused ones).
+# TYPE quota_hold_batches_total counter
+");
+        for (path, c) in [
+            ("one_statement", &self.batches_one_statement),
+            ("fell_back", &self.batches_fell_back),
+            ("locked", &self.batches_locked),
+        ] {
+            out.push_str(&format!(
+                "quota_hold_batches_total{{path=\"{path}\"}} {}\n",
                 c.load(Ordering::Relaxed)
             ));
         }

@@ -103,7 +103,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         cfg.hold_retention_days,
         shutdown.clone(),
     );
-    let holds = store::holds::HoldBatcher::spawn(pool.clone(), clock.clone());
+    let holds = store::holds::HoldBatcher::spawn(
+        store::connect_planned_once(&cfg.database_url, limits::HOLD_POOL).await?,
+        clock.clone(),
+    );
     spawn_outbox(&cfg, producer.clone(), shutdown.clone()).await?;
     let state = AppState {
         pool,

@@ -67,10 +67,31 @@ pub async fn ping(pool: &Pool) -> bool {
 /// A pool on `url`, creating the database first when it does not exist
 /// (so a fresh local cluster needs no setup).
 pub async fn connect(url: &str, max_size: usize) -> anyhow::Result<Pool> {
+    connect_with(url, max_size, None).await
+}
+
+/// A pool whose connections plan each statement once, for its parameters'
+/// types only (`plan_cache_mode = force_generic_plan`): for the hold
+/// batcher, whose few statements run hundreds of times a second and are
+/// written to find their rows through keys whatever the values (with the
+/// default, Postgres planned them again at every execution: about 0.9 ms
+/// of a batch's 1.5 ms in its one statement).
+pub async fn connect_planned_once(url: &str, max_size: usize) -> anyhow::Result<Pool> {
+    connect_with(url, max_size, Some("-c plan_cache_mode=force_generic_plan")).await
+}
+
+async fn connect_with(url: &str, max_size: usize, options: Option<&str>) -> anyhow::Result<Pool> {
     // The URL may hold a password: never repeat it in an error.
-    let config: tokio_postgres::Config = url
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a Postgres URL: {e}"))?;
+    if let Some(extra) = options {
+        let all = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {extra}"),
+            _ => extra.to_string(),
+        };
+        config.options(&all);
+    }
     create_database_if_missing(&config).await?;
     let mgr = Manager::from_config(
         config,

@@ -295,7 +295,8 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
     let mut events = vec![model()];
     events.extend(chain("hot", &["group", "reseller"], "300", None));
     events.extend(chain("dead", &["group"], "400", None));
-    let (mut a, b) = two_processes(&ctx, events, &["hot", "dead"]).await;
+    events.extend(chain("usr", &["user"], "7", None));
+    let (mut a, b) = two_processes(&ctx, events, &["hot", "dead", "usr"]).await;
     // Credit for exactly 300 holds of 1 on the group and the reseller.
     let answers = race(&[&a, &b], "hot", 450, "1").await;
     let allowed = answers.iter().filter(|(st, _)| *st == 200).count();
@@ -327,6 +328,10 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
         .sql_one("SELECT count(*) FROM hold_leases WHERE kind = 'group' AND id = 'g_dead' AND state = 'active'", &[])
         .await;
     assert_eq!(leases, 1, "a lease after the first batch");
+    // The first batch took the lease, on the locked row; the next four
+    // drew on it, each in one statement.
+    let one = batches(&a, "one_statement").await;
+    assert!(one >= 4, "{one} batches in one statement");
     a.kill9();
     // Its holds stay held; what its lease had left is available.
     let bal = balance_json(&b, "group", "g_dead").await;
@@ -346,8 +351,30 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
     }
     let bal = balance_json(&b, "group", "g_dead").await;
     assert_eq!((d(bal["held"].as_str().unwrap()), bal["in_flight"].clone()), (d("400"), json!(400)), "{bal}");
+
+    // A user with credit for 7 (its group and reseller unlimited), 30
+    // holds at once: its batches go in one statement, which assumes every
+    // ask fits; one that finds the user short after its write is refused
+    // whole and decided on the locked row.
+    let fell_back = batches(&b, "fell_back").await;
+    let answers = race(&[&b], "usr", 30, "1").await;
+    assert_eq!(answers.iter().filter(|(st, _)| *st == 200).count(), 7, "{answers:?}");
+    assert!(answers.iter().all(|(st, c)| *st == 200 || (*st == 429 && c == "insufficient_quota")), "{answers:?}");
+    assert!(batches(&b, "fell_back").await > fell_back, "no batch fell back to the locked rows");
+    let bal = balance_json(&b, "user", "u_usr").await;
+    assert_eq!((d(bal["held"].as_str().unwrap()), d(bal["available"].as_str().unwrap())), (d("7"), d("0")), "{bal}");
     let (_, rec) = b.get_json("/v1/reconcile").await;
     assert_eq!(rec["ok"], true, "{rec}");
+}
+
+/// A process's `quota_hold_batches_total` for `path`.
+async fn batches(svc: &Service, path: &str) -> u64 {
+    let text = svc.http().get(svc.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = format!("quota_hold_batches_total{{path=\"{path}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line} in /metrics:\n{text}"))
 }
 
 async fn wait_until_code(svc: &Service, body: &Value, code: &str) {

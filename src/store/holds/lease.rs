@@ -53,6 +53,9 @@ pub struct Lease {
 pub struct Leases {
     pub owner: String,
     pub map: HashMap<Key, Lease>,
+    /// When batches may go in one statement again after one fell back to
+    /// locked rows (`fast`).
+    pub fast_from: Option<DateTime<Utc>>,
 }
 
 /// How a batch goes: each ask with the scopes it draws from a lease made
@@ -79,6 +82,7 @@ impl Leases {
         Leases {
             owner: super::random_id("proc_"),
             map: HashMap::new(),
+            fast_from: None,
         }
     }
 
