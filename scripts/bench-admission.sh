@@ -31,7 +31,7 @@ run() {
   target/release/quota-engine serve >"$repo/.stack/bench-serve.log" 2>&1 &
   serve_pid=$!
   feeder_pid=
-  trap 'kill $serve_pid $feeder_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
+  trap 'kill $serve_pid $feeder_pid 2>/dev/null; wait $serve_pid 2>/dev/null; drop_bench_db "$DATABASE_URL"' EXIT
   for _ in $(seq 1 150); do curl -sf "http://$HTTP_ADDR/healthz" >/dev/null && break; sleep 0.2; done
   local prefix
   if [ "$INGEST" = sink ]; then
@@ -85,6 +85,7 @@ run() {
   echo "== the service's own time per admission request (routing to answer)"
   bash scripts/metric-quantiles.sh "$HTTP_ADDR" "$token" quota_admission_seconds
 }
-export -f run
+source "$repo/scripts/bench-lib.sh"
+export -f run drop_bench_db
 export bench_bin repo RPS SECS INGEST_RATE USERS INGEST LINGER_MS
 exec bash scripts/stack.sh run -- bash -c run

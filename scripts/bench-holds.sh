@@ -6,7 +6,9 @@
 # for comparison; then the floor: the same Postgres, pgbench running one
 # transaction per hold (lock the two hot rows, insert the hold, commit) at
 # the same rate from two clients, i.e. the naive design without our code.
-#   RPS (2000), SECS (20), USERS (1000)
+#   RPS (2000), SECS (20), USERS (1000); QE_BIN (the build to measure,
+#   target/release/quota-engine: set it to a copy of another commit's build
+#   for an A/B on one stack)
 # Uses the local stack (scripts/stack.sh), a database and topics of its own,
 # and a release build.
 set -euo pipefail
@@ -16,22 +18,23 @@ RPS=${RPS:-2000}; SECS=${SECS:-20}; USERS=${USERS:-1000}
 cargo build --release --locked --bin quota-engine
 cargo bench --locked --bench bench --no-run
 bench_bin=$(ls -t target/release/deps/bench-* | grep -v '\.d$' | head -1)
+QE_BIN=${QE_BIN:-target/release/quota-engine}
 
 run() {
   local run_id="h$(date +%s)"
   export QUOTA_TOPIC_USAGE=$run_id.usage QUOTA_TOPIC_ERRORS=$run_id.errors QUOTA_TOPIC_CONTROL=$run_id.control QUOTA_TOPIC_DLQ=$run_id.dlq
   export DATABASE_URL="${DATABASE_URL%/*}/bench_$run_id" KAFKA_GROUP_ID=$run_id
   local a=127.0.0.1:8093 b=127.0.0.1:8094
-  HTTP_ADDR=$a RUST_LOG=info,quota_engine::store::holds=debug target/release/quota-engine serve >"$repo/.stack/bench-holds-a.log" 2>&1 &
+  HTTP_ADDR=$a RUST_LOG=info,quota_engine::store::holds=debug "$QE_BIN" serve >"$repo/.stack/bench-holds-a.log" 2>&1 &
   pid_a=$!
-  trap 'kill $pid_a $pid_b 2>/dev/null; wait $pid_a $pid_b 2>/dev/null' EXIT
+  trap 'kill $pid_a $pid_b 2>/dev/null; wait $pid_a $pid_b 2>/dev/null; drop_bench_db "$DATABASE_URL"' EXIT
   for _ in $(seq 1 150); do curl -sf "http://$a/healthz" >/dev/null && break; sleep 0.2; done
-  HTTP_ADDR=$b target/release/quota-engine serve >"$repo/.stack/bench-holds-b.log" 2>&1 &
+  HTTP_ADDR=$b "$QE_BIN" serve >"$repo/.stack/bench-holds-b.log" 2>&1 &
   pid_b=$!
   for _ in $(seq 1 150); do curl -sf "http://$b/healthz" >/dev/null && break; sleep 0.2; done
-  target/release/quota-engine simulate --users "$USERS" --events 0 --one-tenant --run-id "$run_id" >/dev/null
+  "$QE_BIN" simulate --users "$USERS" --events 0 --one-tenant --run-id "$run_id" >/dev/null
   local token prefix="sk-$run_id-"
-  token=$(target/release/quota-engine token create --role admin --name bench | tail -1)
+  token=$("$QE_BIN" token create --role admin --name bench | tail -1)
   for addr in $a $b; do
     for _ in $(seq 1 300); do
       code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://$addr/v1/admission" -H "Authorization: Bearer $token" \
@@ -69,6 +72,7 @@ SQL
   echo "== the service's own time per admission request, process A (both loads)"
   bash scripts/metric-quantiles.sh "$a" "$token" quota_admission_seconds
 }
-export -f run
-export bench_bin repo RPS SECS USERS
+source "$repo/scripts/bench-lib.sh"
+export -f run drop_bench_db
+export bench_bin repo RPS SECS USERS QE_BIN
 exec bash scripts/stack.sh run -- bash -c run

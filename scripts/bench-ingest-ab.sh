@@ -22,9 +22,11 @@ run() {
         "$bin" ingest --database "$db" --events "$EVENTS" --users 1000 --resellers 8 --sinks "$k" --batch "$BATCH" 2>&1 \
           | grep -E "committed|balances" | tr '\n' ' '
         echo
+        drop_bench_db "$db"
       done
     done
   done
 }
-export -f run
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+export -f run drop_bench_db
 exec bash scripts/stack.sh run -- bash -c run

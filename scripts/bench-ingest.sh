@@ -14,8 +14,10 @@ run() {
     local db="${DATABASE_URL%/*}/bench_ingest_$(date +%s)_$k"
     echo "== $EVENTS usage events, $k concurrent sink(s), batches of $BATCH ($db)"
     "$bench_bin" ingest --database "$db" --events "$EVENTS" --users "$USERS" --resellers "$RESELLERS" --sinks "$k" --batch "$BATCH"
+    drop_bench_db "$db"
   done
 }
-export -f run
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
+export -f run drop_bench_db
 export bench_bin EVENTS USERS RESELLERS SINKS BATCH
 exec bash scripts/stack.sh run -- bash -c run

@@ -75,7 +75,7 @@ run() {
   echo "rollup in $DATABASE_URL: $(psql -Atq "$DATABASE_URL" -c "SELECT (SELECT sum(requests) FROM spend_hourly) || ' events, ' || (SELECT count(*) FROM spend_hourly) || ' hourly rows, ' || (SELECT count(*) FROM spend_daily) || ' daily rows'")"
   target/release/quota-engine serve >"$repo/.stack/bench-reports-serve.log" 2>&1 &
   serve_pid=$!
-  trap 'kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null' EXIT
+  trap 'kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null; [ -n "$REPORTS_DB" ] || drop_bench_db "$DATABASE_URL"' EXIT
   for _ in $(seq 1 150); do curl -sf "http://$HTTP_ADDR/healthz" >/dev/null && break; sleep 0.2; done
   local token
   token=$(target/release/quota-engine token create --role finance --name bench | tail -1)
@@ -105,5 +105,6 @@ month by day x model,reseller|from=$m0&to=$m1&bucket=day&by=model,reseller|SELEC
 a day by hour x key|from=$d0&to=$d1&bucket=hour&by=key|SELECT hour AS t, key_id, $sums FROM spend_hourly WHERE hour >= '$d0' AND hour < '$d1' AND $scope|hour|key_id|UTC|hour|$d0|$d1|20
 LIST
 }
-export -f run fill statement pct
+source "$repo/scripts/bench-lib.sh"
+export -f run drop_bench_db fill statement pct
 exec bash scripts/stack.sh run -- bash -c run
