@@ -369,20 +369,28 @@ async fn place_on(
     write_batch(tx, &rows, &plan, &books, &leases.owner, now).await?;
     crate::metrics::HoldCounters::add(&crate::metrics::HOLDS.batches_locked, 1);
     leases.settle(&plan, &books.leases, &books.drawn, &books.grants);
-    // What each placed hold leaves available on the rows it was decided
-    // on, as of the batch's end (a scope drawn on a lease keeps the
-    // admission view's figure).
+    fill_available(&plan, &mut out, |k| books.totals.get(k).map(|t| t.available()));
+    Ok(Some(out))
+}
+
+/// What each placed hold leaves available on the rows it was decided on,
+/// as of the batch's end (`available` of each reserved scope; a scope
+/// drawn on a lease keeps the admission view's figure).
+fn fill_available(
+    plan: &lease::Plan,
+    out: &mut [Result<Placed, ErrorCode>],
+    available: impl Fn(&Key) -> Option<Decimal>,
+) {
     for (planned, answer) in plan.asks.iter().zip(out.iter_mut()) {
         if let Ok(p) = answer {
             p.available = planned
                 .scopes
                 .iter()
                 .filter(|s| s.reserved)
-                .filter_map(|s| books.totals.get(&(s.kind, s.id.clone())).map(|t| (s.kind, t.available())))
+                .filter_map(|s| available(&(s.kind, s.id.clone())).map(|a| (s.kind, a)))
                 .collect();
         }
     }
-    Ok(Some(out))
 }
 
 /// Decide the batch on the locked rows: own leases given back first (what
