@@ -50,6 +50,12 @@ pub struct Config {
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, env = "QUOTA_BATCH_LINGER_MS", default_value_t = 20)]
     pub batch_linger_ms: u64,
+    /// Longest the broker may hold a consumer's fetch, in milliseconds
+    /// (librdkafka's `fetch.wait.max.ms`). tansu 0.6 holds every fetch
+    /// this long, data or not: lower is less lag, higher is less idle load
+    /// on the broker (BENCHMARKS.md, "Thirteenth session").
+    #[arg(long, env = "QUOTA_FETCH_WAIT_MS", default_value_t = 50)]
+    pub fetch_wait_ms: u64,
     /// Seconds a partition owned by another member may make no progress
     /// before this process re-joins the group to get it reassigned.
     #[arg(long, env = "QUOTA_STALL_SECS", default_value_t = 45)]

@@ -191,6 +191,7 @@ fn spawn_ingest(
         batch_max_bytes: cfg.batch_max_bytes,
         health,
         batch_linger: cfg.batch_linger(),
+        fetch_wait: std::time::Duration::from_millis(cfg.fetch_wait_ms),
         stall_timeout: std::time::Duration::from_secs(cfg.stall_secs),
     };
     let dead_letters = DeadLetters {

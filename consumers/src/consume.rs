@@ -87,7 +87,7 @@ fn subscribe(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("partition.assignment.strategy", "range")
-        .set("fetch.wait.max.ms", "50")
+        .set("fetch.wait.max.ms", config.fetch_wait.as_millis().clamp(1, 300_000).to_string())
         .create_with_context(context)
         .map_err(|e| format!("cannot create Kafka consumer: {e}"))?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();

@@ -132,6 +132,9 @@ pub struct ConsumerConfig {
     pub health: Arc<Health>,
     /// Longest time a batch stays open after its first record.
     pub batch_linger: Duration,
+    /// librdkafka's `fetch.wait.max.ms`: how long the broker may hold a
+    /// fetch that finds no records.
+    pub fetch_wait: Duration,
     /// A partition assigned to another member whose stored offset has not
     /// moved for this long while records wait is treated as orphaned: this
     /// member re-joins the group to force a new assignment. (Seen with
