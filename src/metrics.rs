@@ -113,6 +113,37 @@ mod tests {
         );
         assert!(out.contains("quota_admission_seconds_count 5\n"), "{out}");
     }
+
+    #[test]
+    fn hold_counters_render_one_family_per_name_and_a_line_per_label() {
+        let c = HoldCounters {
+            created: AtomicU64::new(7),
+            settled: AtomicU64::new(3),
+            released: AtomicU64::new(1),
+            expired: AtomicU64::new(2),
+            batches_one_statement: AtomicU64::new(5),
+            batches_fell_back: AtomicU64::new(1),
+            batches_locked: AtomicU64::new(4),
+        };
+        let mut out = String::new();
+        c.render(&mut out);
+        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("# HELP")).collect();
+        assert_eq!(
+            lines,
+            [
+                "# TYPE quota_holds_total counter",
+                "quota_holds_total{event=\"created\"} 7",
+                "quota_holds_total{event=\"settled\"} 3",
+                "quota_holds_total{event=\"released\"} 1",
+                "quota_holds_total{event=\"expired\"} 2",
+                "# TYPE quota_hold_batches_total counter",
+                "quota_hold_batches_total{path=\"one_statement\"} 5",
+                "quota_hold_batches_total{path=\"fell_back\"} 1",
+                "quota_hold_batches_total{path=\"locked\"} 4",
+            ]
+        );
+        assert_eq!(out.lines().filter(|l| l.starts_with("# HELP")).count(), 2);
+    }
 }
 
 /// Holds counted by how they began and ended, in this process (a hold is
@@ -146,30 +177,43 @@ impl HoldCounters {
     }
 
     pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP quota_holds_total Holds created, settled, released and expired by this process.\n# TYPE quota_holds_total counter\n");
-        for (event, c) in [
-            ("created", &self.created),
-            ("settled", &self.settled),
-            ("released", &self.released),
-            ("expired", &self.expired),
-        ] {
-            out.push_str(&format!(
-                "quota_holds_total{{event=\"{event}\"}} {}\n",
-                c.load(Ordering::Relaxed)
-            ));
-        }
-        out.push_str("# HELP quota_hold_batches_total Hold batches of this process: placed in one statement; one statement refused (rows moved, or an account short), then decided on locked rows; decided on locked rows (taking, giving back or taking back leases, and the refused ones).
-# TYPE quota_hold_batches_total counter
-");
-        for (path, c) in [
-            ("one_statement", &self.batches_one_statement),
-            ("fell_back", &self.batches_fell_back),
-            ("locked", &self.batches_locked),
-        ] {
-            out.push_str(&format!(
-                "quota_hold_batches_total{{path=\"{path}\"}} {}\n",
-                c.load(Ordering::Relaxed)
-            ));
-        }
+        counter_family(
+            out,
+            "quota_holds_total",
+            "Holds created, settled, released and expired by this process.",
+            "event",
+            [
+                ("created", &self.created),
+                ("settled", &self.settled),
+                ("released", &self.released),
+                ("expired", &self.expired),
+            ],
+        );
+        counter_family(
+            out,
+            "quota_hold_batches_total",
+            "Hold batches of this process: placed in one statement; one statement refused (rows moved, or an account short), then decided on locked rows; decided on locked rows (taking, giving back or taking back leases, and the refused ones).",
+            "path",
+            [
+                ("one_statement", &self.batches_one_statement),
+                ("fell_back", &self.batches_fell_back),
+                ("locked", &self.batches_locked),
+            ],
+        );
+    }
+}
+
+/// One counter family in Prometheus' text format: its help, its type and
+/// one line per label value.
+fn counter_family<const N: usize>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    counters: [(&str, &AtomicU64); N],
+) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+    for (value, c) in counters {
+        out.push_str(&format!("{name}{{{label}=\"{value}\"}} {}\n", c.load(Ordering::Relaxed)));
     }
 }
