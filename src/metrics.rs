@@ -75,76 +75,6 @@ pub fn admission_latency() -> Histogram {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buckets_are_cumulative_and_in_seconds() {
-        let h = admission_latency();
-        for us in [40, 60, 60, 3_000, 2_000_000] {
-            h.observe_us(us);
-        }
-        let mut out = String::new();
-        h.render(&mut out);
-        assert!(
-            out.contains("quota_admission_seconds_bucket{le=\"0.00005\"} 1\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("quota_admission_seconds_bucket{le=\"0.0001\"} 3\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("quota_admission_seconds_bucket{le=\"0.005\"} 4\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("quota_admission_seconds_bucket{le=\"1\"} 4\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("quota_admission_seconds_bucket{le=\"+Inf\"} 5\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("quota_admission_seconds_sum 2.00316\n"),
-            "{out}"
-        );
-        assert!(out.contains("quota_admission_seconds_count 5\n"), "{out}");
-    }
-
-    #[test]
-    fn hold_counters_render_one_family_per_name_and_a_line_per_label() {
-        let c = HoldCounters {
-            created: AtomicU64::new(7),
-            settled: AtomicU64::new(3),
-            released: AtomicU64::new(1),
-            expired: AtomicU64::new(2),
-            batches_one_statement: AtomicU64::new(5),
-            batches_fell_back: AtomicU64::new(1),
-            batches_locked: AtomicU64::new(4),
-        };
-        let mut out = String::new();
-        c.render(&mut out);
-        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("# HELP")).collect();
-        assert_eq!(
-            lines,
-            [
-                "# TYPE quota_holds_total counter",
-                "quota_holds_total{event=\"created\"} 7",
-                "quota_holds_total{event=\"settled\"} 3",
-                "quota_holds_total{event=\"released\"} 1",
-                "quota_holds_total{event=\"expired\"} 2",
-                "# TYPE quota_hold_batches_total counter",
-                "quota_hold_batches_total{path=\"one_statement\"} 5",
-                "quota_hold_batches_total{path=\"fell_back\"} 1",
-                "quota_hold_batches_total{path=\"locked\"} 4",
-            ]
-        );
-        assert_eq!(out.lines().filter(|l| l.starts_with("# HELP")).count(), 2);
-    }
-}
 
 /// Holds counted by how they began and ended, in this process (a hold is
 /// settled by whichever process applies its usage event and expired by
@@ -215,5 +145,76 @@ fn counter_family<const N: usize>(
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
     for (value, c) in counters {
         out.push_str(&format!("{name}{{{label}=\"{value}\"}} {}\n", c.load(Ordering::Relaxed)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_in_seconds() {
+        let h = admission_latency();
+        for us in [40, 60, 60, 3_000, 2_000_000] {
+            h.observe_us(us);
+        }
+        let mut out = String::new();
+        h.render(&mut out);
+        assert!(
+            out.contains("quota_admission_seconds_bucket{le=\"0.00005\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quota_admission_seconds_bucket{le=\"0.0001\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quota_admission_seconds_bucket{le=\"0.005\"} 4\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quota_admission_seconds_bucket{le=\"1\"} 4\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quota_admission_seconds_bucket{le=\"+Inf\"} 5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quota_admission_seconds_sum 2.00316\n"),
+            "{out}"
+        );
+        assert!(out.contains("quota_admission_seconds_count 5\n"), "{out}");
+    }
+
+    #[test]
+    fn hold_counters_render_one_family_per_name_and_a_line_per_label() {
+        let c = HoldCounters {
+            created: AtomicU64::new(7),
+            settled: AtomicU64::new(3),
+            released: AtomicU64::new(1),
+            expired: AtomicU64::new(2),
+            batches_one_statement: AtomicU64::new(5),
+            batches_fell_back: AtomicU64::new(1),
+            batches_locked: AtomicU64::new(4),
+        };
+        let mut out = String::new();
+        c.render(&mut out);
+        let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with("# HELP")).collect();
+        assert_eq!(
+            lines,
+            [
+                "# TYPE quota_holds_total counter",
+                "quota_holds_total{event=\"created\"} 7",
+                "quota_holds_total{event=\"settled\"} 3",
+                "quota_holds_total{event=\"released\"} 1",
+                "quota_holds_total{event=\"expired\"} 2",
+                "# TYPE quota_hold_batches_total counter",
+                "quota_hold_batches_total{path=\"one_statement\"} 5",
+                "quota_hold_batches_total{path=\"fell_back\"} 1",
+                "quota_hold_batches_total{path=\"locked\"} 4",
+            ]
+        );
+        assert_eq!(out.lines().filter(|l| l.starts_with("# HELP")).count(), 2);
     }
 }
