@@ -38,9 +38,14 @@ impl HoldBatcher {
                     }
                 }
                 let (holds, replies): (Vec<NewHold>, Vec<_>) = jobs.into_iter().unzip();
-                let started = std::time::Instant::now();
+                let (started, before) = (std::time::Instant::now(), paths());
                 let result = place_with_retry(&pool, &holds, &clock, &mut leases).await;
-                tracing::debug!(holds = holds.len(), ms = started.elapsed().as_secs_f64() * 1e3, "hold batch");
+                tracing::debug!(
+                    holds = holds.len(),
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    path = path_taken(before, paths()),
+                    "hold batch"
+                );
                 match result {
                     Ok(answers) => {
                         for (reply, a) in replies.into_iter().zip(answers) {
@@ -69,6 +74,25 @@ impl HoldBatcher {
         answer
             .await
             .map_err(|_| "the hold batcher dropped the request".to_string())?
+    }
+}
+
+/// This process's hold batches so far by path (one statement, fell
+/// back, locked): only its batcher places batches, so the difference
+/// across one batch is that batch's path.
+fn paths() -> [u64; 3] {
+    use std::sync::atomic::Ordering::Relaxed;
+    let h = &crate::metrics::HOLDS;
+    [h.batches_one_statement.load(Relaxed), h.batches_fell_back.load(Relaxed), h.batches_locked.load(Relaxed)]
+}
+
+/// The path of the batch that moved the counters from `before` to `after`.
+fn path_taken(before: [u64; 3], after: [u64; 3]) -> &'static str {
+    match [after[0] > before[0], after[1] > before[1], after[2] > before[2]] {
+        [true, _, _] => "one_statement",
+        [_, true, _] => "fell_back",
+        [_, _, true] => "locked",
+        _ => "failed",
     }
 }
 
