@@ -75,7 +75,6 @@ pub fn admission_latency() -> Histogram {
     )
 }
 
-
 /// Holds counted by how they began and ended, in this process (a hold is
 /// settled by whichever process applies its usage event and expired by
 /// whichever sweeps it first; sum over processes).
