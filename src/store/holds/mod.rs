@@ -318,8 +318,9 @@ struct Books {
 /// The batch in one statement when it can (`fast`: it draws on leases and
 /// locks no hot row, and every ask fits); otherwise its transaction, in
 /// two round trips: BEGIN with the row locks, the lease locks and the
-/// ledger's side; then, decided, the writes and COMMIT. The rows locked are those of the scopes not drawn on a lease;
-/// None when a lease drawn on had been returned (rolled back; forgotten).
+/// ledger's side; then, decided, the writes and COMMIT. The rows locked
+/// are those of the scopes not drawn on a lease; None when a lease drawn
+/// on had been returned (rolled back; forgotten).
 async fn place_on(
     tx: &deadpool_postgres::Client,
     batch: &[NewHold],
@@ -330,14 +331,15 @@ async fn place_on(
     let plan = leases.plan(&asks, now);
     let scopes = || plan.asks.iter().flat_map(|a| a.scopes.iter());
     let keys: BTreeSet<Key> = scopes().filter(|s| s.counted()).map(|s| (s.kind, s.id.clone())).collect();
-    let reserved: BTreeSet<Key> = scopes().filter(|s| s.reserved).map(|s| (s.kind, s.id.clone())).collect();
-    let touched: Vec<String> = plan.touched.iter().cloned().collect();
     prepare_batch(tx).await?;
     if fast::eligible(&plan, &keys, leases, now) {
         if let Some(out) = fast::place(tx, batch, &plan, leases, now).await? {
             return Ok(Some(out));
         }
     }
+    // The locked path's inputs, not needed by a batch placed in one statement.
+    let reserved: BTreeSet<Key> = scopes().filter(|s| s.reserved).map(|s| (s.kind, s.id.clone())).collect();
+    let touched: Vec<String> = plan.touched.iter().cloned().collect();
     let begin = tx.prepare_cached("BEGIN").await?;
     // One round trip: the row locks, then the lease locks, then (executed
     // after them, so with a snapshot taken once they are held) the
