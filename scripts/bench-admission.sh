@@ -61,17 +61,15 @@ run() {
     feeder_pid=$!
   fi
   sleep 2
-  ps -eo comm,times >"$repo/.stack/cpu-before"
-  ( sleep "$((SECS - 1))"; ps -eo comm,times >"$repo/.stack/cpu-after" ) &
+  cpu_snapshot "$repo/.stack/cpu-before"
+  ( sleep "$((SECS - 1))"; cpu_snapshot "$repo/.stack/cpu-after" ) &
   "$bench_bin" http --addr "$HTTP_ADDR" --token "$token" --key-prefix "$prefix" --keys "$USERS" --rps "$RPS" --secs "$SECS"
   # Where the two cores went during the load: CPU seconds per program (of
   # processes alive at both ends; `bench-*` is the load generator and, with
   # INGEST=sink, the feeder; `quota-engine` with INGEST=broker includes the
   # simulator).
   echo "== CPU seconds used in the first $((SECS - 1)) s of the load, by program"
-  awk 'NR==FNR { if (FNR > 1) before[$1] += $2; next } FNR > 1 { after[$1] += $2 }
-       END { for (c in after) { d = after[c] - before[c]; if (d >= 0.5) printf "  %-20s %6.1f s\n", c, d } }' \
-    "$repo/.stack/cpu-before" "$repo/.stack/cpu-after" | sort -k2 -rn
+  cpu_report "$repo/.stack/cpu-before" "$repo/.stack/cpu-after"
   if [ "$INGEST" = sink ]; then
     wait "$feeder_pid" || true
     feeder_pid=
@@ -86,6 +84,6 @@ run() {
   bash scripts/metric-quantiles.sh "$HTTP_ADDR" "$token" quota_admission_seconds
 }
 source "$repo/scripts/bench-lib.sh"
-export -f run drop_bench_db
+export -f run drop_bench_db cpu_snapshot cpu_report
 export bench_bin repo RPS SECS INGEST_RATE USERS INGEST LINGER_MS
 exec bash scripts/stack.sh run -- bash -c run

@@ -45,13 +45,11 @@ run() {
     [ "$code" = 200 ] || { echo "registry never visible to admission on $addr"; exit 1; }
   done
   echo "== hold admissions at $RPS/s for $SECS s through two processes (one hot reseller and group)"
-  ps -eo comm,times >"$repo/.stack/cpu-before"
+  cpu_snapshot "$repo/.stack/cpu-before"
   "$bench_bin" http --addr "$a,$b" --token "$token" --key-prefix "$prefix" --keys "$USERS" --rps "$RPS" --secs "$SECS" --hold 1
-  ps -eo comm,times >"$repo/.stack/cpu-after"
+  cpu_snapshot "$repo/.stack/cpu-after"
   echo "CPU seconds during the hold load, by program:"
-  awk 'NR==FNR { if (FNR > 1) before[$1] += $2; next } FNR > 1 { after[$1] += $2 }
-       END { for (c in after) { d = after[c] - before[c]; if (d >= 0.5) printf "  %-20s %6.1f s\n", c, d } }' \
-    "$repo/.stack/cpu-before" "$repo/.stack/cpu-after" | sort -k2 -rn
+  cpu_report "$repo/.stack/cpu-before" "$repo/.stack/cpu-after" $((RPS * SECS))
   grep -h "hold batch" "$repo/.stack/bench-holds-a.log" | tail -3 || true
   psql -qAt "$DATABASE_URL" -c "SELECT 'holds placed: ' || count(*) || ', active: ' || count(*) FILTER (WHERE state = 'active') FROM holds"
   psql -qAt "$DATABASE_URL" -c "SELECT 'hot rows: ' || string_agg(kind || ' ' || id || ' in flight ' || in_flight || ' held ' || held, '; ') FROM hold_totals WHERE kind IN ('group', 'reseller') AND in_flight > 0"
@@ -73,6 +71,6 @@ SQL
   bash scripts/metric-quantiles.sh "$a" "$token" quota_admission_seconds
 }
 source "$repo/scripts/bench-lib.sh"
-export -f run drop_bench_db
+export -f run drop_bench_db cpu_snapshot cpu_report
 export bench_bin repo RPS SECS USERS QE_BIN
 exec bash scripts/stack.sh run -- bash -c run

@@ -7,3 +7,21 @@ drop_bench_db() {
   psql -qAt "${url%/*}/postgres" -c "DROP DATABASE IF EXISTS \"${url##*/}\" WITH (FORCE)" >/dev/null 2>&1 \
     || echo "could not drop ${url##*/}; drop it by hand" >&2
 }
+
+# CPU time of every process so far, by program, in clock ticks (1/100 s;
+# `ps -o times` rounds to whole seconds, too coarse for a 10 s load).
+cpu_snapshot() {
+  for f in /proc/[0-9]*/stat; do cat "$f" 2>/dev/null && echo; done | awk '
+    NF { match($0, /\(.*\)/); comm = substr($0, RSTART + 1, RLENGTH - 2); gsub(/ /, "_", comm)
+         split(substr($0, RSTART + RLENGTH + 1), f, " "); t[comm] += f[12] + f[13] }
+    END { for (c in t) print c, t[c] }' >"$1"
+}
+
+# CPU seconds each program used between two snapshots (of processes alive
+# at both ends), the busiest first; with a count of requests, also the
+# milliseconds per request.
+cpu_report() {
+  awk -v n="${3:-0}" 'NR==FNR { before[$1] = $2; next }
+       { d = ($2 - before[$1]) / 100; if (d >= 0.05) { printf "  %-20s %6.2f s", $1, d; if (n > 0) printf "  %.3f ms per request", d * 1000 / n; print "" } }' \
+    "$1" "$2" | sort -k2 -rn
+}
