@@ -8,8 +8,9 @@ drop_bench_db() {
     || echo "could not drop ${url##*/}; drop it by hand" >&2
 }
 
-# CPU time of every process so far, by program, in clock ticks (1/100 s;
-# `ps -o times` rounds to whole seconds, too coarse for a 10 s load).
+# CPU time of every process so far, by program, in clock ticks (`getconf
+# CLK_TCK` a second, 100 here; `ps -o times` rounds to whole seconds, too
+# coarse for a 10 s load).
 cpu_snapshot() {
   for f in /proc/[0-9]*/stat; do cat "$f" 2>/dev/null && echo; done | awk '
     NF { match($0, /\(.*\)/); comm = substr($0, RSTART + 1, RLENGTH - 2); gsub(/ /, "_", comm)
@@ -17,11 +18,11 @@ cpu_snapshot() {
     END { for (c in t) print c, t[c] }' >"$1"
 }
 
-# CPU seconds each program used between two snapshots (of processes alive
-# at both ends), the busiest first; with a count of requests, also the
+# CPU seconds each program used between two snapshots (a process that
+# ended between them is not counted), the busiest first; with a count of requests, also the
 # milliseconds per request.
 cpu_report() {
-  awk -v n="${3:-0}" 'NR==FNR { before[$1] = $2; next }
-       { d = ($2 - before[$1]) / 100; if (d >= 0.05) { printf "  %-20s %6.2f s", $1, d; if (n > 0) printf "  %.3f ms per request", d * 1000 / n; print "" } }' \
+  awk -v n="${3:-0}" -v tck="$(getconf CLK_TCK)" 'NR==FNR { before[$1] = $2; next }
+       { d = ($2 - before[$1]) / tck; if (d >= 0.05) { printf "  %-20s %6.2f s", $1, d; if (n > 0) printf "  %.3f ms per request", d * 1000 / n; print "" } }' \
     "$1" "$2" | sort -k2 -rn
 }
