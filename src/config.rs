@@ -52,8 +52,9 @@ pub struct Config {
     pub batch_linger_ms: u64,
     /// Longest the broker may hold a consumer's fetch, in milliseconds
     /// (librdkafka's `fetch.wait.max.ms`). tansu 0.6 holds every fetch
-    /// this long, data or not: lower is less lag, higher is less idle load
-    /// on the broker (BENCHMARKS.md, "Thirteenth session").
+    /// this long (half of it from 250 up), data or not: lower is less lag,
+    /// higher is less idle load on the broker (BENCHMARKS.md, "Thirteenth
+    /// session" and "Fourteenth session").
     #[arg(long, env = "QUOTA_FETCH_WAIT_MS", default_value_t = 50)]
     pub fetch_wait_ms: u64,
     /// Seconds a partition owned by another member may make no progress
