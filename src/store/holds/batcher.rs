@@ -5,7 +5,7 @@
 use deadpool_postgres::Pool;
 
 use super::lease::Leases;
-use super::{place_batch, NewHold, Placed};
+use super::{place_batch, Decided, NewHold, Placed};
 use crate::codes::ErrorCode;
 
 /// What a hold request comes back with: the placed hold or the check that
@@ -38,16 +38,16 @@ impl HoldBatcher {
                     }
                 }
                 let (holds, replies): (Vec<NewHold>, Vec<_>) = jobs.into_iter().unzip();
-                let (started, before) = (std::time::Instant::now(), paths());
+                let started = std::time::Instant::now();
                 let result = place_with_retry(&pool, &holds, &clock, &mut leases).await;
                 tracing::debug!(
                     holds = holds.len(),
                     ms = started.elapsed().as_secs_f64() * 1e3,
-                    path = path_taken(before, paths()),
+                    path = result.as_ref().map_or("failed", |r| r.1),
                     "hold batch"
                 );
                 match result {
-                    Ok(answers) => {
+                    Ok((answers, _)) => {
                         for (reply, a) in replies.into_iter().zip(answers) {
                             let _ = reply.send(Ok(a));
                         }
@@ -77,25 +77,6 @@ impl HoldBatcher {
     }
 }
 
-/// This process's hold batches so far by path (one statement, fell
-/// back, locked): only its batcher places batches, so the difference
-/// across one batch is that batch's path.
-fn paths() -> [u64; 3] {
-    use std::sync::atomic::Ordering::Relaxed;
-    let h = &crate::metrics::HOLDS;
-    [h.batches_one_statement.load(Relaxed), h.batches_fell_back.load(Relaxed), h.batches_locked.load(Relaxed)]
-}
-
-/// The path of the batch that moved the counters from `before` to `after`.
-fn path_taken(before: [u64; 3], after: [u64; 3]) -> &'static str {
-    match [after[0] > before[0], after[1] > before[1], after[2] > before[2]] {
-        [true, _, _] => "one_statement",
-        [_, true, _] => "fell_back",
-        [_, _, true] => "locked",
-        _ => "failed",
-    }
-}
-
 /// A batch, retried once when Postgres breaks a deadlock or a connection
 /// (nothing of a failed transaction stays).
 ///
@@ -107,7 +88,7 @@ async fn place_with_retry(
     holds: &[NewHold],
     clock: &crate::clock::Clock,
     leases: &mut Leases,
-) -> anyhow::Result<Vec<Result<Placed, ErrorCode>>> {
+) -> anyhow::Result<Decided> {
     match place_batch(pool, holds, clock(), leases).await {
         Ok(a) => Ok(a),
         Err(e) => {

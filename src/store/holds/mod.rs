@@ -280,6 +280,10 @@ pub(crate) fn held_moved(before: &TotalsMap, after: &TotalsMap) -> Vec<(Key, Dec
         .collect()
 }
 
+/// A batch's answers, in order, and the path it took (`one_statement`,
+/// `fell_back` to locked rows, or `locked`), for its debug line.
+pub type Decided = (Vec<Result<Placed, ErrorCode>>, &'static str);
+
 /// Place a batch of holds in one transaction, in order: each answer is the
 /// placed hold or the first failing check of steps 13 and 14. A batch that
 /// finds a lease it drew on returned starts again without it.
@@ -288,7 +292,7 @@ pub async fn place_batch(
     batch: &[NewHold],
     now: DateTime<Utc>,
     leases: &mut Leases,
-) -> anyhow::Result<Vec<Result<Placed, ErrorCode>>> {
+) -> anyhow::Result<Decided> {
     let client = pool.get().await?;
     for _ in 0..3 {
         let result = place_on(&client, batch, now, leases).await;
@@ -326,16 +330,18 @@ async fn place_on(
     batch: &[NewHold],
     now: DateTime<Utc>,
     leases: &mut Leases,
-) -> Result<Option<Vec<Result<Placed, ErrorCode>>>, tokio_postgres::Error> {
+) -> Result<Option<Decided>, tokio_postgres::Error> {
     let asks: Vec<Ask> = batch.iter().map(|h| h.ask.clone()).collect();
     let plan = leases.plan(&asks, now);
     let scopes = || plan.asks.iter().flat_map(|a| a.scopes.iter());
     let keys: BTreeSet<Key> = scopes().filter(|s| s.counted()).map(|s| (s.kind, s.id.clone())).collect();
     prepare_batch(tx).await?;
+    let mut path = "locked";
     if fast::eligible(&plan, &keys, leases, now) {
         if let Some(out) = fast::place(tx, batch, &plan, leases, now).await? {
-            return Ok(Some(out));
+            return Ok(Some((out, "one_statement")));
         }
+        path = "fell_back";
     }
     // The locked path's inputs, not needed by a batch placed in one statement.
     let reserved: BTreeSet<Key> = scopes().filter(|s| s.reserved).map(|s| (s.kind, s.id.clone())).collect();
@@ -372,7 +378,7 @@ async fn place_on(
     crate::metrics::HoldCounters::add(&crate::metrics::HOLDS.batches_locked, 1);
     leases.settle(&plan, &books.leases, &books.drawn, &books.grants);
     fill_available(&plan, &mut out, |k| books.totals.get(k).map(|t| t.available()));
-    Ok(Some(out))
+    Ok(Some((out, path)))
 }
 
 /// What each placed hold leaves available on the rows it was decided on,
