@@ -54,6 +54,14 @@ fn ask_body(p: &str, hold: Value) -> Value {
     json!({"api_key": format!("sk-{p}"), "client_ip": "203.0.113.7", "model": "gpt-4o", "path": "/v1/chat/completions", "hold": hold})
 }
 
+/// A request of chain `p` with no hold, estimated to cost `cost`.
+fn plain(p: &str, cost: &str) -> Value {
+    let mut body = ask_body(p, Value::Null);
+    body.as_object_mut().unwrap().remove("hold");
+    body["estimated_cost"] = json!(cost);
+    body
+}
+
 /// Two `serve` processes on `events` (produced first), both admitting
 /// every chain in `chains`.
 async fn two_processes(ctx: &TestCtx, events: Vec<Value>, chains: &[&str]) -> (Service, Service) {
@@ -170,6 +178,11 @@ async fn exactly_n_holds_are_granted_across_two_processes_on_every_scope() {
         assert_eq!(d(bal["available"].as_str().unwrap()), d("0"), "{bal}");
         assert_eq!(d(bal["balance"].as_str().unwrap()), d("500"), "holds move no money: {bal}");
         assert_eq!(bal["in_flight"], 5, "{bal}");
+        // Both processes' admission views count the holds either placed:
+        // a plain request that would need credit is refused on both.
+        for svc in [&a, &b] {
+            wait_until_code(svc, &plain(s, "1"), want).await;
+        }
     }
     // An unlimited scope is named by the hold but holds nothing.
     let group = balance_json(&a, "group", "g_key").await;
@@ -296,7 +309,8 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
     events.extend(chain("hot", &["group", "reseller"], "300", None));
     events.extend(chain("dead", &["group"], "400", None));
     events.extend(chain("usr", &["user"], "7", None));
-    let (mut a, b) = two_processes(&ctx, events, &["hot", "dead", "usr"]).await;
+    events.extend(chain("seen", &["user"], "10", None));
+    let (mut a, b) = two_processes(&ctx, events, &["hot", "dead", "usr", "seen"]).await;
     // Credit for exactly 300 holds of 1 on the group and the reseller.
     let answers = race(&[&a, &b], "hot", 450, "1").await;
     let allowed = answers.iter().filter(|(st, _)| *st == 200).count();
@@ -315,6 +329,22 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
         assert_eq!(d(bal["held"].as_str().unwrap()), d("300"), "{bal}");
         assert_eq!(d(bal["available"].as_str().unwrap()), d("0"), "{bal}");
         assert_eq!(bal["in_flight"], 300, "{bal}");
+    }
+    for svc in [&a, &b] {
+        wait_until_code(svc, &plain("hot", "1"), "reseller_insufficient_quota").await;
+    }
+    // Holds placed in one statement (no row of theirs locked, nothing
+    // refused) reach both processes' views: 3 of the user's 10 held.
+    let one = batches(&a, "one_statement").await;
+    for _ in 0..3 {
+        let (status, body) = post(&a, &ask_body("seen", json!({"amount": "1"}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(batches(&a, "one_statement").await, one + 3);
+    for svc in [&a, &b] {
+        wait_until_code(svc, &plain("seen", "8"), "insufficient_quota").await;
+        let (status, body) = post(svc, &plain("seen", "7")).await;
+        assert_eq!(status, 200, "7 of 10 are still available: {body}");
     }
     let (_, rec) = b.get_json("/v1/reconcile").await;
     assert_eq!(rec["ok"], true, "{rec}");

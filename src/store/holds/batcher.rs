@@ -5,7 +5,7 @@
 use deadpool_postgres::Pool;
 
 use super::lease::Leases;
-use super::{place_batch, Decided, NewHold, Placed};
+use super::{place_batch, Answer, Decided, NewHold, Placed};
 use crate::codes::ErrorCode;
 
 /// What a hold request comes back with: the placed hold or the check that
@@ -39,7 +39,13 @@ impl HoldBatcher {
                 }
                 let (holds, replies): (Vec<NewHold>, Vec<_>) = jobs.into_iter().unzip();
                 let started = std::time::Instant::now();
-                let result = place_with_retry(&pool, &holds, &clock, &mut leases).await;
+                let mut replies = Some(replies);
+                let mut answer = |answers: &[Result<Placed, ErrorCode>]| {
+                    for (reply, a) in replies.take().into_iter().flatten().zip(answers) {
+                        let _ = reply.send(Ok(a.clone()));
+                    }
+                };
+                let result = place_with_retry(&pool, &holds, &clock, &mut leases, &mut answer).await;
                 tracing::debug!(
                     holds = holds.len(),
                     ms = started.elapsed().as_secs_f64() * 1e3,
@@ -47,14 +53,10 @@ impl HoldBatcher {
                     "hold batch"
                 );
                 match result {
-                    Ok((answers, _)) => {
-                        for (reply, a) in replies.into_iter().zip(answers) {
-                            let _ = reply.send(Ok(a));
-                        }
-                    }
+                    Ok((answers, _)) => answer(&answers),
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), holds = holds.len(), "hold batch failed");
-                        for reply in replies {
+                        for reply in replies.into_iter().flatten() {
                             let _ = reply.send(Err(e.to_string()));
                         }
                     }
@@ -88,13 +90,14 @@ async fn place_with_retry(
     holds: &[NewHold],
     clock: &crate::clock::Clock,
     leases: &mut Leases,
+    answer: Answer<'_>,
 ) -> anyhow::Result<Decided> {
-    match place_batch(pool, holds, clock(), leases).await {
+    match place_batch(pool, holds, clock(), leases, &mut *answer).await {
         Ok(a) => Ok(a),
         Err(e) => {
             tracing::warn!(error = format!("{e:#}"), "hold batch failed; retrying once");
             leases.forget();
-            let again = place_batch(pool, holds, clock(), leases).await;
+            let again = place_batch(pool, holds, clock(), leases, answer).await;
             if again.is_err() {
                 leases.forget();
             }

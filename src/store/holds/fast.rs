@@ -18,12 +18,20 @@
 //! batch is then decided on locked rows (`place_on`), and the process
 //! sends its next batches that way for `FAST_PAUSE_MS` (an account that
 //! ran short would otherwise cost every batch a wasted statement).
+//!
+//! The statement does not notify the views: a transaction that calls
+//! `NOTIFY` holds the cluster's notify lock from its commit's start to its
+//! end, the WAL flush included, so two processes' batches would commit one
+//! at a time. The notice (`TELL`) goes behind it in the same round trip,
+//! in a transaction of its own, and the batch is answered as soon as its
+//! own statement has committed (BENCHMARKS.md, "Fifteenth session").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use futures_util::future::{select, Either};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -67,26 +75,39 @@ const PLACE: &str = "WITH s AS ( \
        SELECT h.hold_id, 'active', h.amount, h.scopes, h.created_at, h.expires_at, h.trace_id \
        FROM jsonb_to_recordset($11::jsonb) AS h(hold_id text, amount numeric, scopes jsonb, \
             created_at timestamptz, expires_at timestamptz, trace_id text) \
-       RETURNING 1), \
-     items AS ( \
-       SELECT 0 AS list, json_build_array(kind, id, held::text) AS j FROM c WHERE moved \
-       UNION ALL SELECT 1, json_build_array(kind, id, lease_id, (amount - used)::text) FROM l), \
-     n AS ( \
-       SELECT pg_notify($12, json_build_object( \
-           'h', coalesce(json_agg(j) FILTER (WHERE list = 0), '[]'::json), \
-           'l', coalesce(json_agg(j) FILTER (WHERE list = 1), '[]'::json))::text) \
-       FROM (SELECT list, j, sum(octet_length(j::text) + 1) OVER (ORDER BY list ROWS UNBOUNDED PRECEDING) / 7000 AS g FROM items) z \
-       GROUP BY g) \
+       RETURNING 1) \
      SELECT hold_batch_check( \
          (SELECT count(*) FROM c) = cardinality($1::text[]) \
          AND (SELECT bool_and(same AND (available IS NULL OR available >= 0)) FROM c) IS NOT FALSE \
          AND (SELECT count(*) FROM l) = cardinality($8::text[])), \
-       (SELECT count(*) FROM h), (SELECT count(*) FROM n), \
+       (SELECT count(*) FROM h), \
        (SELECT coalesce(json_agg(json_build_array(kind, id, available::text)), '[]'::json) FROM c WHERE r), \
        (SELECT coalesce(json_agg(json_build_array(lease_id, amount::text, used::text, holds)), '[]'::json) FROM l)";
 
+/// What the batch moved, told to every process's view after its commit,
+/// in a statement of its own: the rows' held amounts and the leases'
+/// unused parts as they are now, each row share-locked (in the writers'
+/// order) until this commits, so that no writer of them commits (and
+/// notifies) between this read and this notice: the views get the values
+/// in commit order. Its commit does not wait for the disk (`o`): nothing
+/// in it needs to survive a crash, after which every view reloads.
+const TELL: &str = "WITH o AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
+     r AS ( \
+       SELECT x.kind, x.id, x.held FROM o, (SELECT k, i FROM unnest($2::text[], $3::text[]) u(k, i) ORDER BY k, i) u \
+       CROSS JOIN LATERAL (SELECT kind, id, held FROM hold_totals WHERE kind = u.k AND id = u.i FOR SHARE) x), \
+     l AS (SELECT kind, id, lease_id, amount - used AS unused FROM hold_leases \
+       WHERE lease_id = ANY($4::text[]) AND (SELECT count(*) FROM o) = 1 ORDER BY lease_id FOR SHARE), \
+     items AS ( \
+       SELECT 0 AS list, json_build_array(kind, id, held::text) AS j FROM r \
+       UNION ALL SELECT 1, json_build_array(kind, id, lease_id, unused::text) FROM l) \
+     SELECT pg_notify($1, json_build_object( \
+         'h', coalesce(json_agg(j) FILTER (WHERE list = 0), '[]'::json), \
+         'l', coalesce(json_agg(j) FILTER (WHERE list = 1), '[]'::json))::text) \
+     FROM (SELECT list, j, sum(octet_length(j::text) + 1) OVER (ORDER BY list ROWS UNBOUNDED PRECEDING) / 7000 AS g FROM items) z \
+     GROUP BY g";
+
 /// Every statement of this path, prepared with the locked path's.
-pub(super) const STATEMENTS: [&str; 1] = [PLACE];
+pub(super) const STATEMENTS: [&str; 2] = [PLACE, TELL];
 
 /// Whether a batch may go in one statement: it gives back no lease and
 /// locks no hot account's row (each is drawn on a lease), so it takes no
@@ -135,6 +156,7 @@ pub(super) async fn place(
     plan: &Plan,
     leases: &mut Leases,
     now: DateTime<Utc>,
+    answer: super::Answer<'_>,
 ) -> Result<Option<Vec<Result<Placed, ErrorCode>>>, tokio_postgres::Error> {
     let (rows, drawn) = all_placed(plan);
     let (mut kinds, mut ids, mut held, mut n, mut reserved, mut limit) =
@@ -154,16 +176,21 @@ pub(super) async fn place(
     let (new, mut out) = new_rows(batch, &plan.draws, answers, now);
     let new = Value::Array(new);
     let stmt = c.prepare_cached(PLACE).await?;
-    let row = match c
-        .query_one(
-            &stmt,
-            &[
-                &kinds, &ids, &held, &n, &reserved, &limit, &now, &lease_ids, &lease_amounts,
-                &lease_holds, &new, &super::super::view::CHANNEL,
-            ],
-        )
-        .await
-    {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
+        &kinds, &ids, &held, &n, &reserved, &limit, &now, &lease_ids, &lease_amounts, &lease_holds, &new,
+    ];
+    let row = c.query_one(&stmt, &params);
+    let moved = rows.iter().filter(|(_, d)| !d.0.is_zero()).map(|(k, _)| k);
+    // Both sent now, in this order (one round trip): the answers go out as
+    // soon as the batch's own statement is done; the views' notice follows.
+    let (placed, telling) = match select(Box::pin(row), Box::pin(tell(c, moved, &lease_ids))).await {
+        Either::Left((placed, telling)) => (placed, Some(telling)),
+        Either::Right((told, row)) => {
+            told_or_warn(told).await;
+            (row.await, None)
+        }
+    };
+    let row = match placed {
         Ok(row) => row,
         // Refused by Postgres (the check, a constraint, a deadlock): the
         // statement was its own transaction, so nothing of it stayed.
@@ -178,13 +205,16 @@ pub(super) async fn place(
             }
             leases.fast_from = Some(now + chrono::Duration::milliseconds(crate::limits::FAST_PAUSE_MS));
             HoldCounters::add(&HOLDS.batches_fell_back, 1);
+            if let Some(t) = telling {
+                told_or_warn(t.await).await;
+            }
             return Ok(None);
         }
         Err(e) => return Err(e),
     };
-    let available = parse_available(&row.get::<_, Value>(3));
+    let available = parse_available(&row.get::<_, Value>(2));
     let mut locked = Locked::new();
-    for l in row.get::<_, Value>(4).as_array().into_iter().flatten() {
+    for l in row.get::<_, Value>(3).as_array().into_iter().flatten() {
         let (Some(id), Some(amount), Some(used), Some(holds)) =
             (l[0].as_str(), dec(&l[1]), dec(&l[2]), l[3].as_i64())
         else {
@@ -196,7 +226,35 @@ pub(super) async fn place(
     leases.settle(plan, &locked, &drawn, &[]);
     HoldCounters::add(&HOLDS.batches_one_statement, 1);
     fill_available(plan, &mut out, |k| available.get(k).copied());
+    answer(&out);
+    if let Some(t) = telling {
+        told_or_warn(t.await).await;
+    }
     Ok(Some(out))
+}
+
+/// Tell every process's view the held amounts of `moved` and the unused
+/// parts of `leases` (`TELL`), pipelined behind what was sent before.
+async fn tell(
+    c: &deadpool_postgres::Client,
+    moved: impl Iterator<Item = &Key>,
+    leases: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    let (kinds, ids): (Vec<&str>, Vec<&str>) = moved.map(|(k, i)| (k.as_str(), i.as_str())).unzip();
+    let stmt = c.prepare_cached(TELL).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&super::super::view::CHANNEL, &kinds, &ids, &leases];
+    c.query(&stmt, &params).await?;
+    Ok(())
+}
+
+/// A failed notice is logged, not the batch's failure (its holds are
+/// placed): the views learn those rows' amounts with their next change,
+/// or when they reload.
+async fn told_or_warn(told: Result<(), tokio_postgres::Error>) {
+    if let Err(e) = told {
+        tracing::warn!(error = %e, "hold batch: telling the views failed");
+    }
 }
 
 fn dec(v: &Value) -> Option<Decimal> {

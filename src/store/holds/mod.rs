@@ -284,6 +284,10 @@ pub(crate) fn held_moved(before: &TotalsMap, after: &TotalsMap) -> Vec<(Key, Dec
 /// `fell_back` to locked rows, or `locked`), for its debug line.
 pub type Decided = (Vec<Result<Placed, ErrorCode>>, &'static str);
 
+/// Where a batch sends its answers as soon as they are final (committed),
+/// ahead of what it still does after (telling the other processes' views).
+pub type Answer<'a> = &'a mut (dyn FnMut(&[Result<Placed, ErrorCode>]) + Send);
+
 /// Place a batch of holds in one transaction, in order: each answer is the
 /// placed hold or the first failing check of steps 13 and 14. A batch that
 /// finds a lease it drew on returned starts again without it.
@@ -292,10 +296,11 @@ pub async fn place_batch(
     batch: &[NewHold],
     now: DateTime<Utc>,
     leases: &mut Leases,
+    answer: Answer<'_>,
 ) -> anyhow::Result<Decided> {
     let client = pool.get().await?;
     for _ in 0..3 {
-        let result = place_on(&client, batch, now, leases).await;
+        let result = place_on(&client, batch, now, leases, &mut *answer).await;
         if result.is_err() && client.batch_execute("ROLLBACK").await.is_err() {
             // Never hand a connection in an unknown state back to the pool.
             drop(deadpool_postgres::Object::take(client));
@@ -330,6 +335,7 @@ async fn place_on(
     batch: &[NewHold],
     now: DateTime<Utc>,
     leases: &mut Leases,
+    answer: Answer<'_>,
 ) -> Result<Option<Decided>, tokio_postgres::Error> {
     let asks: Vec<Ask> = batch.iter().map(|h| h.ask.clone()).collect();
     let plan = leases.plan(&asks, now);
@@ -338,7 +344,7 @@ async fn place_on(
     prepare_batch(tx).await?;
     let mut path = "locked";
     if fast::eligible(&plan, &keys, leases, now) {
-        if let Some(out) = fast::place(tx, batch, &plan, leases, now).await? {
+        if let Some(out) = fast::place(tx, batch, &plan, leases, now, answer).await? {
             return Ok(Some((out, "one_statement")));
         }
         path = "fell_back";
