@@ -23,7 +23,7 @@
 //! `NOTIFY` holds the cluster's notify lock from its commit's start to its
 //! end, the WAL flush included, so two processes' batches would commit one
 //! at a time. The notice (`TELL`) goes behind it in the same round trip,
-//! in a transaction of its own, and the batch is answered as soon as its
+//! in a statement of its own, and the batch is answered as soon as its
 //! own statement has committed (BENCHMARKS.md, "Fifteenth session").
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -195,16 +195,7 @@ pub(super) async fn place(
         // Refused by Postgres (the check, a constraint, a deadlock): the
         // statement was its own transaction, so nothing of it stayed.
         Err(e) if e.as_db_error().is_some() => {
-            let (code, message) = e.as_db_error().map_or(("", ""), |d| (d.code().code(), d.message()));
-            // The check, a lease overdrawn, a deadlock: expected under
-            // contention. Anything else is a bug in the statement.
-            if ["QH001", "23514", "40P01"].contains(&code) {
-                tracing::debug!(code, message, "hold batch: decided again on locked rows");
-            } else {
-                tracing::warn!(code, message, "hold batch: the one statement failed; decided again on locked rows");
-            }
-            leases.fast_from = Some(now + chrono::Duration::milliseconds(crate::limits::FAST_PAUSE_MS));
-            HoldCounters::add(&HOLDS.batches_fell_back, 1);
+            refused(&e, leases, now);
             if let Some(t) = telling {
                 told_or_warn(t.await).await;
             }
@@ -231,6 +222,21 @@ pub(super) async fn place(
         told_or_warn(t.await).await;
     }
     Ok(Some(out))
+}
+
+/// The statement was refused: the batch goes to locked rows, and so do the
+/// process's next ones for `FAST_PAUSE_MS`.
+fn refused(e: &tokio_postgres::Error, leases: &mut Leases, now: DateTime<Utc>) {
+    let (code, message) = e.as_db_error().map_or(("", ""), |d| (d.code().code(), d.message()));
+    // The check, a lease overdrawn, a deadlock: expected under
+    // contention. Anything else is a bug in the statement.
+    if ["QH001", "23514", "40P01"].contains(&code) {
+        tracing::debug!(code, message, "hold batch: decided again on locked rows");
+    } else {
+        tracing::warn!(code, message, "hold batch: the one statement failed; decided again on locked rows");
+    }
+    leases.fast_from = Some(now + chrono::Duration::milliseconds(crate::limits::FAST_PAUSE_MS));
+    HoldCounters::add(&HOLDS.batches_fell_back, 1);
 }
 
 /// Tell every process's view the held amounts of `moved` and the unused
