@@ -51,11 +51,17 @@ run() {
     [ "$code" = 200 ] || { echo "registry never visible to admission on $addr"; exit 1; }
   done
   echo "== hold admissions at $RPS/s for $SECS s through two processes (one hot reseller and group; consumers' fetch wait $QUOTA_FETCH_WAIT_MS ms)"
+  psql -qAt "$DATABASE_URL" -c "SELECT pg_stat_reset_shared('wal'), pg_stat_reset()" >/dev/null
   cpu_snapshot "$repo/.stack/cpu-before"
-  "$bench_bin" http --addr "$a,$b" --token "$token" --key-prefix "$prefix" --keys "$USERS" --rps "$RPS" --secs "$SECS" --hold 1
+  local TIMEFORMAT="  load generator       %U s user, %S s system (it has exited, so is not in the snapshots)"
+  { time "$bench_bin" http --addr "$a,$b" --token "$token" --key-prefix "$prefix" --keys "$USERS" --rps "$RPS" --secs "$SECS" --hold 1 2>&3; } 3>&2 2>"$repo/.stack/loadgen-time"
   cpu_snapshot "$repo/.stack/cpu-after"
   echo "CPU seconds during the hold load, by program:"
   cpu_report "$repo/.stack/cpu-before" "$repo/.stack/cpu-after" $((RPS * SECS))
+  cat "$repo/.stack/loadgen-time"
+  sleep 11 # an idle connection reports its statistics within 10 s (Postgres 15, PGSTAT_IDLE_INTERVAL)
+  psql -qAt "$DATABASE_URL" -c "SELECT 'WAL during the hold load: ' || wal_records || ' records (' || wal_fpi || ' full pages), ' || pg_size_pretty(wal_bytes) || ', ' || wal_sync || ' syncs' FROM pg_stat_wal"
+  psql -qAt "$DATABASE_URL" -c "SELECT 'row writes: ' || string_agg(relname || ' ' || n_tup_ins || ' inserted, ' || n_tup_upd || ' updated (' || n_tup_hot_upd || ' HOT)', '; ' ORDER BY relname) FROM pg_stat_user_tables WHERE relname IN ('holds', 'hold_totals', 'hold_leases')"
   grep -h "hold batch" "$repo/.stack/bench-holds-a.log" | tail -3 || true
   psql -qAt "$DATABASE_URL" -c "SELECT 'holds placed: ' || count(*) || ', active: ' || count(*) FILTER (WHERE state = 'active') FROM holds"
   psql -qAt "$DATABASE_URL" -c "SELECT 'hot rows: ' || string_agg(kind || ' ' || id || ' in flight ' || in_flight || ' held ' || held, '; ') FROM hold_totals WHERE kind IN ('group', 'reseller') AND in_flight > 0"
