@@ -6,6 +6,9 @@
 # for comparison; then the floor: the same Postgres, pgbench running one
 # transaction per hold (lock the two hot rows, insert the hold, commit) at
 # the same rate from two clients, i.e. the naive design without our code.
+# Beside the hold load's latency it prints each program's CPU (the load
+# generator's too), the WAL written and the hold tables' row writes (HOT
+# or not).
 #   RPS (2000), SECS (20), USERS (1000); QE_BIN (the build to measure,
 #   target/release/quota-engine: set it to a copy of another commit's build
 #   for an A/B on one stack); QUOTA_FETCH_WAIT_MS (500 here, the service's
