@@ -416,7 +416,17 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     }
     st.admission.render(&mut out);
     crate::metrics::HOLDS.render(&mut out);
-    let in_flight = crate::store::holds::in_flight_by_kind(&st.pool)
+    hold_gauges(&st.pool, &mut out).await?;
+    st.lag.render(&mut out);
+    st.admission_latency.render(&mut out);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The hold gauges of /metrics, read from the database (the same on every
+/// process): holds in flight and held per account kind, and the leases on
+/// hot accounts.
+async fn hold_gauges(pool: &Pool, out: &mut String) -> Result<(), ApiError> {
+    let in_flight = crate::store::holds::in_flight_by_kind(pool)
         .await
         .map_err(ApiError::internal)?;
     out.push_str("# HELP quota_holds_in_flight Active holds naming an account of each kind (all processes).\n# TYPE quota_holds_in_flight gauge\n");
@@ -431,9 +441,21 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
         let k = kind.as_str();
         out.push_str(&format!("quota_holds_in_flight{{kind=\"{k}\"}} {n}\nquota_holds_held{{kind=\"{k}\"}} {}\nquota_holds_in_flight_max{{kind=\"{k}\"}} {max}\n", held.normalize()));
     }
-    st.lag.render(&mut out);
-    st.admission_latency.render(&mut out);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    let leases = crate::store::holds::lease::leases_by_kind(pool)
+        .await
+        .map_err(ApiError::internal)?;
+    out.push_str("# HELP quota_hold_leases Hold leases taken and not yet returned, per hot account kind (all processes).\n# TYPE quota_hold_leases gauge\n");
+    out.push_str("# HELP quota_hold_leases_unused Credit in those leases that no hold has drawn on, per kind (available to every process: not held).\n# TYPE quota_hold_leases_unused gauge\n");
+    for kind in [crate::event::AccountKind::Group, crate::event::AccountKind::Reseller] {
+        let k = kind.as_str();
+        let (n, unused) = leases
+            .iter()
+            .find(|(x, ..)| x == k)
+            .map(|(_, n, u)| (*n, *u))
+            .unwrap_or_default();
+        out.push_str(&format!("quota_hold_leases{{kind=\"{k}\"}} {n}\nquota_hold_leases_unused{{kind=\"{k}\"}} {}\n", unused.normalize()));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -358,6 +359,9 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
         .sql_one("SELECT count(*) FROM hold_leases WHERE kind = 'group' AND id = 'g_dead' AND state = 'active'", &[])
         .await;
     assert_eq!(leases, 1, "a lease after the first batch");
+    // /metrics shows it (every process reads the same table).
+    let (n, unused) = (gauge(&b, "quota_hold_leases{kind=\"group\"}").await, gauge(&b, "quota_hold_leases_unused{kind=\"group\"}").await);
+    assert!(n >= d("1") && unused > d("0"), "group leases {n}, unused {unused}");
     // The first batch took the lease, on the locked row; the next four
     // drew on it, each in one statement.
     let one = batches(&a, "one_statement").await;
@@ -381,6 +385,10 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
     }
     let bal = balance_json(&b, "group", "g_dead").await;
     assert_eq!((d(bal["held"].as_str().unwrap()), bal["in_flight"].clone()), (d("400"), json!(400)), "{bal}");
+    for kind in ["group", "reseller"] {
+        let unused = gauge(&b, &format!("quota_hold_leases_unused{{kind=\"{kind}\"}}")).await;
+        assert_eq!((gauge(&b, &format!("quota_hold_leases{{kind=\"{kind}\"}}")).await, unused), (d("0"), d("0")));
+    }
 
     // A user with credit for 7 (its group and reseller unlimited), 30
     // holds at once: its batches go in one statement, which assumes every
@@ -405,6 +413,16 @@ async fn batches(svc: &Service, path: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&line))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {line} in /metrics:\n{text}"))
+}
+
+/// The value of one line of a process's /metrics (`name{labels}`).
+async fn gauge(svc: &Service, series: &str) -> Decimal {
+    let text = svc.http().get(svc.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| d(v.trim()))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
 }
 
 async fn wait_until_code(svc: &Service, body: &Value, code: &str) {

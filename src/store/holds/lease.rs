@@ -35,6 +35,21 @@ pub fn leasable(kind: AccountKind) -> bool {
     matches!(kind, AccountKind::Group | AccountKind::Reseller)
 }
 
+/// Active leases per hot account kind, all processes', for /metrics:
+/// (kind, how many, their unused credit). One taken and not yet returned
+/// counts, even past its `expires_at` (the sweeper returns it).
+pub async fn leases_by_kind(pool: &deadpool_postgres::Pool) -> anyhow::Result<Vec<(String, i64, Decimal)>> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT kind, count(*), coalesce(sum(amount - used), 0) FROM hold_leases \
+             WHERE state = 'active' GROUP BY kind ORDER BY kind",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+}
+
 /// A lease as its owner knows it. `used` is at least what the database
 /// says (only its owner adds to it; holds ending take from it), so what
 /// the owner thinks is left never exceeds what is.
