@@ -446,7 +446,8 @@ async fn hold_gauges(pool: &Pool, out: &mut String) -> Result<(), ApiError> {
         .map_err(ApiError::internal)?;
     out.push_str("# HELP quota_hold_leases Hold leases taken and not yet returned, per hot account kind (all processes).\n# TYPE quota_hold_leases gauge\n");
     out.push_str("# HELP quota_hold_leases_unused Credit in those leases that no hold has drawn on, per kind (available to every process: not held).\n# TYPE quota_hold_leases_unused gauge\n");
-    for kind in [crate::event::AccountKind::Group, crate::event::AccountKind::Reseller] {
+    let hot = crate::event::AccountKind::ALL.into_iter().filter(|k| crate::store::holds::lease::leasable(*k));
+    for kind in hot {
         let k = kind.as_str();
         let (n, unused) = leases
             .iter()

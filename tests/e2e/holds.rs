@@ -360,7 +360,7 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
         .await;
     assert_eq!(leases, 1, "a lease after the first batch");
     // /metrics shows it (every process reads the same table).
-    let (n, unused) = (gauge(&b, "quota_hold_leases{kind=\"group\"}").await, gauge(&b, "quota_hold_leases_unused{kind=\"group\"}").await);
+    let (n, unused): (Decimal, Decimal) = (gauge(&b, "quota_hold_leases{kind=\"group\"}").await, gauge(&b, "quota_hold_leases_unused{kind=\"group\"}").await);
     assert!(n >= d("1") && unused > d("0"), "group leases {n}, unused {unused}");
     // The first batch took the lease, on the locked row; the next four
     // drew on it, each in one statement.
@@ -386,8 +386,9 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
     let bal = balance_json(&b, "group", "g_dead").await;
     assert_eq!((d(bal["held"].as_str().unwrap()), bal["in_flight"].clone()), (d("400"), json!(400)), "{bal}");
     for kind in ["group", "reseller"] {
-        let unused = gauge(&b, &format!("quota_hold_leases_unused{{kind=\"{kind}\"}}")).await;
-        assert_eq!((gauge(&b, &format!("quota_hold_leases{{kind=\"{kind}\"}}")).await, unused), (d("0"), d("0")));
+        let unused: Decimal = gauge(&b, &format!("quota_hold_leases_unused{{kind=\"{kind}\"}}")).await;
+        let n: Decimal = gauge(&b, &format!("quota_hold_leases{{kind=\"{kind}\"}}")).await;
+        assert_eq!((n, unused), (d("0"), d("0")));
     }
 
     // A user with credit for 7 (its group and reseller unlimited), 30
@@ -407,21 +408,16 @@ async fn leases_on_hot_accounts_keep_exactly_n_and_come_back_from_a_killed_proce
 
 /// A process's `quota_hold_batches_total` for `path`.
 async fn batches(svc: &Service, path: &str) -> u64 {
-    let text = svc.http().get(svc.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let line = format!("quota_hold_batches_total{{path=\"{path}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {line} in /metrics:\n{text}"))
+    gauge(svc, &format!("quota_hold_batches_total{{path=\"{path}\"}}")).await
 }
 
 /// The value of one line of a process's /metrics (`name{labels}`).
-async fn gauge(svc: &Service, series: &str) -> Decimal {
+async fn gauge<T: std::str::FromStr>(svc: &Service, series: &str) -> T {
     let text = svc.http().get(svc.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let prefix = format!("{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| d(v.trim()))
+        .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
 }
 
