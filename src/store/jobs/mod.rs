@@ -40,7 +40,6 @@ pub async fn run_quarantine_sweeper(
     let mut cycles = CycleCache::default();
     let mut compacted = std::time::Instant::now();
     let mut horizon_moved = std::time::Instant::now();
-    let mut timed_due = std::time::Instant::now();
     loop {
         // Cycle starts before expiries: a cycle block's finalization rolls
         // over into the next cycle's block, which must be booked by then.
@@ -61,16 +60,30 @@ pub async fn run_quarantine_sweeper(
                 }
             }
         }
-        if std::time::Instant::now() >= timed_due {
-            let Some(more) = time_passes(&sink, expire_balance_after).await else {
+        // Expiry warnings before finalization: a block past its expiry
+        // still holds its credit until it is finalized.
+        match sink.notify_as_time_passes().await {
+            Ok(n) if n > 0 => {
+                tracing::info!(notifications = n, "notifications recorded as time passed")
+            }
+            Ok(_) => {}
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
                 return;
-            };
-            let wait = if more {
-                std::time::Duration::ZERO
-            } else {
-                limits::TIME_PASS_EVERY
-            };
-            timed_due = std::time::Instant::now() + wait;
+            }
+            Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
+        }
+        match sink
+            .finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),
+            Ok(_) => {}
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
+                return;
+            }
+            Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
         }
         if horizon_moved.elapsed() >= limits::HORIZON_EVERY {
             horizon_moved = std::time::Instant::now();
@@ -101,47 +114,6 @@ pub async fn run_quarantine_sweeper(
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(pause) => {}
-        }
-    }
-}
-
-/// What time passing decides, at the first sweep `TIME_PASS_EVERY` after
-/// the last pass (each pass reads every watched account): notifications,
-/// then the finalization of due expiries. Warnings go first: a block past its expiry holds its
-/// credit until it is finalized, so each finalization follows a pass that
-/// saw it. Some(true) when a finalization found a full batch (the next
-/// pass is due at once); None when a broken invariant stops the sweeper.
-async fn time_passes(
-    sink: &LedgerSink,
-    expire_balance_after: Option<chrono::Duration>,
-) -> Option<bool> {
-    match sink.notify_as_time_passes().await {
-        Ok(n) if n > 0 => {
-            tracing::info!(notifications = n, "notifications recorded as time passed")
-        }
-        Ok(_) => {}
-        Err(ApplyError::Invariant(m)) => {
-            tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
-            return None;
-        }
-        Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
-    }
-    match sink
-        .finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX)
-        .await
-    {
-        Ok(n) if n > 0 => {
-            tracing::info!(blocks = n, "expiries finalized");
-            Some(n as i64 >= limits::SWEEP_BATCH_MAX)
-        }
-        Ok(_) => Some(false),
-        Err(ApplyError::Invariant(m)) => {
-            tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = ?e, "expiry finalization failed");
-            Some(false)
         }
     }
 }
