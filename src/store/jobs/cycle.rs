@@ -44,17 +44,18 @@ impl Tracked {
 }
 
 impl LedgerSink {
-    /// Book the cycle starts due now, at most `limit` (the rest on the next
-    /// pass). Returns how many were due, and how many of them were booked
-    /// here (the others another process booked first).
+    /// Book the cycle starts due at `now` (the sweep's reading of the
+    /// clock), at most `limit` (the rest on the next pass). Returns how
+    /// many were due, and how many of them were booked here (the others
+    /// another process booked first).
     pub async fn book_due_cycles(
         &self,
         cache: &mut CycleCache,
         limit: usize,
+        now: DateTime<Utc>,
     ) -> Result<(usize, usize), ApplyError> {
         let mut client = self.client().await?;
         refresh(&client, cache).await?;
-        let now = self.now();
         let mut due: Vec<CycleRecord> = Vec::new();
         for (account, t) in &cache.accounts {
             if t.next.is_none_or(|n| n > now) || due.len() >= limit {

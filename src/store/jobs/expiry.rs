@@ -28,8 +28,19 @@ impl LedgerSink {
         expire_balance_after: Option<chrono::Duration>,
         limit: i64,
     ) -> Result<usize, ApplyError> {
+        self.finalize_expiries_at(expire_balance_after, limit, self.now())
+            .await
+    }
+
+    /// `finalize_expiries` as of `now`: the sweeper's reading of the clock
+    /// for its whole sweep, so the cycle starts it booked are the ones due.
+    pub(crate) async fn finalize_expiries_at(
+        &self,
+        expire_balance_after: Option<chrono::Duration>,
+        limit: i64,
+        now: DateTime<Utc>,
+    ) -> Result<usize, ApplyError> {
         let mut client = self.client().await?;
-        let now = self.now();
         let window = now - self.lateness;
         let due = due_blocks(&client, window, expire_balance_after, now, limit).await?;
         if due.is_empty() {

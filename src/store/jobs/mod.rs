@@ -41,49 +41,20 @@ pub async fn run_quarantine_sweeper(
     let mut compacted = std::time::Instant::now();
     let mut horizon_moved = std::time::Instant::now();
     loop {
-        // Cycle starts before expiries: a cycle block's finalization rolls
-        // over into the next cycle's block, which must be booked by then.
-        loop {
-            match sink
-                .book_due_cycles(&mut cycles, limits::CYCLE_BATCH_MAX)
+        // One reading of the clock for the whole sweep: what booking cycle
+        // starts saw due is what finalization sees, so a block is never
+        // finalized before the next cycle's block it rolls into is booked
+        // (a clock that moved between the two steps could do that).
+        let now = sink.now();
+        let Some(booked) = book_cycles(&sink, &mut cycles, now).await else {
+            return;
+        };
+        if booked
+            && time_passes(&sink, expire_balance_after, now)
                 .await
-            {
-                Ok((0, _)) => break,
-                Ok((due, booked)) => tracing::info!(due, booked, "cycle starts booked"),
-                Err(ApplyError::Invariant(m)) => {
-                    tracing::error!(error = %m, "broken ledger invariant while booking cycles; stopping the sweeper");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = ?e, "booking cycle starts failed");
-                    break;
-                }
-            }
-        }
-        // Expiry warnings before finalization: a block past its expiry
-        // still holds its credit until it is finalized.
-        match sink.notify_as_time_passes().await {
-            Ok(n) if n > 0 => {
-                tracing::info!(notifications = n, "notifications recorded as time passed")
-            }
-            Ok(_) => {}
-            Err(ApplyError::Invariant(m)) => {
-                tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
-                return;
-            }
-            Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
-        }
-        match sink
-            .finalize_expiries(expire_balance_after, limits::SWEEP_BATCH_MAX)
-            .await
+                .is_none()
         {
-            Ok(n) if n > 0 => tracing::info!(blocks = n, "expiries finalized"),
-            Ok(_) => {}
-            Err(ApplyError::Invariant(m)) => {
-                tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
-                return;
-            }
-            Err(e) => tracing::warn!(error = ?e, "expiry finalization failed"),
+            return;
         }
         if horizon_moved.elapsed() >= limits::HORIZON_EVERY {
             horizon_moved = std::time::Instant::now();
@@ -114,6 +85,76 @@ pub async fn run_quarantine_sweeper(
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Book every cycle start due at `now`. Some(true) when all are booked,
+/// Some(false) when a pass failed (finalization then waits for a sweep
+/// that booked them: it would expire what should roll over), None when a
+/// broken invariant stops the sweeper.
+async fn book_cycles(
+    sink: &LedgerSink,
+    cycles: &mut CycleCache,
+    now: DateTime<Utc>,
+) -> Option<bool> {
+    loop {
+        match sink
+            .book_due_cycles(cycles, limits::CYCLE_BATCH_MAX, now)
+            .await
+        {
+            Ok((0, _)) => return Some(true),
+            Ok((due, booked)) => tracing::info!(due, booked, "cycle starts booked"),
+            Err(ApplyError::Invariant(m)) => {
+                tracing::error!(error = %m, "broken ledger invariant while booking cycles; stopping the sweeper");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, "booking cycle starts failed");
+                return Some(false);
+            }
+        }
+    }
+}
+
+/// What time passing decides at `now`: notifications, then the
+/// finalization of due expiries. Warnings go first:
+/// a block past its expiry holds its credit until it is finalized, so each
+/// finalization follows a pass that saw it. Some(true) when a finalization
+/// found a full batch (the next pass is due at once); None when a broken
+/// invariant stops the sweeper.
+async fn time_passes(
+    sink: &LedgerSink,
+    expire_balance_after: Option<chrono::Duration>,
+    now: DateTime<Utc>,
+) -> Option<bool> {
+    match sink.notify_as_time_passes(now).await {
+        Ok(n) if n > 0 => {
+            tracing::info!(notifications = n, "notifications recorded as time passed")
+        }
+        Ok(_) => {}
+        Err(ApplyError::Invariant(m)) => {
+            tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
+            return None;
+        }
+        Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
+    }
+    match sink
+        .finalize_expiries_at(expire_balance_after, limits::SWEEP_BATCH_MAX, now)
+        .await
+    {
+        Ok(n) if n > 0 => {
+            tracing::info!(blocks = n, "expiries finalized");
+            Some(n as i64 >= limits::SWEEP_BATCH_MAX)
+        }
+        Ok(_) => Some(false),
+        Err(ApplyError::Invariant(m)) => {
+            tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = ?e, "expiry finalization failed");
+            Some(false)
         }
     }
 }

@@ -33,8 +33,7 @@ const CREDIT: &str = "(SELECT coalesce(sum(b.remaining), 0) FROM credit_blocks b
 impl LedgerSink {
     /// One pass: expiry warnings, then credit crossings by time. Returns
     /// how many notifications were recorded.
-    pub async fn notify_as_time_passes(&self) -> Result<usize, ApplyError> {
-        let now = self.now();
+    pub async fn notify_as_time_passes(&self, now: DateTime<Utc>) -> Result<usize, ApplyError> {
         Ok(self.expiry_warnings(now).await? + self.crossings(now).await?)
     }
 
