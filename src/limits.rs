@@ -47,6 +47,13 @@ pub const OUTBOX_POOL: usize = 2;
 /// The sweeper's pause after a pass that found work, found none, or failed.
 pub const SWEEP_PAUSE_BUSY: Duration = Duration::from_millis(10);
 pub const SWEEP_PAUSE_IDLE: Duration = Duration::from_millis(200);
+/// How long a sweeper waits (to its first sweep after) between passes
+/// deciding what time passing does: notifications by time (contract:
+/// "within a second"), then due expiries. Each pass reads every watched
+/// account's credit, in every `serve` process; at the idle pause above
+/// their queries ran 8 % of the time with 200 watched accounts and two
+/// processes (BENCHMARKS.md, "Eighteenth session").
+pub const TIME_PASS_EVERY: Duration = Duration::from_millis(500);
 /// How often a sweeper folds the spend rollup's deltas into its tables:
 /// each fold adds to each (hour, dimensions) row once for all the batches
 /// since the last (BENCHMARKS.md, "Spend reports").

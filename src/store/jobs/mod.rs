@@ -40,6 +40,7 @@ pub async fn run_quarantine_sweeper(
     let mut cycles = CycleCache::default();
     let mut compacted = std::time::Instant::now();
     let mut horizon_moved = std::time::Instant::now();
+    let mut time_due = std::time::Instant::now();
     loop {
         // One reading of the clock for the whole sweep: what booking cycle
         // starts saw due is what finalization sees, so a block is never
@@ -49,12 +50,16 @@ pub async fn run_quarantine_sweeper(
         let Some(booked) = book_cycles(&sink, &mut cycles, now).await else {
             return;
         };
-        if booked
-            && time_passes(&sink, expire_balance_after, now)
-                .await
-                .is_none()
-        {
-            return;
+        if booked && std::time::Instant::now() >= time_due {
+            let Some(more) = time_passes(&sink, expire_balance_after, now).await else {
+                return;
+            };
+            time_due = std::time::Instant::now()
+                + if more {
+                    std::time::Duration::ZERO
+                } else {
+                    limits::TIME_PASS_EVERY
+                };
         }
         if horizon_moved.elapsed() >= limits::HORIZON_EVERY {
             horizon_moved = std::time::Instant::now();
@@ -117,8 +122,9 @@ async fn book_cycles(
     }
 }
 
-/// What time passing decides at `now`: notifications, then the
-/// finalization of due expiries. Warnings go first:
+/// What time passing decides at `now`, at the first sweep `TIME_PASS_EVERY`
+/// after the last pass (each pass reads every watched account's credit):
+/// notifications, then the finalization of due expiries. Warnings go first:
 /// a block past its expiry holds its credit until it is finalized, so each
 /// finalization follows a pass that saw it. Some(true) when a finalization
 /// found a full batch (the next pass is due at once); None when a broken
