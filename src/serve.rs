@@ -211,6 +211,14 @@ fn spawn_ingest(
         let sink = LedgerSink::new(pool, Some(dead_letters), clock, lateness)
             .with_limits(sink_limits)
             .with_usage_topic(usage_topic);
+        // The finalization horizon before any record is applied: a usage
+        // event produced in time during an outage is placed at its own
+        // time only back to the horizon, and with none recorded yet (no
+        // pass has run) it would be placed by the lateness window alone,
+        // late, if the consumers reached it before the sweeper's first pass.
+        if let Err(e) = sink.advance_horizon().await {
+            tracing::warn!(error = ?e, "moving the finalization horizon at start failed");
+        }
         let sweeper = tokio::spawn(store::run_quarantine_sweeper(
             sink.clone(),
             expire_balance_after,
