@@ -103,6 +103,13 @@ pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// absorb a burst at thousands per second in a few batches, small enough
 /// that a batch's statements stay well under a millisecond of work each.
 pub const HOLD_BATCH_MAX: usize = 256;
+/// How often at most a process tells the views what its hold batches
+/// placed in one statement moved (`store::holds::fast`, `TELL`): the rows
+/// and leases of every batch since the last notice go in the next one.
+/// Each notice is a statement, a commit and a wake-up of every process's
+/// listener. Views (plain admissions, not holds: those are decided on the
+/// rows) see a hold's amount this much later at most.
+pub const TELL_EVERY: Duration = Duration::from_millis(5);
 /// Hold requests waiting for a batch; more wait for room (HTTP keeps them).
 pub const HOLD_QUEUE: usize = 8_192;
 /// Holds ended (expired, purged) per statement by the hold sweeper.

@@ -29,7 +29,19 @@ impl HoldBatcher {
             tokio::sync::mpsc::channel::<Job>(crate::limits::HOLD_QUEUE);
         tokio::spawn(async move {
             let mut leases = Leases::new();
-            while let Some(first) = rx.recv().await {
+            loop {
+                // The views' notice waits for the next batch, until it is due.
+                let first = match leases.untold.wait(std::time::Instant::now()) {
+                    None => rx.recv().await,
+                    Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
+                        Ok(first) => first,
+                        Err(_) => {
+                            super::fast::tell_untold(&pool, &mut leases.untold).await;
+                            continue;
+                        }
+                    },
+                };
+                let Some(first) = first else { break };
                 let mut jobs = vec![first];
                 while jobs.len() < crate::limits::HOLD_BATCH_MAX {
                     match rx.try_recv() {

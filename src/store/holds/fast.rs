@@ -22,9 +22,12 @@
 //! The statement does not notify the views: a transaction that calls
 //! `NOTIFY` holds the cluster's notify lock from its commit's start to its
 //! end, the WAL flush included, so two processes' batches would commit one
-//! at a time. The notice (`TELL`) goes behind it in the same round trip,
-//! in a statement of its own, and the batch is answered as soon as its
-//! own statement has committed (BENCHMARKS.md, "Fifteenth session").
+//! at a time. The notice (`TELL`) goes in a statement of its own, and the
+//! batch is answered as soon as its own statement has committed
+//! (BENCHMARKS.md, "Fifteenth session"). One notice covers every batch of
+//! the process since the last (`Untold`): it goes behind a batch in the
+//! same round trip once `TELL_EVERY` has passed since the last, or on its
+//! own when the process has no batch to send by then.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -91,12 +94,17 @@ const PLACE: &str = "WITH s AS ( \
 /// notifies) between this read and this notice: the views get the values
 /// in commit order. Its commit does not wait for the disk (`o`): nothing
 /// in it needs to survive a crash, after which every view reloads.
+///
+/// A notice may cover several batches (`Untold`), so it can come after a
+/// lease it names was returned (by its owner, or taken back by any
+/// process's sweeper): that return told the views "0" in its own
+/// transaction, and a returned lease is not named again.
 const TELL: &str = "WITH o AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), \
      r AS ( \
        SELECT x.kind, x.id, x.held FROM o, (SELECT k, i FROM unnest($2::text[], $3::text[]) u(k, i) ORDER BY k, i) u \
        CROSS JOIN LATERAL (SELECT kind, id, held FROM hold_totals WHERE kind = u.k AND id = u.i FOR SHARE) x), \
      l AS (SELECT kind, id, lease_id, amount - used AS unused FROM hold_leases \
-       WHERE lease_id = ANY($4::text[]) AND (SELECT count(*) FROM o) = 1 ORDER BY lease_id FOR SHARE), \
+       WHERE lease_id = ANY($4::text[]) AND state = 'active' AND (SELECT count(*) FROM o) = 1 ORDER BY lease_id FOR SHARE), \
      items AS ( \
        SELECT 0 AS list, json_build_array(kind, id, held::text) AS j FROM r \
        UNION ALL SELECT 1, json_build_array(kind, id, lease_id, unused::text) FROM l) \
@@ -180,15 +188,22 @@ pub(super) async fn place(
         &kinds, &ids, &held, &n, &reserved, &limit, &now, &lease_ids, &lease_amounts, &lease_holds, &new,
     ];
     let row = c.query_one(&stmt, &params);
-    let moved = rows.iter().filter(|(_, d)| !d.0.is_zero()).map(|(k, _)| k);
-    // Both sent now, in this order (one round trip): the answers go out as
-    // soon as the batch's own statement is done; the views' notice follows.
-    let (placed, telling) = match select(Box::pin(row), Box::pin(tell(c, moved, &lease_ids))).await {
-        Either::Left((placed, telling)) => (placed, Some(telling)),
-        Either::Right((told, row)) => {
-            told_or_warn(told).await;
-            (row.await, None)
+    // Recorded before the statement's outcome is known: a row or lease told
+    // for nothing costs the views one needless (and exact) update.
+    leases.untold.add(rows.iter().filter(|(_, d)| !d.0.is_zero()).map(|(k, _)| k.clone()), drawn.keys().cloned());
+    let (placed, telling) = if leases.untold.due(std::time::Instant::now()) {
+        let (keys, ids) = leases.untold.take(std::time::Instant::now());
+        // Both sent now, in this order (one round trip): the answers go out
+        // as soon as the batch's own statement is done; the notice follows.
+        match select(Box::pin(row), Box::pin(tell(c, keys, ids))).await {
+            Either::Left((placed, telling)) => (placed, Some(telling)),
+            Either::Right((told, row)) => {
+                told_or_warn(told).await;
+                (row.await, None)
+            }
         }
+    } else {
+        (row.await, None)
     };
     let row = match placed {
         Ok(row) => row,
@@ -239,14 +254,58 @@ fn refused(e: &tokio_postgres::Error, leases: &mut Leases, now: DateTime<Utc>) {
     HoldCounters::add(&HOLDS.batches_fell_back, 1);
 }
 
+/// The rows and leases this process's batches moved since its last notice
+/// to the views, and when that notice went.
+#[derive(Debug, Default)]
+pub struct Untold {
+    keys: BTreeSet<Key>,
+    leases: BTreeSet<String>,
+    last: Option<std::time::Instant>,
+}
+
+impl Untold {
+    fn add(&mut self, keys: impl Iterator<Item = Key>, leases: impl Iterator<Item = String>) {
+        self.keys.extend(keys);
+        self.leases.extend(leases);
+    }
+
+    /// How long until the next notice is due; None when nothing waits.
+    pub(super) fn wait(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        if self.keys.is_empty() && self.leases.is_empty() {
+            return None;
+        }
+        let due = self.last.map_or(now, |t| t + crate::limits::TELL_EVERY);
+        Some(due.saturating_duration_since(now))
+    }
+
+    fn due(&self, now: std::time::Instant) -> bool {
+        self.wait(now).is_some_and(|w| w.is_zero())
+    }
+
+    fn take(&mut self, now: std::time::Instant) -> (BTreeSet<Key>, BTreeSet<String>) {
+        self.last = Some(now);
+        (std::mem::take(&mut self.keys), std::mem::take(&mut self.leases))
+    }
+}
+
+/// The notice that waited for no batch: sent on its own when it is due.
+pub(super) async fn tell_untold(pool: &deadpool_postgres::Pool, untold: &mut Untold) {
+    let (keys, leases) = untold.take(std::time::Instant::now());
+    match pool.get().await {
+        Ok(c) => told_or_warn(tell(&c, keys, leases).await).await,
+        Err(e) => tracing::warn!(error = %e, "hold batch: telling the views failed"),
+    }
+}
+
 /// Tell every process's view the held amounts of `moved` and the unused
 /// parts of `leases` (`TELL`), pipelined behind what was sent before.
 async fn tell(
     c: &deadpool_postgres::Client,
-    moved: impl Iterator<Item = &Key>,
-    leases: &[&str],
+    moved: BTreeSet<Key>,
+    leases: BTreeSet<String>,
 ) -> Result<(), tokio_postgres::Error> {
-    let (kinds, ids): (Vec<&str>, Vec<&str>) = moved.map(|(k, i)| (k.as_str(), i.as_str())).unzip();
+    let (kinds, ids): (Vec<&str>, Vec<&str>) = moved.iter().map(|(k, i)| (k.as_str(), i.as_str())).unzip();
+    let leases: Vec<&str> = leases.iter().map(String::as_str).collect();
     let stmt = c.prepare_cached(TELL).await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
         [&super::super::view::CHANNEL, &kinds, &ids, &leases];
@@ -347,6 +406,32 @@ mod tests {
         assert!(!rows.keys().any(|(k, _)| lease::leasable(*k)));
         assert_eq!(drawn["lease_g"], (Decimal::from(13), 3));
         assert_eq!(drawn["lease_r"], (Decimal::from(13), 3));
+    }
+
+    #[test]
+    fn one_notice_covers_the_batches_since_the_last_and_waits_at_most_tell_every() {
+        let t0 = std::time::Instant::now();
+        let every = crate::limits::TELL_EVERY;
+        let mut u = Untold::default();
+        assert_eq!(u.wait(t0), None, "nothing moved: nothing to wait for");
+        let key = |id: &str| (AccountKind::User, id.to_string());
+        u.add([key("u1")].into_iter(), ["lease_g".to_string()].into_iter());
+        assert!(u.due(t0), "the first notice goes with the batch that moved something");
+        let (keys, leases) = u.take(t0);
+        assert_eq!((keys.len(), leases.len()), (1, 1));
+        assert_eq!(u.wait(t0), None);
+        // Two batches within TELL_EVERY: neither sends a notice; the next
+        // one names both batches' rows (once each) and their lease.
+        u.add([key("u2"), key("u1")].into_iter(), ["lease_g".to_string()].into_iter());
+        u.add([key("u2")].into_iter(), ["lease_g".to_string(), "lease_r".to_string()].into_iter());
+        let half = t0 + every / 2;
+        assert!(!u.due(half));
+        assert_eq!(u.wait(half), Some(every - every / 2), "the batcher waits out the rest, then tells");
+        assert!(u.due(t0 + every));
+        let (keys, leases) = u.take(t0 + every);
+        assert_eq!(keys, BTreeSet::from([key("u1"), key("u2")]));
+        assert_eq!(leases, BTreeSet::from(["lease_g".to_string(), "lease_r".to_string()]));
+        assert_eq!(u.wait(t0 + every), None);
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct Leases {
     /// When batches may go in one statement again after one fell back to
     /// locked rows (`fast`).
     pub fast_from: Option<DateTime<Utc>>,
+    /// What this process's batches moved that the views are not told yet.
+    pub untold: super::fast::Untold,
 }
 
 /// How a batch goes: each ask with the scopes it draws from a lease made
@@ -98,6 +100,7 @@ impl Leases {
             owner: super::random_id("proc_"),
             map: HashMap::new(),
             fast_from: None,
+            untold: Default::default(),
         }
     }
 
