@@ -31,8 +31,15 @@ impl HoldBatcher {
             let mut leases = Leases::new();
             loop {
                 // The views' notice waits for the next batch, until it is due.
+                // Already due here means the last batch did not send it (it
+                // was decided on locked rows): it goes now, before the queue,
+                // which under load is never empty.
                 let first = match leases.untold.wait(std::time::Instant::now()) {
                     None => rx.recv().await,
+                    Some(wait) if wait.is_zero() => {
+                        super::fast::tell_untold(&pool, &mut leases.untold).await;
+                        continue;
+                    }
                     Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
                         Ok(first) => first,
                         Err(_) => {

@@ -191,8 +191,9 @@ pub(super) async fn place(
     // Recorded before the statement's outcome is known: a row or lease told
     // for nothing costs the views one needless (and exact) update.
     leases.untold.add(rows.iter().filter(|(_, d)| !d.0.is_zero()).map(|(k, _)| k.clone()), drawn.keys().cloned());
-    let (placed, telling) = if leases.untold.due(std::time::Instant::now()) {
-        let (keys, ids) = leases.untold.take(std::time::Instant::now());
+    let sent = std::time::Instant::now();
+    let (placed, telling) = if leases.untold.due(sent) {
+        let (keys, ids) = leases.untold.take(sent);
         // Both sent now, in this order (one round trip): the answers go out
         // as soon as the batch's own statement is done; the notice follows.
         match select(Box::pin(row), Box::pin(tell(c, keys, ids))).await {
