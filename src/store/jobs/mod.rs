@@ -78,12 +78,10 @@ pub async fn run_quarantine_sweeper(
         let pause = match sink.retry_waiting(limits::SWEEP_BATCH_MAX).await {
             Ok(n) if n > 0 => limits::SWEEP_PAUSE_BUSY,
             Ok(_) => limits::SWEEP_PAUSE_IDLE,
-            Err(ApplyError::Invariant(m)) => {
-                tracing::error!(error = %m, "broken ledger invariant while retrying quarantine; stopping the sweeper");
-                return;
-            }
             Err(e) => {
-                tracing::warn!(error = ?e, "quarantine retry failed");
+                let Some(()) = survive(e, "retrying quarantine") else {
+                    return;
+                };
                 limits::SWEEP_PAUSE_FAILED
             }
         };
@@ -110,12 +108,8 @@ async fn book_cycles(
         {
             Ok((0, _)) => return Some(true),
             Ok((due, booked)) => tracing::info!(due, booked, "cycle starts booked"),
-            Err(ApplyError::Invariant(m)) => {
-                tracing::error!(error = %m, "broken ledger invariant while booking cycles; stopping the sweeper");
-                return None;
-            }
             Err(e) => {
-                tracing::warn!(error = ?e, "booking cycle starts failed");
+                survive(e, "booking cycle starts")?;
                 return Some(false);
             }
         }
@@ -139,11 +133,7 @@ async fn time_passes(
             tracing::info!(notifications = n, "notifications recorded as time passed")
         }
         Ok(_) => {}
-        Err(ApplyError::Invariant(m)) => {
-            tracing::error!(error = %m, "broken ledger invariant while deciding notifications; stopping the sweeper");
-            return None;
-        }
-        Err(e) => tracing::warn!(error = ?e, "deciding notifications failed"),
+        Err(e) => survive(e, "deciding notifications")?,
     }
     match sink
         .finalize_expiries_at(expire_balance_after, limits::SWEEP_BATCH_MAX, now)
@@ -154,13 +144,23 @@ async fn time_passes(
             Some(n as i64 >= limits::SWEEP_BATCH_MAX)
         }
         Ok(_) => Some(false),
-        Err(ApplyError::Invariant(m)) => {
-            tracing::error!(error = %m, "broken ledger invariant while finalizing expiries; stopping the sweeper");
+        Err(e) => survive(e, "finalizing expiries").map(|()| false),
+    }
+}
+
+/// A sweeper step that failed while `doing` something: a broken ledger
+/// invariant stops the sweeper (None; the ledger must not be written on
+/// top of it); anything else is logged, and the sweep goes on (the step
+/// is tried again at the next one).
+fn survive(e: ApplyError, doing: &str) -> Option<()> {
+    match e {
+        ApplyError::Invariant(m) => {
+            tracing::error!(error = %m, "broken ledger invariant while {doing}; stopping the sweeper");
             None
         }
-        Err(e) => {
-            tracing::warn!(error = ?e, "expiry finalization failed");
-            Some(false)
+        e => {
+            tracing::warn!(error = ?e, "{doing} failed");
+            Some(())
         }
     }
 }
