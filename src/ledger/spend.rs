@@ -154,14 +154,17 @@ pub struct RollupRow {
     pub spend: Spend,
 }
 
+/// A rollup row and its exact token sums.
+pub type Combined = (RollupRow, [u128; 4]);
+
 /// Combine a batch's additions: one row per (hour, dimensions), sums of
 /// charge, requests and tokens, sorted by key (every writer locks rows in
 /// that order). Token sums are exact in `u128`.
-pub fn combine<'a>(items: impl IntoIterator<Item = &'a Spend>) -> Vec<(RollupRow, [u128; 4])> {
+pub fn combine<'a>(items: impl IntoIterator<Item = &'a Spend>) -> Vec<Combined> {
     // (hour, digest, n): the n-th row of a key, when adding to the one
     // before would leave exact decimal arithmetic (the deltas table holds
     // any number of rows per key; Postgres sums them in `numeric`).
-    let mut m: BTreeMap<(DateTime<Utc>, [u8; 16], u32), (RollupRow, [u128; 4])> = BTreeMap::new();
+    let mut m: BTreeMap<(DateTime<Utc>, [u8; 16], u32), Combined> = BTreeMap::new();
     let mut current: BTreeMap<(DateTime<Utc>, [u8; 16]), u32> = BTreeMap::new();
     for s in items {
         let hour = s.hour();

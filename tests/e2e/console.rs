@@ -129,7 +129,7 @@ async fn the_console_shows_what_the_api_answers() {
             )
         })
         .collect();
-    want.sort_by(|a, b| b.1.cmp(&a.1));
+    want.sort_by_key(|w| std::cmp::Reverse(w.1));
     let got: Vec<(String, Decimal)> = top
         .as_array()
         .unwrap()

@@ -247,7 +247,7 @@ async fn each_notification_fires_once_per_episode_and_reaches_a_failing_webhook_
     // Published to the topic, keyed by the account, at least once each.
     let records = quota_consumers::read_all(
         &ctx.brokers,
-        &[ctx.topics.notifications.clone()],
+        std::slice::from_ref(&ctx.topics.notifications),
         None,
         &|_| {},
     )

@@ -187,8 +187,9 @@ async fn ledger_credit(
     let blocks = tx.query(&blocks, &params);
     // Both on one connection, pipelined.
     let (debts, blocks) = futures_util::future::try_join(debts, blocks).await?;
-    let mut open: HashMap<Key, Vec<(DateTime<Utc>, Option<DateTime<Utc>>, Decimal)>> =
-        HashMap::new();
+    // Each account's open blocks: (active from, expires at, remaining).
+    type Open = Vec<(DateTime<Utc>, Option<DateTime<Utc>>, Decimal)>;
+    let mut open: HashMap<Key, Open> = HashMap::new();
     for r in blocks {
         if let Some(kind) = AccountKind::parse(r.get(0)) {
             open.entry((kind, r.get(1)))
