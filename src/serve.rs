@@ -108,7 +108,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         clock.clone(),
     );
     spawn_outbox(&cfg, producer.clone(), shutdown.clone()).await?;
-    let state = AppState {
+    let state = AppState::new(api::AppParts {
         pool,
         reports,
         long_reads: Default::default(),
@@ -128,7 +128,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result
         admission_latency: Arc::new(crate::metrics::admission_latency()),
         holds,
         hold_ttl_secs: cfg.hold_ttl_secs,
-    };
+    });
     // The finance console beside the API, on the same address.
     let router = api::app(state.clone()).merge(crate::console::router(state));
     serve_http(&cfg, router, shutdown, stop_rx).await?;

@@ -30,8 +30,28 @@ use crate::store::view::SharedView;
 
 pub use admission::{parse as parse_admission_request, AdmissionCounters, RejectionLog};
 
+/// What every request handler shares, behind one `Arc`: a request clones
+/// the state (axum's `State`), and one reference count costs less than a
+/// dozen (a profile of `serve` under load put the field-by-field clone and
+/// drop at 3.4 % of its CPU; BENCHMARKS.md, "Seventeenth session").
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    pub fn new(parts: AppParts) -> AppState {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The state's parts.
+pub struct AppParts {
     /// Short reads and writes (tokens, balances, operator writes).
     pub pool: Pool,
     /// Long reads (statements, CSV, reconcile, checksum, summaries).
