@@ -92,12 +92,14 @@ mod tests {
             // leading and trailing zeros.
             let (sign, body) = s.strip_prefix('-').map_or(("", s), |b| ("-", b));
             let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-            let (int, frac) = (int.trim_start_matches('0'), frac.trim_end_matches('0'));
-            let digits = match (int.is_empty(), frac.is_empty()) {
-                (_, true) if int.is_empty() => "0".to_string(),
-                (_, true) => format!("{sign}{int}"),
-                (true, false) => format!("{sign}0.{frac}"),
-                (false, false) => format!("{sign}{int}.{frac}"),
+            let int = match int.trim_start_matches('0') {
+                "" => "0",
+                i => i,
+            };
+            let digits = match (int, frac.trim_end_matches('0')) {
+                ("0", "") => "0".to_string(),
+                (i, "") => format!("{sign}{i}"),
+                (i, f) => format!("{sign}{i}.{f}"),
             };
             assert_eq!(parse_decimal(s).unwrap().normalize().to_string(), digits, "{s}");
         }

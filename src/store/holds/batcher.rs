@@ -36,17 +36,18 @@ impl HoldBatcher {
                 // which under load is never empty.
                 let first = match leases.untold.wait(std::time::Instant::now()) {
                     None => rx.recv().await,
-                    Some(wait) if wait.is_zero() => {
-                        super::fast::tell_untold(&pool, &mut leases.untold).await;
-                        continue;
-                    }
-                    Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
-                        Ok(first) => first,
-                        Err(_) => {
+                    Some(wait) => {
+                        let got = if wait.is_zero() {
+                            None
+                        } else {
+                            tokio::time::timeout(wait, rx.recv()).await.ok()
+                        };
+                        let Some(first) = got else {
                             super::fast::tell_untold(&pool, &mut leases.untold).await;
                             continue;
-                        }
-                    },
+                        };
+                        first
+                    }
                 };
                 let Some(first) = first else { break };
                 let mut jobs = vec![first];

@@ -79,9 +79,9 @@ pub async fn run_quarantine_sweeper(
             Ok(n) if n > 0 => limits::SWEEP_PAUSE_BUSY,
             Ok(_) => limits::SWEEP_PAUSE_IDLE,
             Err(e) => {
-                let Some(()) = survive(e, "retrying quarantine") else {
+                if survive(e, "retrying quarantine").is_none() {
                     return;
-                };
+                }
                 limits::SWEEP_PAUSE_FAILED
             }
         };
